@@ -1,0 +1,1 @@
+"""Triton kernels of seq2seq_fast, installed as ``seq2seq_fast.kernels``."""

@@ -1,0 +1,82 @@
+"""Which backends can run here, and which one ``backend="auto"`` picks for a call.
+
+A backend is a module ``seq2seq_fast.backend_<name>`` imported on first use, so importing the
+package never imports triton or loads the extension. Each backend module provides
+``decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj)`` (see
+``backend_torch``) and ``attention_forward(...)``; a backend may also provide ``greedy_loop``.
+"""
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from seq2seq_fast._ext import extension_error, has_kernel
+
+BACKEND_NAMES = ("torch", "triton", "cpp")
+
+
+def _triton_reason(device_type):
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type == "cpu" and not interpreted:
+        return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    if device_type == "cuda" or (device_type is None and not interpreted):
+        if not torch.cuda.is_available():
+            return "triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    return None
+
+
+def _cpp_reason(device_type):
+    error = extension_error()
+    if error is not None:
+        return error
+    if device_type is not None and not has_kernel("decoder_forward", device_type):
+        return f"the C++ extension was built without {device_type.upper()} kernels"
+    if device_type is None and not (has_kernel("decoder_forward", "cpu")):
+        return "the C++ extension registers no decoder ops"
+    return None
+
+
+def unavailable_reason(name, device_type=None):
+    """``None`` if backend ``name`` can run (on ``device_type``, if given), else why not."""
+    check_backend_name(name)
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _triton_reason(device_type)
+    return _cpp_reason(device_type)
+
+
+def available_backends():
+    """Names of the backends that can run on this machine, among ``torch``, ``triton``, ``cpp``."""
+    return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
+
+
+def check_backend_name(name):
+    if not isinstance(name, str) or name not in BACKEND_NAMES + ("auto",):
+        raise ValueError(
+            f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {name!r}"
+        )
+
+
+def resolve_backend(requested, device_type):
+    """The backend that runs a call on ``device_type``: ``requested`` itself, checked, or the
+    fastest available one for ``auto`` (the compiled loop, then Triton on CUDA, then torch)."""
+    check_backend_name(requested)
+    if requested != "auto":
+        reason = unavailable_reason(requested, device_type)
+        if reason is not None:
+            raise ValueError(f"backend {requested!r} cannot run on {device_type}: {reason}")
+        return requested
+    order = ("cpp", "triton", "torch") if device_type == "cuda" else ("cpp", "torch")
+    for name in order:
+        if unavailable_reason(name, device_type) is None:
+            return name
+    return "torch"
+
+
+def backend_module(name):
+    """The module implementing backend ``name`` (imported on first use)."""
+    return importlib.import_module(f"seq2seq_fast.backend_{name}")
