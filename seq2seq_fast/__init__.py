@@ -1,0 +1,39 @@
+"""seq2seq_fast: a drop-in, fast Bahdanau-attention GRU encoder-decoder (d2l's), on CPU and GPU.
+
+Change ``from d2l import torch as d2l`` uses of the chapter's classes to this package: the
+classes, signatures and ``state_dict`` keys are d2l's; the decoder's step loop runs on the
+fastest backend available (``available_backends()``).
+"""
+from seq2seq_fast.attention import AdditiveAttention, masked_softmax
+from seq2seq_fast.backends import available_backends, unavailable_reason
+from seq2seq_fast.decoding import DecodeResult, greedy_decode
+from seq2seq_fast.modules import (
+    AttentionDecoder,
+    Decoder,
+    Encoder,
+    EncoderDecoder,
+    MaskedSoftmaxCELoss,
+    Seq2SeqAttentionDecoder,
+    Seq2SeqEncoder,
+)
+from seq2seq_fast.state import DecoderState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdditiveAttention",
+    "AttentionDecoder",
+    "DecodeResult",
+    "Decoder",
+    "DecoderState",
+    "Encoder",
+    "EncoderDecoder",
+    "MaskedSoftmaxCELoss",
+    "Seq2SeqAttentionDecoder",
+    "Seq2SeqEncoder",
+    "__version__",
+    "available_backends",
+    "greedy_decode",
+    "masked_softmax",
+    "unavailable_reason",
+]

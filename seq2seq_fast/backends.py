@@ -20,11 +20,14 @@ def _triton_reason(device_type):
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if device_type == "cpu" and not interpreted:
+    if device_type == "cpu" or (device_type is None and interpreted):
+        if interpreted:
+            return None
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
-    if device_type == "cuda" or (device_type is None and not interpreted):
-        if not torch.cuda.is_available():
-            return "triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    if device_type not in (None, "cuda"):
+        return f"triton runs on CUDA devices, not {device_type}"
+    if not torch.cuda.is_available():
+        return "triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
     return None
 
 
@@ -34,7 +37,7 @@ def _cpp_reason(device_type):
         return error
     if device_type is not None and not has_kernel("decoder_forward", device_type):
         return f"the C++ extension was built without {device_type.upper()} kernels"
-    if device_type is None and not (has_kernel("decoder_forward", "cpu")):
+    if device_type is None and not has_kernel("decoder_forward", "cpu"):
         return "the C++ extension registers no decoder ops"
     return None
 
@@ -61,20 +64,49 @@ def check_backend_name(name):
         )
 
 
-def resolve_backend(requested, device_type):
-    """The backend that runs a call on ``device_type``: ``requested`` itself, checked, or the
-    fastest available one for ``auto`` (the compiled loop, then Triton on CUDA, then torch)."""
+def _auto_order(device_type):
+    # The compiled loop first, then the Triton kernel (CUDA only: the interpreter is for tests),
+    # then plain torch, which runs everything.
+    return ("cpp", "triton", "torch") if device_type == "cuda" else ("cpp", "torch")
+
+
+def _call_unsupported(name, entry, device_type, dtype, needs_grad):
+    reason = unavailable_reason(name, device_type)
+    if reason is not None:
+        return reason
+    module = backend_module(name)
+    if not hasattr(module, entry):
+        return f"the {name} backend provides no {entry}"
+    return module.unsupported_reason(device_type, dtype, needs_grad)
+
+
+def select_backend(requested, entry, tensor, needs_grad):
+    """The backend module that runs ``entry`` (e.g. ``"decoder_forward"``) for a call on
+    ``tensor``'s device and dtype, with or without autograd.
+
+    A named backend that cannot run the call raises ``ValueError`` saying why; ``auto`` takes
+    the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch``.
+    """
     check_backend_name(requested)
+    device_type, dtype = tensor.device.type, tensor.dtype
     if requested != "auto":
-        reason = unavailable_reason(requested, device_type)
+        reason = _call_unsupported(requested, entry, device_type, dtype, needs_grad)
         if reason is not None:
-            raise ValueError(f"backend {requested!r} cannot run on {device_type}: {reason}")
-        return requested
-    order = ("cpp", "triton", "torch") if device_type == "cuda" else ("cpp", "torch")
-    for name in order:
-        if unavailable_reason(name, device_type) is None:
-            return name
-    return "torch"
+            raise ValueError(f"backend {requested!r} cannot run this call on {device_type}: {reason}")
+        return backend_module(requested)
+    for name in _auto_order(device_type):
+        if _call_unsupported(name, entry, device_type, dtype, needs_grad) is None:
+            return backend_module(name)
+    return backend_module("torch")
+
+
+def wants_grad(*tensors, module=None):
+    """Whether autograd records this call: grad mode is on and an input or parameter needs it."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return module is not None and any(p.requires_grad for p in module.parameters())
 
 
 def backend_module(name):

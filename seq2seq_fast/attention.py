@@ -1,0 +1,69 @@
+"""Drop-in ``masked_softmax`` and ``AdditiveAttention`` with d2l's semantics and parameter names."""
+from torch import nn
+
+from seq2seq_fast import validation as V
+from seq2seq_fast.backend_torch import key_mask, masked_softmax_scores
+from seq2seq_fast.backends import check_backend_name, select_backend, wants_grad
+
+
+def masked_softmax(X, valid_lens):
+    """Softmax over the last axis of ``X`` (B, Q, T), hiding keys ``j >= valid_len``.
+
+    ``valid_lens`` is None (plain softmax), (B,) (one length per batch row, for every query) or
+    (B, Q) (one per query). Hidden keys get the score -1e6 as in d2l, so a row with length 0
+    is uniform. Unlike d2l's version it does not write into ``X``.
+
+    >>> X = torch.rand(2, 2, 4)
+    >>> masked_softmax(X, torch.tensor([2, 3]))[0, 0, 2:]
+    tensor([0., 0.])
+    """
+    V.check_floating(X, "X", ndim=3)
+    lens = V.normalize_valid_lens(valid_lens, "valid_lens", X.shape[0], queries=X.shape[1])
+    if lens is not None:
+        V.check_same_device("X", X, "valid_lens", lens)
+    return masked_softmax_scores(X, key_mask(lens, X.shape[-1]))
+
+
+class AdditiveAttention(nn.Module):
+    """Additive (Bahdanau) attention, d2l's module with a choice of backend.
+
+    Parameters ``W_k`` (key_size -> num_hiddens), ``W_q`` (query_size -> num_hiddens) and
+    ``w_v`` (num_hiddens -> 1), all bias-free ``nn.Linear``, and ``dropout`` on the weights.
+    ``forward(queries (B, Q, Dq), keys (B, T, Dk), values (B, T, Dv), valid_lens)`` returns the
+    context (B, Q, Dv) and keeps the weights (B, Q, T) in ``attention_weights``.
+
+    >>> attn = AdditiveAttention(2, 20, 8, dropout=0.1).eval()
+    >>> attn(torch.rand(2, 1, 20), torch.ones(2, 10, 2), torch.rand(2, 10, 4), torch.tensor([2, 6])).shape
+    torch.Size([2, 1, 4])
+    """
+
+    def __init__(self, key_size, query_size, num_hiddens, dropout, *, backend="auto", **kwargs):
+        super().__init__(**kwargs)
+        check_backend_name(backend)
+        self.backend = backend
+        self.W_k = nn.Linear(key_size, num_hiddens, bias=False)
+        self.W_q = nn.Linear(query_size, num_hiddens, bias=False)
+        self.w_v = nn.Linear(num_hiddens, 1, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries, keys, values, valid_lens):
+        V.check_floating(queries, "queries", ndim=3)
+        V.check_floating(keys, "keys", ndim=3)
+        V.check_floating(values, "values", ndim=3)
+        B, Q, _ = queries.shape
+        if keys.shape[0] != B or values.shape[0] != B or keys.shape[1] != values.shape[1]:
+            raise ValueError(
+                "keys (B, T, Dk) and values (B, T, Dv) must share B and T with queries (B, Q, Dq); "
+                f"got queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+            )
+        if B == 0:
+            raise ValueError(f"queries must have a batch of at least one row, got shape {tuple(queries.shape)}")
+        for name, tensor in (("keys", keys), ("values", values)):
+            V.check_same_device("queries", queries, name, tensor)
+        lens = V.normalize_valid_lens(valid_lens, "valid_lens", B, queries=Q)
+        if lens is not None:
+            V.check_same_device("queries", queries, "valid_lens", lens)
+        needs_grad = wants_grad(queries, keys, values, module=self)
+        backend = select_backend(self.backend, "attention_forward", queries, needs_grad)
+        context, self.attention_weights = backend.attention_forward(self, queries, keys, values, lens)
+        return context

@@ -1,0 +1,154 @@
+"""The ``torch`` backend: the decoder's step loop restructured over ATen ops.
+
+Compared with d2l's loop, per call: the key projection ``W_k · enc`` is done once (and cached
+across incremental calls by ``state.projected_keys``), the embedding part of layer 0's input
+GEMM runs for all steps at once, ``dense`` runs once over all steps; per step: ``W_q`` and the
+top layer's ``W_hh`` share one GEMM on the previous top state, and the GRU gates take three
+element-wise ops. Autograd is PyTorch's.
+"""
+import torch
+import torch.nn.functional as F
+
+_HALF = (torch.float16, torch.bfloat16)
+# d2l's fill value for masked scores.
+MASK_VALUE = -1e6
+
+
+def unsupported_reason(device_type, dtype, needs_grad):
+    return None
+
+
+def key_mask(valid_lens, num_keys, queries=None):
+    """Bool mask of the keys to hide, (B, T) or (B, Q, T), from int64 ``valid_lens``; None if none."""
+    if valid_lens is None:
+        return None
+    positions = torch.arange(num_keys, device=valid_lens.device)
+    return positions >= valid_lens.unsqueeze(-1)
+
+
+def masked_softmax_scores(scores, mask):
+    """d2l's masked softmax: hidden keys get the score -1e6 (a fully hidden row is uniform).
+
+    Half-precision scores are filled and normalised in float32, where -1e6 does not overflow.
+    """
+    work = scores.float() if scores.dtype in _HALF else scores
+    if mask is not None:
+        work = work.masked_fill(mask, MASK_VALUE)
+    return torch.softmax(work, dim=-1).to(scores.dtype)
+
+
+def attend_torch(q_proj, key_proj, values, w_v, valid_lens, dropout_p, training, mask=None):
+    """One additive-attention query per batch row.
+
+    q_proj (B, H), key_proj (B, T, H), values (B, T, Dv), w_v (H,), valid_lens None or int64 (B,).
+    Returns (context (B, Dv) from the dropped-out weights, weights (B, T) before dropout).
+    ``mask`` may pass ``key_mask(valid_lens, T)`` precomputed by a loop that calls this per step.
+    """
+    if mask is None:
+        mask = key_mask(valid_lens, key_proj.shape[1])
+    scores = torch.tanh(key_proj + q_proj.unsqueeze(1)) @ w_v
+    weights = masked_softmax_scores(scores, mask)
+    dropped = F.dropout(weights, dropout_p, training) if dropout_p > 0 else weights
+    context = torch.bmm(dropped.unsqueeze(1), values).squeeze(1)
+    return context, weights
+
+
+def attention_forward(attention, queries, keys, values, valid_lens):
+    """d2l's AdditiveAttention forward: (context (B, Q, Dv), weights (B, Q, T))."""
+    q_proj, k_proj = attention.W_q(queries), attention.W_k(keys)
+    w_v = attention.w_v.weight.reshape(-1)
+    scores = torch.tanh(q_proj.unsqueeze(2) + k_proj.unsqueeze(1)) @ w_v
+    weights = masked_softmax_scores(scores, key_mask(valid_lens, keys.shape[1]))
+    p = attention.dropout.p
+    dropped = F.dropout(weights, p, attention.training) if p > 0 else weights
+    return torch.bmm(dropped, values), weights
+
+
+def gru_layers(rnn):
+    """[(w_ih, w_hh, b_ih, b_hh)] per layer of an ``nn.GRU`` (biases may be None)."""
+    return [
+        tuple(getattr(rnn, f"{kind}_l{k}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        for k in range(rnn.num_layers)
+    ]
+
+
+def gru_cell(gi, gh, h):
+    """One GRU update from input and hidden gate pre-activations (B, 3H), gate order r, z, n."""
+    H = h.shape[-1]
+    rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
+    r, z = rz[:, :H], rz[:, H:]
+    n = torch.tanh(torch.addcmul(gi[:, 2 * H :], r, gh[:, 2 * H :]))
+    return torch.lerp(n, h, z)
+
+
+def decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, attend):
+    """Teacher-forced decoder steps with ``attend`` as the attention of one step.
+
+    X int64 (B, S); enc_outputs (B, T, H); hidden (L, B, H); valid_lens None or int64 (B,);
+    key_proj (B, T, H) = W_k(enc_outputs). ``attend(q_proj, key_proj, values, w_v, valid_lens,
+    dropout_p, training)`` returns (context (B, H), weights (B, T)).
+    Returns (logits (B, S, V), final hidden (L, B, H), attention weights (B, S, T)).
+    """
+    B, S = X.shape
+    L, _, H = hidden.shape
+    training = decoder.training
+    rnn = decoder.rnn
+    layers = gru_layers(rnn)
+    attn_p = decoder.attention.dropout.p
+    w_v = decoder.attention.w_v.weight.reshape(-1)
+
+    w_ih0, _, b_ih0, _ = layers[0]
+    w_ctx0, w_emb0 = w_ih0[:, :H], w_ih0[:, H:]
+    # Layer 0's input GEMM, embedding part, for all steps at once: (S, B, 3H).
+    gi_emb = F.linear(decoder.embedding(X).transpose(0, 1), w_emb0, b_ih0)
+
+    # W_q and the top layer's W_hh both read the previous top state: one GEMM per step.
+    _, w_hh_top, _, b_hh_top = layers[-1]
+    w_top = torch.cat([decoder.attention.W_q.weight, w_hh_top])
+    b_top = None
+    if b_hh_top is not None:
+        b_top = torch.cat([b_hh_top.new_zeros(H), b_hh_top])
+
+    states = list(hidden.unbind(0))
+    tops, weights = [], []
+    for t in range(S):
+        qg = F.linear(states[-1], w_top, b_top)
+        q_proj, gh_top = qg[:, :H], qg[:, H:]
+        context, step_weights = attend(q_proj, key_proj, enc_outputs, w_v, valid_lens, attn_p, training)
+        layer_input = None
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+            if k == 0:
+                gi = torch.addmm(gi_emb[t], context, w_ctx0.t())
+            else:
+                gi = F.linear(layer_input, w_ih, b_ih)
+            gh = gh_top if k == L - 1 else F.linear(states[k], w_hh, b_hh)
+            states[k] = gru_cell(gi, gh, states[k])
+            if k < L - 1:
+                layer_input = F.dropout(states[k], rnn.dropout, training) if rnn.dropout > 0 else states[k]
+        tops.append(states[-1])
+        weights.append(step_weights)
+
+    if S == 0:
+        logits = decoder.dense(enc_outputs.new_zeros(B, 0, H))
+        attention = enc_outputs.new_zeros(B, 0, enc_outputs.shape[1])
+        return logits, hidden, attention
+    logits = decoder.dense(torch.stack(tops, dim=1))
+    return logits, torch.stack(states), torch.stack(weights, dim=1)
+
+
+def _attend_with_mask(mask):
+    def attend(q_proj, key_proj, values, w_v, valid_lens, dropout_p, training):
+        return attend_torch(q_proj, key_proj, values, w_v, valid_lens, dropout_p, training, mask=mask)
+
+    return attend
+
+
+def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+    """The ``torch`` backend of ``Seq2SeqAttentionDecoder.forward`` (see ``decoder_loop``)."""
+    mask = key_mask(valid_lens, enc_outputs.shape[1])
+    return decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, _attend_with_mask(mask))
+
+
+def encoder_forward(encoder, X):
+    """d2l's encoder: embedding, then ``nn.GRU`` over (T, B, E) (cuDNN / MKL do this well)."""
+    return encoder.rnn(encoder.embedding(X).transpose(0, 1))

@@ -1,0 +1,190 @@
+"""Drop-in replacements of d2l's encoder-decoder classes: same names, constructor signatures,
+submodules and ``state_dict`` keys, so weights load both ways; the work goes to a backend."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seq2seq_fast import validation as V
+from seq2seq_fast.attention import AdditiveAttention
+from seq2seq_fast.backends import check_backend_name, select_backend, wants_grad
+from seq2seq_fast.state import DecoderState, projected_keys
+
+
+class Encoder(nn.Module):
+    """The base encoder interface of the encoder-decoder architecture."""
+
+    def forward(self, X, *args):
+        raise NotImplementedError
+
+
+class Decoder(nn.Module):
+    """The base decoder interface of the encoder-decoder architecture."""
+
+    def init_state(self, enc_outputs, *args):
+        raise NotImplementedError
+
+    def forward(self, X, state):
+        raise NotImplementedError
+
+
+class AttentionDecoder(Decoder):
+    """The base interface of decoders with attention."""
+
+    @property
+    def attention_weights(self):
+        raise NotImplementedError
+
+
+class EncoderDecoder(nn.Module):
+    """The encoder-decoder: ``forward(enc_X, dec_X, *args)`` encodes, initialises the decoder
+    state with ``*args`` (the source valid lengths) and decodes ``dec_X``."""
+
+    def __init__(self, encoder, decoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, enc_X, dec_X, *args):
+        enc_outputs = self.encoder(enc_X, *args)
+        dec_state = self.decoder.init_state(enc_outputs, *args)
+        return self.decoder(dec_X, dec_state)
+
+
+class Seq2SeqEncoder(Encoder):
+    """d2l's GRU encoder: ``forward(X (B, T) ids) -> (outputs (T, B, H), state (L, B, H))``.
+
+    >>> enc = Seq2SeqEncoder(10, 8, 16, num_layers=2).eval()
+    >>> [t.shape for t in enc(torch.zeros(4, 7, dtype=torch.long))]
+    [torch.Size([7, 4, 16]), torch.Size([2, 4, 16])]
+    """
+
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
+                 backend="auto", **kwargs):
+        super().__init__(**kwargs)
+        check_backend_name(backend)
+        self.backend = backend
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size, num_hiddens, num_layers, dropout=dropout)
+
+    def forward(self, X, *args):
+        V.check_tokens(X, "X", self.embedding.num_embeddings)
+        weight = self.embedding.weight
+        V.check_same_device("embedding.weight", weight, "X", X)
+        backend = select_backend(self.backend, "encoder_forward", weight, wants_grad(module=self))
+        return backend.encoder_forward(self, X)
+
+
+class Seq2SeqAttentionDecoder(AttentionDecoder):
+    """d2l's GRU decoder with Bahdanau attention, run by a fast backend.
+
+    ``init_state(enc_outputs, enc_valid_lens)`` takes the encoder's ``(outputs (T, B, H),
+    state (L, B, H))``; ``forward(X (B, S) ids, state) -> (logits (B, S, vocab), state)`` with
+    ``state`` unpacking as ``[enc_outputs (B, T, H), hidden_state (L, B, H), enc_valid_lens]``;
+    ``attention_weights`` is a list of S tensors (B, 1, T). ``backend`` is ``"auto"`` (the
+    fastest that can run each call), ``"torch"``, ``"triton"`` or ``"cpp"``.
+
+    >>> dec = Seq2SeqAttentionDecoder(10, 8, 16, num_layers=2).eval()
+    >>> state = dec.init_state((torch.rand(7, 4, 16), torch.rand(2, 4, 16)), torch.tensor([7, 3, 0, 9]))
+    >>> dec(torch.zeros(4, 5, dtype=torch.long), state)[0].shape
+    torch.Size([4, 5, 10])
+    """
+
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
+                 backend="auto", **kwargs):
+        super().__init__(**kwargs)
+        check_backend_name(backend)
+        self.backend = backend
+        self.attention = AdditiveAttention(num_hiddens, num_hiddens, num_hiddens, dropout, backend=backend)
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size + num_hiddens, num_hiddens, num_layers, dropout=dropout)
+        self.dense = nn.Linear(num_hiddens, vocab_size)
+        self._attention_weights = []
+
+    def init_state(self, enc_outputs, enc_valid_lens, *args):
+        if not isinstance(enc_outputs, (tuple, list)) or len(enc_outputs) != 2:
+            raise TypeError(
+                "enc_outputs must be the encoder's (outputs (T, B, H), state (L, B, H)), "
+                f"got {type(enc_outputs).__name__}"
+            )
+        outputs, hidden_state = enc_outputs
+        V.check_floating(outputs, "enc_outputs[0]", ndim=3)
+        return DecoderState([outputs.permute(1, 0, 2), hidden_state, enc_valid_lens])
+
+    def check_state(self, state, batch=None):
+        """Validated ``(enc_outputs, hidden, valid_lens as int64 (B,) or None)`` of ``state``."""
+        if not isinstance(state, (list, tuple)) or len(state) != 3:
+            raise TypeError(
+                "state must be [enc_outputs, hidden_state, enc_valid_lens] as init_state returns, "
+                f"got {type(state).__name__}" + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else "")
+            )
+        enc_outputs, hidden, valid_lens = state
+        H, L = self.rnn.hidden_size, self.rnn.num_layers
+        V.check_floating(enc_outputs, "enc_outputs (state[0])", ndim=3)
+        V.check_floating(hidden, "hidden_state (state[1])", ndim=3)
+        B, T, He = enc_outputs.shape
+        if He != H or T == 0 or B == 0:
+            raise ValueError(
+                f"enc_outputs (state[0]) must have shape (B >= 1, T >= 1, {H}), got {tuple(enc_outputs.shape)}"
+            )
+        if tuple(hidden.shape) != (L, B, H):
+            raise ValueError(
+                f"hidden_state (state[1]) must have shape (num_layers={L}, B={B}, {H}), got {tuple(hidden.shape)}"
+            )
+        if batch is not None and batch != B:
+            raise ValueError(f"X must have the state's batch size {B}, got {batch} rows")
+        weight = self.dense.weight
+        for name, tensor in (("enc_outputs (state[0])", enc_outputs), ("hidden_state (state[1])", hidden)):
+            V.check_same_device("the decoder's parameters", weight, name, tensor)
+            if tensor.dtype != weight.dtype:
+                raise TypeError(f"{name} must have the parameters' dtype {weight.dtype}, got {tensor.dtype}")
+        lens = V.normalize_valid_lens(valid_lens, "enc_valid_lens (state[2])", B, queries=1)
+        if lens is not None:
+            V.check_same_device("enc_outputs (state[0])", enc_outputs, "enc_valid_lens (state[2])", lens)
+            lens = lens.reshape(B)
+        return enc_outputs, hidden, lens
+
+    def prepare(self, X, state):
+        """Checks one call and picks its backend: ``(backend, enc_outputs, hidden, valid_lens, key_proj, cache)``."""
+        V.check_tokens(X, "X", self.embedding.num_embeddings)
+        enc_outputs, hidden, lens = self.check_state(state, batch=X.shape[0])
+        V.check_same_device("enc_outputs (state[0])", enc_outputs, "X", X)
+        needs_grad = wants_grad(enc_outputs, hidden, module=self)
+        backend = select_backend(self.backend, "decoder_forward", enc_outputs, needs_grad)
+        key_proj, cache = projected_keys(state, enc_outputs, self.attention.W_k)
+        return backend, enc_outputs, hidden, lens, key_proj, cache
+
+    def forward(self, X, state):
+        backend, enc_outputs, hidden, lens, key_proj, cache = self.prepare(X, state)
+        Y, hidden_n, attention = backend.decoder_forward(self, X, enc_outputs, hidden, lens, key_proj)
+        self._attention_weights = list(attention.unsqueeze(2).unbind(1))
+        return Y, DecoderState([enc_outputs, hidden_n, state[2]], cache)
+
+    @property
+    def attention_weights(self):
+        return self._attention_weights
+
+
+class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
+    """Softmax cross-entropy per sequence, averaged over all S steps with the steps past
+    ``valid_len`` weighted 0, as d2l: ``forward(pred (B, S, V), label (B, S), valid_len (B,))``
+    returns (B,).
+
+    >>> MaskedSoftmaxCELoss()(torch.ones(3, 4, 10), torch.ones((3, 4), dtype=torch.long), torch.tensor([4, 2, 0]))
+    tensor([2.3026, 1.1513, 0.0000])
+    """
+
+    def forward(self, pred, label, valid_len):
+        V.check_floating(pred, "pred", ndim=3)
+        B, S, vocab = pred.shape
+        V.check_tokens(label, "label", vocab)
+        if tuple(label.shape) != (B, S):
+            raise ValueError(f"label must have shape (B, S) = {(B, S)}, got {tuple(label.shape)}")
+        lens = V.normalize_valid_lens(valid_len, "valid_len", B)
+        V.check_same_device("pred", pred, "label", label)
+        V.check_same_device("pred", pred, "valid_len", lens)
+        kept = torch.arange(S, device=pred.device) < lens.unsqueeze(1)
+        loss = F.cross_entropy(
+            pred.transpose(1, 2), label, weight=self.weight, reduction="none",
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+        )
+        return (loss * kept).mean(dim=1)

@@ -1,0 +1,72 @@
+"""The decoder state: d2l's three items, plus the projected keys cached for incremental decoding."""
+import torch
+
+
+class DecoderState(list):
+    """``[enc_outputs (B, T, H), hidden_state (L, B, H), enc_valid_lens]``, unpacking as d2l's state.
+
+    It also remembers ``W_k · enc_outputs`` so that decoding one step per ``forward`` call (as
+    d2l's ``predict_seq2seq`` does) projects the keys once per sentence. The cache is used only
+    while the same ``enc_outputs`` object and the same ``W_k`` weight are unchanged (tensor
+    versions included) and no gradient is needed; otherwise the keys are projected anew. A plain
+    list from user code works too, without the cache.
+    """
+
+    def __init__(self, items, key_cache=None):
+        super().__init__(items)
+        if len(self) != 3:
+            raise ValueError(
+                f"state must have 3 items [enc_outputs, hidden_state, enc_valid_lens], got {len(self)}"
+            )
+        self.key_cache = key_cache
+
+    def __reduce_ex__(self, protocol):
+        # The cache is an optimisation: pickles and deep copies carry the three items only.
+        return (DecoderState, (list(self),))
+
+
+class KeyCache:
+    """Projected keys valid for one (enc_outputs, W_k weight) pair at given tensor versions."""
+
+    def __init__(self, enc_outputs, weight, key_proj):
+        self.enc_outputs = enc_outputs
+        self.enc_version = enc_outputs._version
+        self.weight = weight
+        self.weight_version = weight._version
+        self.key_proj = key_proj
+
+    def matches(self, enc_outputs, weight):
+        return (
+            self.enc_outputs is enc_outputs
+            and self.enc_version == enc_outputs._version
+            and self.weight is weight
+            and self.weight_version == weight._version
+        )
+
+
+def projected_keys(state, enc_outputs, W_k):
+    """``W_k(enc_outputs)``, taken from ``state``'s cache when it still holds, and the cache to
+    hand on (None when a gradient is needed: a graph must not outlive one backward)."""
+    weight = W_k.weight
+    cache = getattr(state, "key_cache", None)
+    needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
+    if not needs_grad and cache is not None and cache.matches(enc_outputs, weight):
+        return cache.key_proj, cache
+    key_proj = W_k(enc_outputs)
+    return key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj)
+
+
+def reindex_state(state, index):
+    """A new state whose batch rows are rows ``index`` (int64 (N,)) of ``state``.
+
+    Beam search uses it to expand each sentence to its beams and to reorder them; the cached
+    projected keys are gathered too, so a sentence's beams share one key projection.
+    """
+    enc_outputs, hidden, valid_lens = state
+    new_enc = enc_outputs.index_select(0, index)
+    new_valid = None if valid_lens is None else valid_lens.index_select(0, index)
+    cache = getattr(state, "key_cache", None)
+    new_cache = None
+    if cache is not None and cache.matches(enc_outputs, cache.weight):
+        new_cache = KeyCache(new_enc, cache.weight, cache.key_proj.index_select(0, index))
+    return DecoderState([new_enc, hidden.index_select(1, index), new_valid], new_cache)
