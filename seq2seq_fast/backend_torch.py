@@ -18,8 +18,9 @@ def unsupported_reason(device_type, dtype, needs_grad):
     return None
 
 
-def key_mask(valid_lens, num_keys, queries=None):
-    """Bool mask of the keys to hide, (B, T) or (B, Q, T), from int64 ``valid_lens``; None if none."""
+def key_mask(valid_lens, num_keys):
+    """Bool mask of the keys to hide, (B, T) or (B, Q, T), from int64 ``valid_lens`` (B,) or
+    (B, Q); None if there are no lengths."""
     if valid_lens is None:
         return None
     positions = torch.arange(num_keys, device=valid_lens.device)
@@ -33,6 +34,8 @@ def masked_softmax_scores(scores, mask):
     """
     work = scores.float() if scores.dtype in _HALF else scores
     if mask is not None:
+        if mask.dim() < work.dim():  # one length per batch row, shared by its queries
+            mask = mask.unsqueeze(-2)
         work = work.masked_fill(mask, MASK_VALUE)
     return torch.softmax(work, dim=-1).to(scores.dtype)
 

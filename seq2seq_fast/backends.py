@@ -47,6 +47,8 @@ def unavailable_reason(name, device_type=None):
     check_backend_name(name)
     if name == "torch":
         return None
+    if importlib.util.find_spec(f"seq2seq_fast.backend_{name}") is None:
+        return f"this installation has no {name} backend module"
     if name == "triton":
         return _triton_reason(device_type)
     return _cpp_reason(device_type)

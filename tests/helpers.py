@@ -1,0 +1,87 @@
+"""Shared pieces of the parity tests: paired models with one set of weights, tolerances, and
+the comparison of outputs and every gradient."""
+import torch
+
+import seq2seq_fast as sf
+from seq2seq_fast import reference as R
+
+# dtype: (atol, rtol) for fast path vs reference in the same dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (3e-5, 1e-4),
+}
+
+
+def assert_close(actual, expected, name, dtype=None):
+    atol, rtol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def paired_decoders(vocab, embed, hidden, layers, dropout=0.0, dtype=torch.float64, backend="torch", seed=0):
+    """A reference decoder and ours with identical weights."""
+    torch.manual_seed(seed)
+    ref = R.Seq2SeqAttentionDecoder(vocab, embed, hidden, layers, dropout).to(dtype)
+    fast = sf.Seq2SeqAttentionDecoder(vocab, embed, hidden, layers, dropout, backend=backend).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def paired_models(vocab, embed, hidden, layers, dropout=0.0, dtype=torch.float64, backend="torch", seed=0):
+    """Reference and fast ``EncoderDecoder`` with identical weights."""
+    ref_dec, fast_dec = paired_decoders(vocab, embed, hidden, layers, dropout, dtype, backend, seed)
+    ref_enc = R.Seq2SeqEncoder(vocab, embed, hidden, layers, dropout).to(dtype)
+    fast_enc = sf.Seq2SeqEncoder(vocab, embed, hidden, layers, dropout, backend=backend).to(dtype)
+    fast_enc.load_state_dict(ref_enc.state_dict())
+    return R.EncoderDecoder(ref_enc, ref_dec), sf.EncoderDecoder(fast_enc, fast_dec)
+
+
+def ragged_lens(batch, num_keys, generator=None):
+    """Lengths covering 0, full, beyond T and random values in between."""
+    special = [0, num_keys, num_keys + 3]
+    lens = torch.randint(0, num_keys + 1, (batch,), generator=generator)
+    lens[: min(batch, 3)] = torch.tensor(special[: min(batch, 3)])
+    return lens
+
+
+def decoder_inputs(batch, src_steps, tgt_steps, hidden, layers, vocab, dtype, valid="ragged"):
+    enc_outputs = torch.randn(src_steps, batch, hidden, dtype=dtype)
+    state = torch.randn(layers, batch, hidden, dtype=dtype)
+    X = torch.randint(0, vocab, (batch, tgt_steps))
+    lens = {"ragged": ragged_lens(batch, src_steps), "none": None}[valid]
+    return X, enc_outputs, state, lens
+
+
+def run_decoder(decoder, X, enc_outputs, hidden, lens, grad_out):
+    """Forward + backward of one decoder on fresh leaf copies of the inputs.
+
+    Returns the outputs, final state, attention weights and the gradients of every parameter,
+    of the encoder outputs and of the initial hidden state, by name.
+    """
+    enc = enc_outputs.clone().requires_grad_()
+    h0 = hidden.clone().requires_grad_()
+    decoder.zero_grad(set_to_none=True)
+    Y, state = decoder(X, decoder.init_state((enc, h0), lens))
+    attention = torch.cat(decoder.attention_weights, dim=1) if X.shape[1] else None
+    (Y * grad_out).sum().backward()
+    grads = {name: p.grad for name, p in decoder.named_parameters()}
+    grads["enc_outputs"] = enc.grad
+    grads["initial hidden"] = h0.grad
+    return Y.detach(), state[1].detach(), attention, grads
+
+
+def assert_decoder_parity(ref, fast, X, enc_outputs, hidden, lens, dtype):
+    V = ref.dense.out_features
+    grad_out = torch.randn(X.shape[0], X.shape[1], V, dtype=dtype)
+    expected = run_decoder(ref, X, enc_outputs, hidden, lens, grad_out)
+    actual = run_decoder(fast, X, enc_outputs, hidden, lens, grad_out)
+    assert_close(actual[0], expected[0], "logits")
+    assert_close(actual[1], expected[1], "final hidden state")
+    if X.shape[1]:
+        assert_close(actual[2].detach(), expected[2].detach(), "attention weights")
+    for name, grad in expected[3].items():
+        got = actual[3][name]
+        if grad is None:
+            assert got is None or torch.count_nonzero(got) == 0, f"grad {name}: expected none"
+            continue
+        assert got is not None, f"grad {name}: missing"
+        assert_close(got, grad, f"grad {name}")
