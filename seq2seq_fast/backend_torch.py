@@ -78,10 +78,64 @@ def gru_layers(rnn):
 def gru_cell(gi, gh, h):
     """One GRU update from input and hidden gate pre-activations (B, 3H), gate order r, z, n."""
     H = h.shape[-1]
-    rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
-    r, z = rz[:, :H], rz[:, H:]
-    n = torch.tanh(torch.addcmul(gi[:, 2 * H :], r, gh[:, 2 * H :]))
-    return torch.lerp(n, h, z)
+    gi_rz, gi_n = gi.split((2 * H, H), dim=1)
+    gh_rz, gh_n = gh.split((2 * H, H), dim=1)
+    r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=1)
+    return torch.lerp(torch.tanh(torch.addcmul(gi_n, r, gh_n)), h, z)
+
+
+class StepWeights:
+    """The decoder's weights regrouped for the restructured step, once per call.
+
+    ``w_top`` stacks W_q over the top layer's W_hh (both read the previous top state, so one
+    GEMM serves both); ``w_ctx0`` is the context part of layer 0's input weight; the embedding
+    part is applied outside the loop (``embedded_gates``).
+    """
+
+    def __init__(self, decoder):
+        rnn = decoder.rnn
+        self.H = H = rnn.hidden_size
+        self.layers = gru_layers(rnn)
+        self.rnn_dropout = rnn.dropout
+        self.attn_dropout = decoder.attention.dropout.p
+        self.training = decoder.training
+        self.w_v = decoder.attention.w_v.weight.reshape(-1)
+        w_ih0, _, b_ih0, _ = self.layers[0]
+        self.w_ctx0, self.w_emb0, self.b_ih0 = w_ih0[:, :H], w_ih0[:, H:], b_ih0
+        _, w_hh_top, _, b_hh_top = self.layers[-1]
+        self.w_top = torch.cat([decoder.attention.W_q.weight, w_hh_top])
+        self.b_top = None if b_hh_top is None else torch.cat([b_hh_top.new_zeros(H), b_hh_top])
+
+    def embedded_gates(self, embedding, X):
+        """Layer 0's input gates from the embedding, for all of X (B, S) at once: (S, B, 3H).
+
+        When the vocabulary is smaller than the number of tokens, project the whole embedding
+        table once and gather rows instead of projecting every token.
+        """
+        if embedding.num_embeddings < X.numel():
+            table = F.linear(embedding.weight, self.w_emb0, self.b_ih0)
+            return table[X.t()]
+        return F.linear(embedding(X).transpose(0, 1), self.w_emb0, self.b_ih0)
+
+    def step(self, states, gates_emb, key_proj, values, valid_lens, attend):
+        """One decoder step: updates ``states`` (list of (B, H), one per layer) in place and
+        returns the step's attention weights (B, T)."""
+        H, L = self.H, len(self.layers)
+        q_proj, gh_top = F.linear(states[-1], self.w_top, self.b_top).split((H, 3 * H), dim=1)
+        context, weights = attend(q_proj, key_proj, values, self.w_v, valid_lens, self.attn_dropout, self.training)
+        layer_input = None
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.layers):
+            if k == 0:
+                gi = torch.addmm(gates_emb, context, self.w_ctx0.t())
+            else:
+                gi = F.linear(layer_input, w_ih, b_ih)
+            gh = gh_top if k == L - 1 else F.linear(states[k], w_hh, b_hh)
+            states[k] = gru_cell(gi, gh, states[k])
+            if k < L - 1:
+                layer_input = states[k]
+                if self.training and self.rnn_dropout > 0:
+                    layer_input = F.dropout(layer_input, self.rnn_dropout, True)
+        return weights
 
 
 def decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, attend):
@@ -93,50 +147,18 @@ def decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, attend):
     Returns (logits (B, S, V), final hidden (L, B, H), attention weights (B, S, T)).
     """
     B, S = X.shape
-    L, _, H = hidden.shape
-    training = decoder.training
-    rnn = decoder.rnn
-    layers = gru_layers(rnn)
-    attn_p = decoder.attention.dropout.p
-    w_v = decoder.attention.w_v.weight.reshape(-1)
-
-    w_ih0, _, b_ih0, _ = layers[0]
-    w_ctx0, w_emb0 = w_ih0[:, :H], w_ih0[:, H:]
-    # Layer 0's input GEMM, embedding part, for all steps at once: (S, B, 3H).
-    gi_emb = F.linear(decoder.embedding(X).transpose(0, 1), w_emb0, b_ih0)
-
-    # W_q and the top layer's W_hh both read the previous top state: one GEMM per step.
-    _, w_hh_top, _, b_hh_top = layers[-1]
-    w_top = torch.cat([decoder.attention.W_q.weight, w_hh_top])
-    b_top = None
-    if b_hh_top is not None:
-        b_top = torch.cat([b_hh_top.new_zeros(H), b_hh_top])
-
-    states = list(hidden.unbind(0))
-    tops, weights = [], []
-    for t in range(S):
-        qg = F.linear(states[-1], w_top, b_top)
-        q_proj, gh_top = qg[:, :H], qg[:, H:]
-        context, step_weights = attend(q_proj, key_proj, enc_outputs, w_v, valid_lens, attn_p, training)
-        layer_input = None
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
-            if k == 0:
-                gi = torch.addmm(gi_emb[t], context, w_ctx0.t())
-            else:
-                gi = F.linear(layer_input, w_ih, b_ih)
-            gh = gh_top if k == L - 1 else F.linear(states[k], w_hh, b_hh)
-            states[k] = gru_cell(gi, gh, states[k])
-            if k < L - 1:
-                layer_input = F.dropout(states[k], rnn.dropout, training) if rnn.dropout > 0 else states[k]
-        tops.append(states[-1])
-        weights.append(step_weights)
-
     if S == 0:
-        logits = decoder.dense(enc_outputs.new_zeros(B, 0, H))
-        attention = enc_outputs.new_zeros(B, 0, enc_outputs.shape[1])
-        return logits, hidden, attention
+        H, T = hidden.shape[-1], enc_outputs.shape[1]
+        return decoder.dense(enc_outputs.new_zeros(B, 0, H)), hidden, enc_outputs.new_zeros(B, 0, T)
+    weights = StepWeights(decoder)
+    gates_emb = weights.embedded_gates(decoder.embedding, X)
+    states = list(hidden.unbind(0))
+    tops, attention = [], []
+    for t in range(S):
+        attention.append(weights.step(states, gates_emb[t], key_proj, enc_outputs, valid_lens, attend))
+        tops.append(states[-1])
     logits = decoder.dense(torch.stack(tops, dim=1))
-    return logits, torch.stack(states), torch.stack(weights, dim=1)
+    return logits, torch.stack(states), torch.stack(attention, dim=1)
 
 
 def _attend_with_mask(mask):
@@ -150,6 +172,32 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
     """The ``torch`` backend of ``Seq2SeqAttentionDecoder.forward`` (see ``decoder_loop``)."""
     mask = key_mask(valid_lens, enc_outputs.shape[1])
     return decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, _attend_with_mask(mask))
+
+
+def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention):
+    """Greedy decoding with the step of ``decoder_loop``, the weights regrouped once for all
+    steps and layer 0's embedding gates looked up from a projected table."""
+    from seq2seq_fast.decoding import finish_rows
+
+    B = enc_outputs.shape[0]
+    weights = StepWeights(decoder)
+    table = F.linear(decoder.embedding.weight, weights.w_emb0, weights.b_ih0)  # (V, 3H)
+    attend = _attend_with_mask(key_mask(valid_lens, enc_outputs.shape[1]))
+    states = list(hidden.unbind(0))
+    token = torch.full((B,), bos, dtype=torch.long, device=enc_outputs.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=enc_outputs.device)
+    tokens, attention = [], []
+    for _ in range(max_len):
+        step_weights = weights.step(states, table[token], key_proj, enc_outputs, valid_lens, attend)
+        token = decoder.dense(states[-1]).argmax(dim=1)
+        tokens.append(token)
+        if return_attention:
+            attention.append(step_weights)
+        finished |= token == eos
+        if bool(finished.all()):
+            break
+    result, lengths = finish_rows(torch.stack(tokens, dim=1), eos)
+    return result, lengths, torch.stack(attention, dim=1) if return_attention else None
 
 
 def encoder_forward(encoder, X):

@@ -47,11 +47,10 @@ def unavailable_reason(name, device_type=None):
     check_backend_name(name)
     if name == "torch":
         return None
-    if importlib.util.find_spec(f"seq2seq_fast.backend_{name}") is None:
-        return f"this installation has no {name} backend module"
-    if name == "triton":
-        return _triton_reason(device_type)
-    return _cpp_reason(device_type)
+    reason = _triton_reason(device_type) if name == "triton" else _cpp_reason(device_type)
+    if reason is None and importlib.util.find_spec(f"seq2seq_fast.backend_{name}") is None:
+        reason = f"this installation has no {name} backend module"
+    return reason
 
 
 def available_backends():

@@ -1,0 +1,212 @@
+"""The benchmark runner (``make bench``): median times of every workload on every configuration
+for the reference, ``torch.compile`` of the reference, each available backend and the floor,
+as ratios measured in one process. Prints a table and writes markdown, JSON and a plot.
+
+    python benchmarks/runner.py [--configs zh,en,large] [--workloads ...] [--device cpu]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import seq2seq_fast as sf  # noqa: E402
+from configs import CONFIGS, SMOKE, WORKLOADS  # noqa: E402
+from timing import copy_rate, gemm_rate, measure  # noqa: E402
+import workloads as W  # noqa: E402
+
+
+def machine_info(device):
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "seq2seq_fast": sf.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "device": device,
+        "backends": sf.available_backends(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout
+        info["git"] = sha.strip() + ("-dirty" if dirty.strip() else "")
+    except OSError:
+        info["git"] = None
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def implementations(device, compile_reference, requested=None):
+    impls = ["reference"]
+    if compile_reference:
+        impls.append("reference+compile")
+    device_type = torch.device(device).type
+    for name in sf.available_backends():
+        if sf.unavailable_reason(name, device_type) is None and not (name == "triton" and device_type == "cpu"):
+            impls.append(name)
+    if requested:
+        impls = [i for i in impls if i in requested]
+    return impls
+
+
+def run(configs, workloads, device, compile_reference=True, min_time=0.5, requested_impls=None, log=print):
+    rate = gemm_rate(device)
+    bandwidth = copy_rate(device)
+    log(f"measured GEMM rate {rate / 1e9:.1f} GFLOP/s, copy rate {bandwidth / 1e9:.1f} GB/s on {device}")
+    rows = []
+    impls = implementations(device, compile_reference, requested_impls)
+    for config_name, cfg in configs.items():
+        reference = W.reference_model(cfg, device)
+        data = W.inputs(cfg, device)
+        for workload in workloads:
+            flops = W.workload_flops(workload, cfg)
+            floor = max(flops / rate, W.weight_bytes(reference) / bandwidth)
+            times = {}
+            for impl in impls:
+                try:
+                    fn = W.build(workload, impl, reference, cfg, data)
+                    times[impl] = measure(fn, device, min_time=min_time)
+                except Exception as exc:  # a row that cannot run says why instead of stopping the run
+                    times[impl] = None
+                    log(f"  {config_name}/{workload}/{impl}: not measured ({type(exc).__name__}: {str(exc)[:120]})")
+            base = times.get("reference")
+            for impl, seconds in times.items():
+                rows.append(dict(
+                    config=config_name, workload=workload, impl=impl, median_s=seconds,
+                    speedup=(base / seconds) if base and seconds else None,
+                    over_floor=(seconds / floor) if seconds else None,
+                ))
+            rows.append(dict(config=config_name, workload=workload, impl="floor", median_s=floor,
+                             speedup=base / floor if base else None, over_floor=1.0, flops=flops))
+            log(format_rows([r for r in rows if r["config"] == config_name and r["workload"] == workload]))
+    return dict(gemm_flops_per_s=rate, copy_bytes_per_s=bandwidth, rows=rows)
+
+
+def _fmt(value, spec, missing="n/a"):
+    return missing if value is None else format(value, spec)
+
+
+def format_rows(rows, markdown=False):
+    header = ["config", "workload", "impl", "median ms", "speedup vs reference", "x floor"]
+    lines = []
+    for r in rows:
+        lines.append([r["config"], r["workload"], r["impl"], _fmt(r["median_s"] and r["median_s"] * 1e3, ".3f"),
+                      _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), _fmt(r["over_floor"], ".2f")])
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*line) for line in lines])
+
+
+def plot(rows, path):
+    """Bar chart of each implementation's speedup over the reference, per config and workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["config"], r["workload"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i not in ("reference",)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        values = []
+        for g in groups:
+            match = [r for r in rows if (r["config"], r["workload"]) == g and r["impl"] == impl]
+            values.append(match[0]["speedup"] or 0 if match else 0)
+        ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{c}\n{w}" for c, w in groups], fontsize=8)
+    ax.set_ylabel("speedup over d2l reference (x)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def attention_section(device, min_time, log):
+    """Rows of the attention-only benchmark, when its module is present."""
+    try:
+        import attention_bench
+    except ImportError:
+        return []
+    return attention_bench.attention_rows(device, lambda fn: measure(fn, device, min_time=min_time))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--impls", default=None, help="comma-separated implementations to keep (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention-only rows")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per row")
+    parser.add_argument("--smoke", action="store_true", help="one tiny configuration, to check the runner works")
+    parser.add_argument("--out", default="bench-out", help="folder for results.md, results.json, speedups.png")
+    args = parser.parse_args(argv)
+
+    configs = {"smoke": SMOKE} if args.smoke else {n: CONFIGS[n] for n in args.configs.split(",")}
+    workloads = args.workloads.split(",")
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"--workloads: unknown workload {w!r}, expected some of {WORKLOADS}")
+    info = machine_info(args.device)
+    print(" ".join(f"{k}={v}" for k, v in info.items()))
+    result = run(configs, workloads, args.device, compile_reference=not args.no_compile,
+                 min_time=args.min_time, requested_impls=args.impls and args.impls.split(","))
+    attention = [] if args.no_attention or args.smoke else attention_section(args.device, args.min_time, print)
+    os.makedirs(args.out, exist_ok=True)
+    result.update(machine=info, configs={n: c.as_dict() for n, c in configs.items()}, attention=attention)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    table = format_rows(result["rows"], markdown=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("# seq2seq_fast benchmark\n\n")
+        f.write("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n")
+        f.write(f"- GEMM rate: {result['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; "
+                f"copy rate: {result['copy_bytes_per_s'] / 1e9:.1f} GB/s\n\n{table}\n")
+        if attention:
+            f.write("\n## Attention alone\n\n| " + " | ".join(attention[0]) + " |\n|" + "---|" * len(attention[0]) + "\n")
+            f.write("\n".join("| " + " | ".join(str(v) for v in row.values()) + " |" for row in attention) + "\n")
+    plot(result["rows"], os.path.join(args.out, "speedups.png"))
+    print("\n" + format_rows(result["rows"]))
+    print(f"\nwrote {args.out}/results.md, results.json, speedups.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
