@@ -1,0 +1,577 @@
+// The attention decoder's step loop on CPU: teacher-forced forward, hand-written backward
+// through time, and batched greedy decoding. Layouts (all row-major, contiguous):
+//   logits (S, B, V), attention (S, B, T), states (L, S + 1, B, H) with states[:, 0] = hidden,
+//   inputs (S, B, H + E) = layer 0's input [context ; embedding] per step,
+//   layer_inputs (L - 1, S, B, H) = dropped-out inputs of layers 1.. (training with dropout),
+//   gates (S, L, B, 4H) = [r | z | n | W_hn h + b_hn] per step and layer (kept for backward).
+// Every buffer is allocated before the loop; the loop calls BLAS and the fused row kernels only.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace seq2seq_fast::cpu {
+namespace {
+
+struct Sizes {
+  int64_t B, S, T, H, E, V, L;
+};
+
+// Checks the parameters and returns the sizes; X may be undefined (greedy decoding).
+Sizes check_decoder(const at::Tensor& enc, const at::Tensor& hidden, const c10::optional<at::Tensor>& lens,
+                    const at::Tensor& key_proj, const at::Tensor& embedding, const at::Tensor& W_q,
+                    const at::Tensor& w_v, at::TensorList w_ih, at::TensorList w_hh, at::TensorList b_ih,
+                    at::TensorList b_hh, const at::Tensor& dense_w, const c10::optional<at::Tensor>& dense_b) {
+  TORCH_CHECK_TYPE(enc.scalar_type() == at::kFloat || enc.scalar_type() == at::kDouble,
+                   "seq2seq_fast: enc_outputs must be float32 or float64, got ", enc.scalar_type());
+  const auto dtype = enc.scalar_type();
+  check_cpu_float(enc, "enc_outputs", dtype);
+  TORCH_CHECK_VALUE(enc.dim() == 3 && enc.size(0) > 0 && enc.size(1) > 0,
+                    "seq2seq_fast: enc_outputs must have shape (B >= 1, T >= 1, H), got ", enc.sizes());
+  Sizes s{};
+  s.B = enc.size(0);
+  s.T = enc.size(1);
+  s.H = enc.size(2);
+  s.L = static_cast<int64_t>(w_ih.size());
+  const bool biases = !b_ih.empty() || !b_hh.empty();  // the backward passes none
+  TORCH_CHECK_VALUE(s.L >= 1 && w_hh.size() == w_ih.size() &&
+                        (!biases || (b_ih.size() == w_ih.size() && b_hh.size() == w_ih.size())),
+                    "seq2seq_fast: w_ih, w_hh, b_ih, b_hh must list one tensor per GRU layer (>= 1), got ",
+                    w_ih.size(), ", ", w_hh.size(), ", ", b_ih.size(), ", ", b_hh.size());
+  check_cpu_float(embedding, "embedding", dtype);
+  TORCH_CHECK_VALUE(embedding.dim() == 2, "seq2seq_fast: embedding must have shape (V, E), got ",
+                    embedding.sizes());
+  s.E = embedding.size(1);
+  check_cpu_float(dense_w, "dense_weight", dtype);
+  TORCH_CHECK_VALUE(dense_w.dim() == 2 && dense_w.size(1) == s.H,
+                    "seq2seq_fast: dense_weight must have shape (V, ", s.H, "), got ", dense_w.sizes());
+  s.V = dense_w.size(0);
+  if (dense_b.has_value()) {
+    check_cpu_float(*dense_b, "dense_bias", dtype);
+    check_shape(*dense_b, "dense_bias", {s.V});
+  }
+  check_cpu_float(hidden, "hidden", dtype);
+  check_shape(hidden, "hidden", {s.L, s.B, s.H});
+  check_cpu_float(key_proj, "key_proj", dtype);
+  check_shape(key_proj, "key_proj", {s.B, s.T, s.H});
+  check_cpu_float(W_q, "W_q", dtype);
+  check_shape(W_q, "W_q", {s.H, s.H});
+  check_cpu_float(w_v, "w_v", dtype);
+  TORCH_CHECK_VALUE(w_v.numel() == s.H, "seq2seq_fast: w_v must hold ", s.H, " values, got shape ",
+                    w_v.sizes());
+  for (int64_t k = 0; k < s.L; ++k) {
+    const int64_t in = k == 0 ? s.H + s.E : s.H;
+    check_cpu_float(w_ih[k], "w_ih", dtype);
+    check_shape(w_ih[k], "w_ih[layer]", {3 * s.H, in});
+    check_cpu_float(w_hh[k], "w_hh", dtype);
+    check_shape(w_hh[k], "w_hh[layer]", {3 * s.H, s.H});
+    if (!biases) {
+      continue;
+    }
+    check_cpu_float(b_ih[k], "b_ih", dtype);
+    check_shape(b_ih[k], "b_ih[layer]", {3 * s.H});
+    check_cpu_float(b_hh[k], "b_hh", dtype);
+    check_shape(b_hh[k], "b_hh[layer]", {3 * s.H});
+  }
+  check_valid_lens(lens, s.B);
+  return s;
+}
+
+void check_masks(const Sizes& s, int64_t steps, const c10::optional<at::Tensor>& attn_mask,
+                 const c10::optional<at::Tensor>& layer_mask, at::ScalarType dtype) {
+  if (attn_mask.has_value()) {
+    check_cpu_float(*attn_mask, "attn_mask", dtype);
+    check_shape(*attn_mask, "attn_mask", {steps, s.B, s.T});
+  }
+  if (layer_mask.has_value()) {
+    check_cpu_float(*layer_mask, "layer_mask", dtype);
+    check_shape(*layer_mask, "layer_mask", {s.L - 1, steps, s.B, s.H});
+  }
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+template <typename T>
+const T* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  out.reserve(list.size());
+  for (const auto& t : list) {
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+c10::optional<at::Tensor> contiguous_opt(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) {
+    return t;
+  }
+  return t->contiguous();
+}
+
+// [W_q ; W_hh of the top layer] (4H, H): both read the previous top state, one GEMM per step.
+at::Tensor query_and_top_weights(const at::Tensor& W_q, const at::Tensor& w_hh_top) {
+  return at::cat({W_q, w_hh_top}, 0).contiguous();
+}
+
+// The parameters of one call, contiguous, with raw pointers.
+template <typename T>
+struct Params {
+  std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;
+  at::Tensor embedding, w_v, dense_w, w_cat;
+  c10::optional<at::Tensor> dense_b;
+
+  Params(const at::Tensor& emb, const at::Tensor& W_q, const at::Tensor& wv, at::TensorList wih,
+         at::TensorList whh, at::TensorList bih, at::TensorList bhh, const at::Tensor& dw,
+         const c10::optional<at::Tensor>& db)
+      : w_ih(contiguous_all(wih)),
+        w_hh(contiguous_all(whh)),
+        b_ih(contiguous_all(bih)),
+        b_hh(contiguous_all(bhh)),
+        embedding(emb.contiguous()),
+        w_v(wv.contiguous()),
+        dense_w(dw.contiguous()),
+        dense_b(contiguous_opt(db)) {
+    w_cat = query_and_top_weights(W_q.contiguous(), w_hh.back());
+  }
+};
+
+// One decoder step for all rows: attention from the previous top state, layer 0's input GEMM
+// (context part; `gi0` already holds the embedding part), the GRU layers. `state_prev` and
+// `state_out` are (L, B, H) with stride `state_ld` between layers (they may alias).
+template <typename T>
+struct StepBuffers {
+  T* qg;       // (B, 4H)
+  T* gi;       // (B, 3H) scratch for layers > 0
+  T* gh;       // (B, 3H) scratch for non-top layers
+};
+
+template <typename T>
+void decoder_step(const Sizes& s, const Params<T>& P, const T* kp, const T* enc, const int64_t* lens,
+                  const T* attn_drop, const T* layer_drop, int64_t layer_drop_ld, const T* state_prev,
+                  T* state_out, int64_t state_ld, T* x0, T* gi0, T* attn_out, T* gates, int64_t gates_ld,
+                  T* layer_inputs, int64_t layer_inputs_ld, const StepBuffers<T>& buf) {
+  const int64_t B = s.B, H = s.H, E = s.E, L = s.L;
+  const T* top_prev = state_prev + (L - 1) * state_ld;
+  gemm<T>(false, true, B, 4 * H, H, T(1), top_prev, H, ptr<T>(P.w_cat), H, T(0), buf.qg, 4 * H);
+  AttnFwd a{B, s.T, H, buf.qg, 4 * H, kp, enc, ptr<T>(P.w_v), lens, attn_drop, attn_out, x0, H + E};
+  attention_forward<T>(a);
+  gemm<T>(false, true, B, 3 * H, H, T(1), x0, H + E, ptr<T>(P.w_ih[0]), H + E, T(1), gi0, 3 * H);
+  for (int64_t k = 0; k < L; ++k) {
+    const T* h_prev = state_prev + k * state_ld;
+    T* h_out = state_out + k * state_ld;
+    const T* gi = gi0;
+    if (k > 0) {
+      const T* xin = layer_inputs ? layer_inputs + (k - 1) * layer_inputs_ld : state_out + (k - 1) * state_ld;
+      gemm<T>(false, true, B, 3 * H, H, T(1), xin, H, ptr<T>(P.w_ih[k]), H, T(0), buf.gi, 3 * H);
+      gi = buf.gi;
+    }
+    const T* gh;
+    int64_t ld_gh;
+    if (k == L - 1) {
+      gh = buf.qg + H;
+      ld_gh = 4 * H;
+    } else {
+      gemm<T>(false, true, B, 3 * H, H, T(1), h_prev, H, ptr<T>(P.w_hh[k]), H, T(0), buf.gh, 3 * H);
+      gh = buf.gh;
+      ld_gh = 3 * H;
+    }
+    GatesFwd g{B, H, gi, 3 * H, gh, ld_gh, ptr<T>(P.b_ih[k]), ptr<T>(P.b_hh[k]), h_prev, h_out,
+               gates + k * gates_ld};
+    gates_forward<T>(g);
+    if (k < L - 1 && layer_inputs) {
+      const T* m = layer_drop + k * layer_drop_ld;
+      T* xo = layer_inputs + k * layer_inputs_ld;
+      for (int64_t i = 0; i < B * H; ++i) {
+        xo[i] = h_out[i] * m[i];
+      }
+    }
+  }
+}
+
+template <typename T>
+void gather_rows(const T* table, int64_t width, const int64_t* ids, int64_t count, int64_t id_stride, T* out,
+                 int64_t out_ld) {
+  for (int64_t i = 0; i < count; ++i) {
+    const T* src = table + ids[i * id_stride] * width;
+    T* dst = out + i * out_ld;
+    for (int64_t c = 0; c < width; ++c) {
+      dst[c] = src[c];
+    }
+  }
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, const at::Tensor& hidden_in,
+                                        const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in,
+                                        const at::Tensor& embedding, const at::Tensor& W_q, const at::Tensor& w_v,
+                                        at::TensorList w_ih, at::TensorList w_hh, at::TensorList b_ih,
+                                        at::TensorList b_hh, const at::Tensor& dense_w, const at::Tensor& dense_b,
+                                        const c10::optional<at::Tensor>& attn_mask_in,
+                                        const c10::optional<at::Tensor>& layer_mask_in, bool keep_activations) {
+  const Sizes s0 = check_decoder(enc_in, hidden_in, lens_in, kp_in, embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh,
+                                 dense_w, dense_b);
+  check_tokens(X_in, "X", embedding.size(0));
+  TORCH_CHECK_VALUE(X_in.size(0) == s0.B, "seq2seq_fast: X must have shape (B=", s0.B, ", S), got ",
+                    X_in.sizes());
+  Sizes s = s0;
+  s.S = X_in.size(1);
+  const auto dtype = enc_in.scalar_type();
+  check_masks(s, s.S, attn_mask_in, layer_mask_in, dtype);
+  TORCH_CHECK_VALUE(!layer_mask_in.has_value() || s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
+
+  const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
+  const at::Tensor hidden = hidden_in.contiguous();
+  const auto lens = contiguous_opt(lens_in);
+  const auto attn_mask = contiguous_opt(attn_mask_in);
+  const auto layer_mask = contiguous_opt(layer_mask_in);
+  const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
+  auto opts = enc.options();
+
+  at::Tensor logits = at::empty({S, B, V}, opts);
+  at::Tensor attention = at::empty({S, B, T_}, opts);
+  at::Tensor states = at::empty({L, S + 1, B, H}, opts);
+  at::Tensor inputs = at::empty({S, B, H + E}, opts);
+  at::Tensor layer_inputs = layer_mask.has_value() ? at::empty({L - 1, S, B, H}, opts) : at::empty({0}, opts);
+  at::Tensor gates = keep_activations ? at::empty({S, L, B, 4 * H}, opts) : at::empty({L, B, 4 * H}, opts);
+  states.select(1, 0).copy_(hidden);
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::decoder_forward", [&] {
+    using T = scalar_t;
+    Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
+    at::Tensor gi0_all = at::empty({S, B, 3 * H}, opts);
+    at::Tensor scratch = at::empty({B, 10 * H}, opts);
+    T* x0 = inputs.data_ptr<T>();
+    T* gi0 = gi0_all.data_ptr<T>();
+    // Embedding part of layer 0's input GEMM (with b_ih added in the gate kernel) for all steps.
+    for (int64_t t = 0; t < S; ++t) {
+      gather_rows<T>(ptr<T>(P.embedding), E, ptr<int64_t>(X) + t, B, S, x0 + t * B * (H + E) + H, H + E);
+    }
+    gemm<T>(false, true, S * B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
+    T* sc = scratch.data_ptr<T>();
+    StepBuffers<T> buf{sc, sc + 4 * H * B, sc + 7 * H * B};
+    T* st = states.data_ptr<T>();
+    const int64_t state_ld = (S + 1) * B * H;
+    for (int64_t t = 0; t < S; ++t) {
+      decoder_step<T>(s, P, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
+                      attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
+                      layer_mask ? ptr<T>(*layer_mask) + t * B * H : nullptr, S * B * H, st + t * B * H,
+                      st + (t + 1) * B * H, state_ld, x0 + t * B * (H + E), gi0 + t * B * 3 * H,
+                      attention.data_ptr<T>() + t * B * T_,
+                      gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0), B * 4 * H,
+                      layer_mask ? layer_inputs.data_ptr<T>() + t * B * H : nullptr, S * B * H, buf);
+    }
+    // dense over all steps at once: logits = tops @ W^T + b.
+    T* y = logits.data_ptr<T>();
+    const T* bias = ptr<T>(*P.dense_b);
+    for (int64_t r = 0; r < S * B; ++r) {
+      std::copy(bias, bias + V, y + r * V);
+    }
+    gemm<T>(false, true, S * B, V, H, T(1), st + (L - 1) * state_ld + B * H, H, ptr<T>(P.dense_w), H, T(1), y, V);
+  });
+  if (!keep_activations) {
+    gates = at::empty({0}, opts);
+  }
+  return {logits, attention, states, inputs, layer_inputs, gates};
+}
+
+using TensorList4 = std::vector<at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, TensorList4,
+                                  TensorList4, TensorList4, TensorList4, at::Tensor, at::Tensor>;
+
+BackwardResult decoder_backward(
+    const c10::optional<at::Tensor>& grad_logits_in, const c10::optional<at::Tensor>& grad_attention_in,
+    const c10::optional<at::Tensor>& grad_states_in, const at::Tensor& X_in, const at::Tensor& enc_in,
+    const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in, const at::Tensor& embedding,
+    const at::Tensor& W_q, const at::Tensor& w_v, at::TensorList w_ih, at::TensorList w_hh,
+    const at::Tensor& dense_w, const c10::optional<at::Tensor>& attn_mask_in,
+    const c10::optional<at::Tensor>& layer_mask_in, const at::Tensor& attention_in, const at::Tensor& states_in,
+    const at::Tensor& inputs_in, const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
+  const Sizes s0 = check_decoder(enc_in, states_in.select(1, 0), lens_in, kp_in, embedding, W_q, w_v, w_ih, w_hh,
+                                 {}, {}, dense_w, c10::nullopt);
+  check_tokens(X_in, "X", embedding.size(0));
+  Sizes s = s0;
+  s.S = X_in.size(1);
+  const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
+  const auto dtype = enc_in.scalar_type();
+  check_masks(s, S, attn_mask_in, layer_mask_in, dtype);
+  check_shape(attention_in, "attention", {S, B, T_});
+  check_shape(states_in, "states", {L, S + 1, B, H});
+  check_shape(inputs_in, "inputs", {S, B, H + E});
+  check_shape(gates_in, "gates", {S, L, B, 4 * H});
+  if (layer_mask_in.has_value()) {
+    check_shape(layer_inputs_in, "layer_inputs", {L - 1, S, B, H});
+  }
+  if (grad_logits_in.has_value()) {
+    check_shape(*grad_logits_in, "grad_logits", {S, B, V});
+  }
+  if (grad_attention_in.has_value()) {
+    check_shape(*grad_attention_in, "grad_attention", {S, B, T_});
+  }
+  if (grad_states_in.has_value()) {
+    check_shape(*grad_states_in, "grad_states", {L, S + 1, B, H});
+  }
+
+  const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
+  const auto lens = contiguous_opt(lens_in);
+  const auto attn_mask = contiguous_opt(attn_mask_in), layer_mask = contiguous_opt(layer_mask_in);
+  const at::Tensor attention = attention_in.contiguous(), states = states_in.contiguous();
+  const at::Tensor inputs = inputs_in.contiguous(), gates = gates_in.contiguous();
+  const at::Tensor layer_inputs = layer_inputs_in.contiguous();
+  const auto g_logits = contiguous_opt(grad_logits_in), g_attn = contiguous_opt(grad_attention_in);
+  auto opts = enc.options();
+
+  at::Tensor D = grad_states_in.has_value() ? grad_states_in->contiguous().clone() : at::zeros({L, S + 1, B, H}, opts);
+  at::Tensor d_enc = at::zeros({B, T_, H}, opts), d_kp = at::zeros({B, T_, H}, opts);
+  at::Tensor d_emb = at::zeros({embedding.size(0), E}, opts);
+  at::Tensor d_Wq = at::empty({H, H}, opts), d_wv = at::empty_like(w_v);
+  at::Tensor d_dense_w = at::zeros({V, H}, opts), d_dense_b = at::zeros({V}, opts);
+  std::vector<at::Tensor> d_wih, d_whh, d_bih, d_bhh;
+  for (int64_t k = 0; k < L; ++k) {
+    d_wih.push_back(at::empty({3 * H, k == 0 ? H + E : H}, opts));
+    d_whh.push_back(at::empty({3 * H, H}, opts));
+    d_bih.push_back(at::empty({3 * H}, opts));
+    d_bhh.push_back(at::empty({3 * H}, opts));
+  }
+  at::Tensor dh = at::zeros({L, B, H}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::decoder_backward", [&] {
+    using T = scalar_t;
+    const std::vector<at::Tensor> wih = contiguous_all(w_ih), whh = contiguous_all(w_hh);
+    const at::Tensor Wq = W_q.contiguous(), wv = w_v.contiguous(), dw = dense_w.contiguous();
+    const at::Tensor w_cat = query_and_top_weights(Wq, whh.back());
+    const T* st = ptr<T>(states);
+    const int64_t state_ld = (S + 1) * B * H;
+    const T* tops = st + (L - 1) * state_ld + B * H;     // (S*B, H) outputs of the top layer
+    const T* top_prev = st + (L - 1) * state_ld;         // (S*B, H) its previous states
+    T* Dp = D.data_ptr<T>();
+    // dense: grad of the top states, of the weight and of the bias, for all steps at once.
+    if (g_logits.has_value()) {
+      const T* gy = ptr<T>(*g_logits);
+      gemm<T>(false, false, S * B, H, V, T(1), gy, V, ptr<T>(dw), H, T(1), Dp + (L - 1) * state_ld + B * H, H);
+      gemm<T>(true, false, V, H, S * B, T(1), gy, V, tops, H, T(0), d_dense_w.data_ptr<T>(), H);
+      column_sums<T>(gy, S * B, V, V, d_dense_b.data_ptr<T>(), false);
+    }
+    // The queries of every step, recomputed in one GEMM (the scores' tanh is recomputed too).
+    at::Tensor Q = at::empty({S, B, H}, opts);
+    gemm<T>(false, true, S * B, H, H, T(1), top_prev, H, ptr<T>(Wq), H, T(0), Q.data_ptr<T>(), H);
+    at::Tensor Ggi = at::empty({L, S, B, 3 * H}, opts);
+    at::Tensor Ggh = at::empty({std::max<int64_t>(L - 1, 0), S, B, 3 * H}, opts);
+    at::Tensor Gcat = at::empty({S, B, 4 * H}, opts);  // [d q | d gh of the top layer]
+    at::Tensor scratch = at::empty({2, B, H}, opts);
+    at::Tensor dwv_rows = at::zeros({B, H}, opts);
+    T* dctx = scratch.data_ptr<T>();
+    T* dx = dctx + B * H;
+    T* dhp = dh.data_ptr<T>();
+    const T* gt = ptr<T>(gates);
+    for (int64_t t = S - 1; t >= 0; --t) {
+      T* gcat_t = Gcat.data_ptr<T>() + t * B * 4 * H;
+      for (int64_t k = L - 1; k >= 0; --k) {
+        T* dhk = dhp + k * B * H;
+        const T* ext = Dp + k * state_ld + (t + 1) * B * H;
+        for (int64_t i = 0; i < B * H; ++i) {
+          dhk[i] += ext[i];
+        }
+        T* ggi = Ggi.data_ptr<T>() + (k * S + t) * B * 3 * H;
+        T* ggh;
+        int64_t ld_gh;
+        if (k == L - 1) {
+          ggh = gcat_t + H;
+          ld_gh = 4 * H;
+        } else {
+          ggh = Ggh.data_ptr<T>() + (k * S + t) * B * 3 * H;
+          ld_gh = 3 * H;
+        }
+        GatesBwd g{B, H, dhk, gt + (t * L + k) * B * 4 * H, st + k * state_ld + t * B * H, ggi, 3 * H, ggh, ld_gh};
+        gates_backward<T>(g);
+        if (k > 0) {
+          T* dh_below = dhp + (k - 1) * B * H;
+          if (layer_mask.has_value()) {
+            gemm<T>(false, false, B, H, 3 * H, T(1), ggi, 3 * H, ptr<T>(wih[k]), H, T(0), dx, H);
+            const T* m = ptr<T>(*layer_mask) + ((k - 1) * S + t) * B * H;
+            for (int64_t i = 0; i < B * H; ++i) {
+              dh_below[i] += dx[i] * m[i];
+            }
+          } else {
+            gemm<T>(false, false, B, H, 3 * H, T(1), ggi, 3 * H, ptr<T>(wih[k]), H, T(1), dh_below, H);
+          }
+        } else {
+          gemm<T>(false, false, B, H, 3 * H, T(1), ggi, 3 * H, ptr<T>(wih[0]), H + E, T(0), dctx, H);
+        }
+        if (k < L - 1) {
+          gemm<T>(false, false, B, H, 3 * H, T(1), ggh, 3 * H, ptr<T>(whh[k]), H, T(1), dhk, H);
+        }
+      }
+      AttnBwd a{B, T_, H, Q.data_ptr<T>() + t * B * H, H, ptr<T>(kp), ptr<T>(enc), ptr<T>(wv),
+                opt_ptr<int64_t>(lens), attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
+                ptr<T>(attention) + t * B * T_, g_attn ? ptr<T>(*g_attn) + t * B * T_ : nullptr, dctx,
+                d_kp.data_ptr<T>(), d_enc.data_ptr<T>(), dwv_rows.data_ptr<T>(), gcat_t, 4 * H};
+      attention_backward<T>(a);
+      gemm<T>(false, false, B, H, 4 * H, T(1), gcat_t, 4 * H, ptr<T>(w_cat), H, T(1), dhp + (L - 1) * B * H, H);
+    }
+    for (int64_t k = 0; k < L; ++k) {
+      T* dhk = dhp + k * B * H;
+      const T* ext = Dp + k * state_ld;
+      for (int64_t i = 0; i < B * H; ++i) {
+        dhk[i] += ext[i];
+      }
+    }
+    // Weight gradients, each one GEMM over all steps.
+    const T* gc = Gcat.data_ptr<T>();
+    gemm<T>(true, false, H, H, S * B, T(1), gc, 4 * H, top_prev, H, T(0), d_Wq.data_ptr<T>(), H);
+    gemm<T>(true, false, 3 * H, H, S * B, T(1), gc + H, 4 * H, top_prev, H, T(0), d_whh[L - 1].data_ptr<T>(), H);
+    column_sums<T>(gc + H, S * B, 3 * H, 4 * H, d_bhh[L - 1].data_ptr<T>(), false);
+    for (int64_t k = 0; k < L; ++k) {
+      const T* ggi = Ggi.data_ptr<T>() + k * S * B * 3 * H;
+      if (k < L - 1) {
+        const T* ggh = Ggh.data_ptr<T>() + k * S * B * 3 * H;
+        gemm<T>(true, false, 3 * H, H, S * B, T(1), ggh, 3 * H, st + k * state_ld, H, T(0),
+                d_whh[k].data_ptr<T>(), H);
+        column_sums<T>(ggh, S * B, 3 * H, 3 * H, d_bhh[k].data_ptr<T>(), false);
+      }
+      const T* xin;
+      int64_t in;
+      if (k == 0) {
+        xin = ptr<T>(inputs);
+        in = H + E;
+      } else {
+        xin = layer_mask.has_value() ? ptr<T>(layer_inputs) + (k - 1) * S * B * H : st + (k - 1) * state_ld + B * H;
+        in = H;
+      }
+      gemm<T>(true, false, 3 * H, in, S * B, T(1), ggi, 3 * H, xin, in, T(0), d_wih[k].data_ptr<T>(), in);
+      column_sums<T>(ggi, S * B, 3 * H, 3 * H, d_bih[k].data_ptr<T>(), false);
+    }
+    // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
+    at::Tensor d_x = at::empty({S, B, E}, opts);
+    T* dxe = d_x.data_ptr<T>();
+    gemm<T>(false, false, S * B, E, 3 * H, T(1), Ggi.data_ptr<T>(), 3 * H, ptr<T>(wih[0]) + H, H + E, T(0), dxe, E);
+    T* de = d_emb.data_ptr<T>();
+    const int64_t* ids = ptr<int64_t>(X);
+    for (int64_t t = 0; t < S; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        T* row = de + ids[b * S + t] * E;
+        const T* src = dxe + (t * B + b) * E;
+        for (int64_t c = 0; c < E; ++c) {
+          row[c] += src[c];
+        }
+      }
+    }
+    column_sums<T>(dwv_rows.data_ptr<T>(), B, H, H, d_wv.data_ptr<T>(), false);
+  });
+  return {d_enc, dh, d_kp, d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh, d_dense_w, d_dense_b};
+}
+
+using GreedyResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in,
+                           const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in,
+                           const at::Tensor& embedding, const at::Tensor& W_q, const at::Tensor& w_v,
+                           at::TensorList w_ih, at::TensorList w_hh, at::TensorList b_ih, at::TensorList b_hh,
+                           const at::Tensor& dense_w, const at::Tensor& dense_b,
+                           const c10::optional<at::Tensor>& attn_mask_in,
+                           const c10::optional<at::Tensor>& layer_mask_in, int64_t bos, int64_t eos,
+                           int64_t max_len, bool return_attention) {
+  Sizes s = check_decoder(enc_in, hidden_in, lens_in, kp_in, embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w,
+                          dense_b);
+  TORCH_CHECK_VALUE(max_len >= 1, "seq2seq_fast: max_len must be >= 1, got ", max_len);
+  TORCH_CHECK_VALUE(embedding.size(0) == s.V, "seq2seq_fast: embedding must have one row per output token (",
+                    s.V, "), got ", embedding.sizes());
+  TORCH_CHECK_INDEX(bos >= 0 && bos < s.V, "seq2seq_fast: bos must be a token id in [0, ", s.V, "), got ", bos);
+  TORCH_CHECK_INDEX(eos >= 0 && eos < s.V, "seq2seq_fast: eos must be a token id in [0, ", s.V, "), got ", eos);
+  s.S = max_len;
+  const auto dtype = enc_in.scalar_type();
+  check_masks(s, max_len, attn_mask_in, layer_mask_in, dtype);
+  TORCH_CHECK_VALUE(!layer_mask_in.has_value() || s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
+  const at::Tensor enc = enc_in.contiguous(), kp = kp_in.contiguous();
+  const auto lens = contiguous_opt(lens_in);
+  const auto attn_mask = contiguous_opt(attn_mask_in), layer_mask = contiguous_opt(layer_mask_in);
+  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
+  auto opts = enc.options();
+
+  at::Tensor state = hidden_in.contiguous().clone();
+  at::Tensor attn_buf = at::empty({return_attention ? max_len : 1, B, T_}, opts);
+  at::Tensor tokens_buf = at::empty({B, max_len}, enc.options().dtype(at::kLong));
+  int64_t steps = 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::greedy_decode", [&] {
+    using T = scalar_t;
+    Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
+    at::Tensor work = at::empty({B, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
+    T* x0 = work.data_ptr<T>();
+    T* gi0 = x0 + B * (H + E);
+    T* gates = gi0 + B * 3 * H;
+    T* layer_inputs = gates + B * 4 * L * H;
+    T* logits = layer_inputs + B * (L - 1) * H;
+    T* sc = logits + B * V;
+    StepBuffers<T> buf{sc, sc + 4 * H * B, sc + 7 * H * B};
+    std::vector<int64_t> token(B, bos);
+    std::vector<char> finished(B, 0);
+    int64_t* out = tokens_buf.data_ptr<int64_t>();
+    T* st = state.data_ptr<T>();
+    const T* bias = ptr<T>(*P.dense_b);
+    for (int64_t t = 0; t < max_len; ++t) {
+      gather_rows<T>(ptr<T>(P.embedding), E, token.data(), B, 1, x0 + H, H + E);
+      gemm<T>(false, true, B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
+      decoder_step<T>(s, P, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
+                      attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
+                      layer_mask ? ptr<T>(*layer_mask) + t * B * H : nullptr, max_len * B * H, st, st, B * H, x0, gi0,
+                      attn_buf.data_ptr<T>() + (return_attention ? t * B * T_ : 0), gates, B * 4 * H,
+                      layer_mask ? layer_inputs : nullptr, B * H, buf);
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(bias, bias + V, logits + b * V);
+      }
+      gemm<T>(false, true, B, V, H, T(1), st + (L - 1) * B * H, H, ptr<T>(P.dense_w), H, T(1), logits, V);
+      bool all_done = true;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* y = logits + b * V;
+        int64_t best = 0;
+        for (int64_t v = 1; v < V; ++v) {
+          if (y[v] > y[best]) {
+            best = v;
+          }
+        }
+        token[b] = best;
+        out[b * max_len + t] = best;
+        finished[b] = finished[b] || best == eos;
+        all_done = all_done && finished[b];
+      }
+      steps = t + 1;
+      if (all_done) {
+        break;
+      }
+    }
+  });
+  at::Tensor tokens = tokens_buf.narrow(1, 0, steps).contiguous();
+  at::Tensor lengths = at::full({B}, steps, tokens.options());
+  int64_t* tk = tokens.data_ptr<int64_t>();
+  int64_t* ln = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    bool ended = false;
+    for (int64_t t = 0; t < steps; ++t) {
+      if (ended) {
+        tk[b * steps + t] = eos;
+      } else if (tk[b * steps + t] == eos) {
+        ended = true;
+        ln[b] = t;
+      }
+    }
+  }
+  at::Tensor attention =
+      return_attention ? attn_buf.narrow(0, 0, steps).permute({1, 0, 2}).contiguous() : at::empty({0}, opts);
+  return {tokens, lengths, attention};
+}
+
+}  // namespace
+}  // namespace seq2seq_fast::cpu
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CPU, m) {
+  m.impl("decoder_forward", &seq2seq_fast::cpu::decoder_forward);
+  m.impl("decoder_backward", &seq2seq_fast::cpu::decoder_backward);
+  m.impl("greedy_decode", &seq2seq_fast::cpu::greedy_decode);
+}

@@ -1,0 +1,270 @@
+// d2l's Seq2SeqEncoder on CPU: embedding + multi-layer GRU (zero initial state, dropout between
+// layers in training), forward and hand-written backward through time. Layer by layer, so each
+// layer's input GEMM runs once over all steps. Layouts (row-major, contiguous):
+//   states (L, T + 1, B, H), states[:, 0] = 0; output = states[L - 1, 1:], final state = states[:, T];
+//   layer_inputs (L - 1, T, B, H) = dropped-out inputs of layers 1.. (when layer_mask is given);
+//   gates (L, T, B, 4H) = [r | z | n | W_hn h + b_hn] (kept for backward).
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace seq2seq_fast::cpu {
+namespace {
+
+struct EncSizes {
+  int64_t B, T, H, E, V, L;
+};
+
+EncSizes check_encoder(const at::Tensor& X, const at::Tensor& embedding, at::TensorList w_ih, at::TensorList w_hh,
+                       at::TensorList b_ih, at::TensorList b_hh) {
+  TORCH_CHECK_TYPE(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble,
+                   "seq2seq_fast: embedding must be float32 or float64, got ", embedding.scalar_type());
+  const auto dtype = embedding.scalar_type();
+  TORCH_CHECK_VALUE(embedding.device().is_cpu(), "seq2seq_fast: embedding must be a CPU tensor, got device ",
+                    embedding.device());
+  TORCH_CHECK_VALUE(embedding.dim() == 2, "seq2seq_fast: embedding must have shape (V, E), got ",
+                    embedding.sizes());
+  EncSizes s{};
+  s.V = embedding.size(0);
+  s.E = embedding.size(1);
+  check_tokens(X, "X", s.V);
+  s.B = X.size(0);
+  s.T = X.size(1);
+  TORCH_CHECK_VALUE(s.B >= 1, "seq2seq_fast: X must have at least one row, got shape ", X.sizes());
+  s.L = static_cast<int64_t>(w_ih.size());
+  const bool biases = !b_ih.empty() || !b_hh.empty();  // the backward passes none
+  TORCH_CHECK_VALUE(s.L >= 1 && w_hh.size() == w_ih.size() &&
+                        (!biases || (b_ih.size() == w_ih.size() && b_hh.size() == w_ih.size())),
+                    "seq2seq_fast: w_ih, w_hh, b_ih, b_hh must list one tensor per GRU layer (>= 1)");
+  check_cpu_float(w_hh[0], "w_hh", dtype);
+  TORCH_CHECK_VALUE(w_hh[0].dim() == 2, "seq2seq_fast: w_hh[layer] must have shape (3H, H), got ",
+                    w_hh[0].sizes());
+  s.H = w_hh[0].size(1);
+  for (int64_t k = 0; k < s.L; ++k) {
+    check_cpu_float(w_ih[k], "w_ih", dtype);
+    check_shape(w_ih[k], "w_ih[layer]", {3 * s.H, k == 0 ? s.E : s.H});
+    check_cpu_float(w_hh[k], "w_hh", dtype);
+    check_shape(w_hh[k], "w_hh[layer]", {3 * s.H, s.H});
+    if (biases) {
+      check_cpu_float(b_ih[k], "b_ih", dtype);
+      check_shape(b_ih[k], "b_ih[layer]", {3 * s.H});
+      check_cpu_float(b_hh[k], "b_hh", dtype);
+      check_shape(b_hh[k], "b_hh[layer]", {3 * s.H});
+    }
+  }
+  return s;
+}
+
+void check_layer_mask(const EncSizes& s, const c10::optional<at::Tensor>& layer_mask, at::ScalarType dtype) {
+  if (!layer_mask.has_value()) {
+    return;
+  }
+  TORCH_CHECK_VALUE(s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
+  check_cpu_float(*layer_mask, "layer_mask", dtype);
+  check_shape(*layer_mask, "layer_mask", {s.L - 1, s.T, s.B, s.H});
+}
+
+std::vector<at::Tensor> contiguous_list(at::TensorList list) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : list) {
+    out.push_back(t.contiguous());
+  }
+  return out;
+}
+
+// Embedding rows of X (B, T) in step-major order: out (T, B, E).
+template <typename T>
+void embed_steps(const at::Tensor& X, const at::Tensor& embedding, T* out, const EncSizes& s) {
+  const int64_t* ids = X.data_ptr<int64_t>();
+  const T* table = embedding.data_ptr<T>();
+  for (int64_t t = 0; t < s.T; ++t) {
+    for (int64_t b = 0; b < s.B; ++b) {
+      const T* src = table + ids[b * s.T + t] * s.E;
+      std::copy(src, src + s.E, out + (t * s.B + b) * s.E);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, const at::Tensor& embedding_in,
+                                                                at::TensorList w_ih_in, at::TensorList w_hh_in,
+                                                                at::TensorList b_ih_in, at::TensorList b_hh_in,
+                                                                const c10::optional<at::Tensor>& layer_mask_in,
+                                                                bool keep_activations) {
+  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in);
+  const auto dtype = embedding_in.scalar_type();
+  check_layer_mask(s, layer_mask_in, dtype);
+  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
+  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
+  const auto w_ih = contiguous_list(w_ih_in), w_hh = contiguous_list(w_hh_in);
+  const auto b_ih = contiguous_list(b_ih_in), b_hh = contiguous_list(b_hh_in);
+  c10::optional<at::Tensor> layer_mask;
+  if (layer_mask_in.has_value()) {
+    layer_mask = layer_mask_in->contiguous();
+  }
+  auto opts = embedding.options();
+  at::Tensor states = at::empty({L, T_ + 1, B, H}, opts);
+  at::Tensor layer_inputs = layer_mask.has_value() ? at::empty({L - 1, T_, B, H}, opts) : at::empty({0}, opts);
+  at::Tensor gates = at::empty({keep_activations ? L * T_ : 1, B, 4 * H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_forward", [&] {
+    using T = scalar_t;
+    at::Tensor x_emb = at::empty({T_, B, E}, opts);
+    at::Tensor GI = at::empty({T_, B, 3 * H}, opts);
+    at::Tensor gh = at::empty({B, 3 * H}, opts);
+    embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
+    T* st = states.data_ptr<T>();
+    const int64_t state_ld = (T_ + 1) * B * H;
+    for (int64_t k = 0; k < L; ++k) {
+      T* sk = st + k * state_ld;
+      std::fill(sk, sk + B * H, T(0));
+      const T* xin;
+      int64_t in;
+      if (k == 0) {
+        xin = x_emb.data_ptr<T>();
+        in = E;
+      } else if (layer_mask.has_value()) {
+        T* xo = layer_inputs.data_ptr<T>() + (k - 1) * T_ * B * H;
+        const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
+        const T* h = st + (k - 1) * state_ld + B * H;
+        for (int64_t i = 0; i < T_ * B * H; ++i) {
+          xo[i] = h[i] * m[i];
+        }
+        xin = xo;
+        in = H;
+      } else {
+        xin = st + (k - 1) * state_ld + B * H;
+        in = H;
+      }
+      gemm<T>(false, true, T_ * B, 3 * H, in, T(1), xin, in, w_ih[k].data_ptr<T>(), in, T(0), GI.data_ptr<T>(), 3 * H);
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* hp = sk + t * B * H;
+        gemm<T>(false, true, B, 3 * H, H, T(1), hp, H, w_hh[k].data_ptr<T>(), H, T(0), gh.data_ptr<T>(), 3 * H);
+        T* save = gates.data_ptr<T>() + (keep_activations ? (k * T_ + t) * B * 4 * H : 0);
+        GatesFwd g{B, H, GI.data_ptr<T>() + t * B * 3 * H, 3 * H, gh.data_ptr<T>(), 3 * H,
+                   b_ih[k].data_ptr<T>(), b_hh[k].data_ptr<T>(), hp, sk + (t + 1) * B * H, save};
+        gates_forward<T>(g);
+      }
+    }
+  });
+  if (!keep_activations) {
+    gates = at::empty({0}, opts);
+  } else {
+    gates = gates.view({L, T_, B, 4 * H});
+  }
+  return {states, layer_inputs, gates};
+}
+
+using EncoderGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor& X_in,
+                              const at::Tensor& embedding_in, at::TensorList w_ih_in, at::TensorList w_hh_in,
+                              const c10::optional<at::Tensor>& layer_mask_in, const at::Tensor& states_in,
+                              const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
+  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, {}, {});
+  const auto dtype = embedding_in.scalar_type();
+  check_layer_mask(s, layer_mask_in, dtype);
+  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
+  check_shape(grad_states_in, "grad_states", {L, T_ + 1, B, H});
+  check_shape(states_in, "states", {L, T_ + 1, B, H});
+  check_shape(gates_in, "gates", {L, T_, B, 4 * H});
+  if (layer_mask_in.has_value()) {
+    check_shape(layer_inputs_in, "layer_inputs", {L - 1, T_, B, H});
+  }
+  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
+  const auto w_ih = contiguous_list(w_ih_in), w_hh = contiguous_list(w_hh_in);
+  const at::Tensor D = grad_states_in.contiguous(), states = states_in.contiguous(), gates = gates_in.contiguous();
+  const at::Tensor layer_inputs = layer_inputs_in.contiguous();
+  c10::optional<at::Tensor> layer_mask;
+  if (layer_mask_in.has_value()) {
+    layer_mask = layer_mask_in->contiguous();
+  }
+  auto opts = embedding.options();
+  at::Tensor d_emb = at::zeros_like(embedding);
+  std::vector<at::Tensor> d_wih, d_whh, d_bih, d_bhh;
+  for (int64_t k = 0; k < L; ++k) {
+    d_wih.push_back(at::empty({3 * H, k == 0 ? E : H}, opts));
+    d_whh.push_back(at::empty({3 * H, H}, opts));
+    d_bih.push_back(at::empty({3 * H}, opts));
+    d_bhh.push_back(at::empty({3 * H}, opts));
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_backward", [&] {
+    using T = scalar_t;
+    at::Tensor Ggi = at::empty({T_, B, 3 * H}, opts), Ggh = at::empty({T_, B, 3 * H}, opts);
+    at::Tensor d_in = at::zeros({T_, B, std::max(E, H)}, opts);  // grad of the layer's input
+    at::Tensor dh = at::empty({B, H}, opts);
+    const T* st = states.data_ptr<T>();
+    const T* Dp = D.data_ptr<T>();
+    const int64_t state_ld = (T_ + 1) * B * H;
+    T* dhp = dh.data_ptr<T>();
+    T* dinp = d_in.data_ptr<T>();
+    for (int64_t k = L - 1; k >= 0; --k) {
+      std::fill(dhp, dhp + B * H, T(0));
+      for (int64_t t = T_ - 1; t >= 0; --t) {
+        const T* ext = Dp + k * state_ld + (t + 1) * B * H;
+        const T* from_above = dinp + t * B * H;  // layer k + 1's input grad (masked), k < L - 1
+        for (int64_t i = 0; i < B * H; ++i) {
+          dhp[i] += ext[i] + (k < L - 1 ? from_above[i] : T(0));
+        }
+        T* ggi = Ggi.data_ptr<T>() + t * B * 3 * H;
+        T* ggh = Ggh.data_ptr<T>() + t * B * 3 * H;
+        GatesBwd g{B, H, dhp, gates.data_ptr<T>() + (k * T_ + t) * B * 4 * H, st + k * state_ld + t * B * H,
+                   ggi, 3 * H, ggh, 3 * H};
+        gates_backward<T>(g);
+        gemm<T>(false, false, B, H, 3 * H, T(1), ggh, 3 * H, w_hh[k].data_ptr<T>(), H, T(1), dhp, H);
+      }
+      const T* xin;
+      int64_t in = k == 0 ? E : H;
+      if (k == 0) {
+        xin = nullptr;
+      } else if (layer_mask.has_value()) {
+        xin = layer_inputs.data_ptr<T>() + (k - 1) * T_ * B * H;
+      } else {
+        xin = st + (k - 1) * state_ld + B * H;
+      }
+      at::Tensor x_emb;
+      if (k == 0) {
+        x_emb = at::empty({T_, B, E}, opts);
+        embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
+        xin = x_emb.data_ptr<T>();
+      }
+      const T* gi_all = Ggi.data_ptr<T>();
+      const T* gh_all = Ggh.data_ptr<T>();
+      gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 3 * H, xin, in, T(0), d_wih[k].data_ptr<T>(), in);
+      gemm<T>(true, false, 3 * H, H, T_ * B, T(1), gh_all, 3 * H, st + k * state_ld, H, T(0),
+              d_whh[k].data_ptr<T>(), H);
+      column_sums<T>(gi_all, T_ * B, 3 * H, 3 * H, d_bih[k].data_ptr<T>(), false);
+      column_sums<T>(gh_all, T_ * B, 3 * H, 3 * H, d_bhh[k].data_ptr<T>(), false);
+      // Gradient of this layer's input for all steps: (T*B, in).
+      gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 3 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
+      if (k > 0 && layer_mask.has_value()) {
+        const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
+        for (int64_t i = 0; i < T_ * B * H; ++i) {
+          dinp[i] *= m[i];
+        }
+      }
+    }
+    // dinp now holds the gradient of the embedded input (T, B, E): scatter by token.
+    T* de = d_emb.data_ptr<T>();
+    const int64_t* ids = X.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T_; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        T* row = de + ids[b * T_ + t] * E;
+        const T* src = dinp + (t * B + b) * E;
+        for (int64_t c = 0; c < E; ++c) {
+          row[c] += src[c];
+        }
+      }
+    }
+  });
+  return {d_emb, d_wih, d_whh, d_bih, d_bhh};
+}
+
+}  // namespace
+}  // namespace seq2seq_fast::cpu
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CPU, m) {
+  m.impl("encoder_forward", &seq2seq_fast::cpu::encoder_forward);
+  m.impl("encoder_backward", &seq2seq_fast::cpu::encoder_backward);
+}

@@ -1,0 +1,413 @@
+// Implementations of csrc/cpu/kernels.h: GEMM entry point, fused row kernels, argument checks.
+#include "cpu/kernels.h"
+
+#include <c10/util/Exception.h>
+
+#include <limits>
+#include <sstream>
+
+// The Fortran BLAS symbols that libtorch_cpu exports on x86-64 builds (MKL, LP64). Weak, so a
+// build of torch without them falls back to at::addmm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace seq2seq_fast::cpu {
+namespace {
+
+template <typename T>
+at::Tensor matrix_view(const T* data, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+  // op(X) is rows x cols; X itself is stored row-major with leading dimension ld.
+  auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  if (!trans) {
+    return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
+  }
+  return at::from_blob(const_cast<T*>(data), {cols, rows}, {ld, 1}, options).t();
+}
+
+template <typename T>
+void gemm_fallback(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                   const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  at::Tensor c = matrix_view(C, false, M, N, ldc);
+  c.addmm_(matrix_view(A, ta, M, K, lda), matrix_view(B, tb, K, N, ldb), beta, alpha);
+}
+
+template <typename T, typename Blas>
+void gemm_impl(Blas blas, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) {
+    return;
+  }
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) {
+        C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+      }
+    }
+    return;
+  }
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(M < kMax && N < kMax && K < kMax && lda < kMax && ldb < kMax && ldc < kMax,
+              "seq2seq_fast: GEMM sizes exceed the 32-bit BLAS interface");
+  if (blas == nullptr) {
+    gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
+  blas(&trb, &tra, &m, &n, &k, &alpha, B, &ib, A, &ia, &beta, C, &ic);
+}
+
+// ---- row kernels, written once as inline templates --------------------------------------
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE void gates_forward_rows(const GatesFwd& p, int64_t b0, int64_t b1) {
+  const int64_t H = p.H;
+  const T* bi = static_cast<const T*>(p.b_ih);
+  const T* bh = static_cast<const T*>(p.b_hh);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* gi = static_cast<const T*>(p.gi) + b * p.ld_gi;
+    const T* gh = static_cast<const T*>(p.gh) + b * p.ld_gh;
+    const T* hp = static_cast<const T*>(p.h_prev) + b * H;
+    T* ho = static_cast<T*>(p.h_out) + b * H;
+    T* sv = static_cast<T*>(p.save) + b * 4 * H;
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) {
+      T r = sigmoid_t<T>(gi[i] + bi[i] + gh[i] + bh[i]);
+      T z = sigmoid_t<T>(gi[H + i] + bi[H + i] + gh[H + i] + bh[H + i]);
+      T ghn = gh[2 * H + i] + bh[2 * H + i];
+      T n = tanh_t<T>(gi[2 * H + i] + bi[2 * H + i] + r * ghn);
+      T h = hp[i];
+      sv[i] = r;
+      sv[H + i] = z;
+      sv[2 * H + i] = n;
+      sv[3 * H + i] = ghn;
+      ho[i] = n + z * (h - n);
+    }
+  }
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE void gates_backward_rows(const GatesBwd& p, int64_t b0, int64_t b1) {
+  const int64_t H = p.H;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* dh = static_cast<T*>(p.dh) + b * H;
+    const T* sv = static_cast<const T*>(p.save) + b * 4 * H;
+    const T* hp = static_cast<const T*>(p.h_prev) + b * H;
+    T* gi = static_cast<T*>(p.g_gi) + b * p.ld_gi;
+    T* gh = static_cast<T*>(p.g_gh) + b * p.ld_gh;
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) {
+      T r = sv[i], z = sv[H + i], n = sv[2 * H + i], ghn = sv[3 * H + i];
+      T d = dh[i];
+      T dn = d * (T(1) - z) * (T(1) - n * n);
+      T dz = d * (hp[i] - n) * z * (T(1) - z);
+      T dr = dn * ghn * r * (T(1) - r);
+      gi[i] = dr;
+      gi[H + i] = dz;
+      gi[2 * H + i] = dn;
+      gh[i] = dr;
+      gh[H + i] = dz;
+      gh[2 * H + i] = dn * r;
+      dh[i] = d * z;
+    }
+  }
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE T dot_tanh(const T* q, const T* k, const T* w, int64_t H) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < H; ++i) {
+    acc += w[i] * tanh_t<T>(q[i] + k[i]);
+  }
+  return acc;
+}
+
+// Number of keys that take part in the softmax of a row: 0 means "uniform over all T".
+SEQ2SEQ_FAST_INLINE int64_t visible_keys(const int64_t* valid_lens, int64_t b, int64_t T) {
+  if (valid_lens == nullptr) {
+    return T;
+  }
+  return std::min<int64_t>(std::max<int64_t>(valid_lens[b], 0), T);
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE void attention_forward_rows(const AttnFwd& p, int64_t b0, int64_t b1) {
+  const int64_t Tk = p.T, H = p.H;
+  const T* w = static_cast<const T*>(p.w_v);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* q = static_cast<const T*>(p.q) + b * p.ld_q;
+    const T* kp = static_cast<const T*>(p.kp) + b * Tk * H;
+    const T* enc = static_cast<const T*>(p.enc) + b * Tk * H;
+    T* a = static_cast<T*>(p.attn) + b * Tk;
+    T* ctx = static_cast<T*>(p.ctx) + b * p.ld_ctx;
+    const T* drop = p.drop ? static_cast<const T*>(p.drop) + b * Tk : nullptr;
+    const int64_t nv = visible_keys(p.valid_lens, b, Tk);
+    if (nv == 0) {
+      // Every score is the fill value: the softmax is uniform.
+      for (int64_t j = 0; j < Tk; ++j) {
+        a[j] = T(1) / T(Tk);
+      }
+    } else {
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < nv; ++j) {
+        a[j] = dot_tanh<T>(q, kp + j * H, w, H);
+        m = std::max(m, a[j]);
+      }
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nv; ++j) {
+        a[j] = exp_t<T>(a[j] - m);
+        sum += a[j];
+      }
+      const T inv = T(1) / sum;
+#pragma omp simd
+      for (int64_t j = 0; j < nv; ++j) {
+        a[j] *= inv;
+      }
+      for (int64_t j = nv; j < Tk; ++j) {
+        a[j] = T(0);
+      }
+    }
+    const int64_t used = nv == 0 ? Tk : nv;
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) {
+      ctx[i] = T(0);
+    }
+    for (int64_t j = 0; j < used; ++j) {
+      const T aj = drop ? a[j] * drop[j] : a[j];
+      const T* e = enc + j * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) {
+        ctx[i] += aj * e[i];
+      }
+    }
+  }
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE void attention_backward_rows(const AttnBwd& p, int64_t b0, int64_t b1) {
+  const int64_t Tk = p.T, H = p.H;
+  const T* w = static_cast<const T*>(p.w_v);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* q = static_cast<const T*>(p.q) + b * p.ld_q;
+    const T* kp = static_cast<const T*>(p.kp) + b * Tk * H;
+    const T* enc = static_cast<const T*>(p.enc) + b * Tk * H;
+    const T* a = static_cast<const T*>(p.attn) + b * Tk;
+    const T* da_ext = p.d_attn ? static_cast<const T*>(p.d_attn) + b * Tk : nullptr;
+    const T* drop = p.drop ? static_cast<const T*>(p.drop) + b * Tk : nullptr;
+    const T* dc = static_cast<const T*>(p.d_ctx) + b * H;
+    T* dkp = static_cast<T*>(p.d_kp) + b * Tk * H;
+    T* denc = static_cast<T*>(p.d_enc) + b * Tk * H;
+    T* dwv = static_cast<T*>(p.d_wv_rows) + b * H;
+    T* dq = static_cast<T*>(p.d_q) + b * p.ld_dq;
+    const int64_t nv = visible_keys(p.valid_lens, b, Tk);
+    const int64_t used = nv == 0 ? Tk : nv;
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) {
+      dq[i] = T(0);
+    }
+    // d(a_j) from the context (through the dropout mask) and from the returned weights.
+    T da_sum = 0;  // sum_j a_j * da_j
+    T da_buf[64];
+    const bool small = Tk <= 64;
+    for (int64_t j = 0; j < Tk; ++j) {
+      T da = da_ext ? da_ext[j] : T(0);
+      if (j < used) {
+        const T keep = drop ? drop[j] : T(1);
+        const T* e = enc + j * H;
+        T* de = denc + j * H;
+        const T ad = a[j] * keep;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < H; ++i) {
+          acc += dc[i] * e[i];
+          de[i] += ad * dc[i];
+        }
+        da += acc * keep;
+      }
+      da_sum += a[j] * da;
+      if (small) {
+        da_buf[j] = da;
+      }
+    }
+    if (nv == 0) {
+      continue;  // every score was the constant fill value: no gradient reaches the scores
+    }
+    for (int64_t j = 0; j < nv; ++j) {
+      T da;
+      if (small) {
+        da = da_buf[j];
+      } else {
+        // Recompute da_j (long rows only; keeps the kernel free of heap buffers).
+        da = da_ext ? da_ext[j] : T(0);
+        const T keep = drop ? drop[j] : T(1);
+        const T* e = enc + j * H;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < H; ++i) {
+          acc += dc[i] * e[i];
+        }
+        da += acc * keep;
+      }
+      const T de = a[j] * (da - da_sum);
+      const T* k = kp + j * H;
+      T* dk = dkp + j * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) {
+        T f = tanh_t<T>(q[i] + k[i]);
+        T g = de * w[i] * (T(1) - f * f);
+        dk[i] += g;
+        dq[i] += g;
+        dwv[i] += de * f;
+      }
+    }
+  }
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE void column_sums_impl(const T* G, int64_t rows, int64_t cols, int64_t ld, T* out,
+                                          bool accumulate) {
+  if (!accumulate) {
+    for (int64_t c = 0; c < cols; ++c) {
+      out[c] = T(0);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = G + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      out[c] += g[c];
+    }
+  }
+}
+
+// ---- float entry points, compiled per ISA ----------------------------------------------------
+SEQ2SEQ_FAST_CLONES void gates_forward_f32(const GatesFwd& p, int64_t b0, int64_t b1) {
+  gates_forward_rows<float>(p, b0, b1);
+}
+SEQ2SEQ_FAST_CLONES void gates_backward_f32(const GatesBwd& p, int64_t b0, int64_t b1) {
+  gates_backward_rows<float>(p, b0, b1);
+}
+SEQ2SEQ_FAST_CLONES void attention_forward_f32(const AttnFwd& p, int64_t b0, int64_t b1) {
+  attention_forward_rows<float>(p, b0, b1);
+}
+SEQ2SEQ_FAST_CLONES void attention_backward_f32(const AttnBwd& p, int64_t b0, int64_t b1) {
+  attention_backward_rows<float>(p, b0, b1);
+}
+SEQ2SEQ_FAST_CLONES void column_sums_f32(const float* G, int64_t rows, int64_t cols, int64_t ld, float* out,
+                                         bool accumulate) {
+  column_sums_impl<float>(G, rows, cols, ld, out, accumulate);
+}
+
+template <typename T, typename P, typename F32, typename F64>
+void run_rows(const P& p, int64_t B, int64_t per_row, F32 f32, F64 f64) {
+  at::parallel_for(0, B, grain_rows(per_row), [&](int64_t b0, int64_t b1) {
+    if constexpr (std::is_same_v<T, float>) {
+      f32(p, b0, b1);
+    } else {
+      f64(p, b0, b1);
+    }
+  });
+}
+
+}  // namespace
+
+void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  gemm_impl<float>(sgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  gemm_impl<double>(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template <>
+void column_sums<float>(const float* G, int64_t rows, int64_t cols, int64_t ld, float* out, bool accumulate) {
+  column_sums_f32(G, rows, cols, ld, out, accumulate);
+}
+template <>
+void column_sums<double>(const double* G, int64_t rows, int64_t cols, int64_t ld, double* out, bool accumulate) {
+  column_sums_impl<double>(G, rows, cols, ld, out, accumulate);
+}
+
+template <typename T>
+void gates_forward(const GatesFwd& p) {
+  run_rows<T>(p, p.B, 40 * p.H, gates_forward_f32, gates_forward_rows<double>);
+}
+template <typename T>
+void gates_backward(const GatesBwd& p) {
+  run_rows<T>(p, p.B, 20 * p.H, gates_backward_f32, gates_backward_rows<double>);
+}
+template <typename T>
+void attention_forward(const AttnFwd& p) {
+  run_rows<T>(p, p.B, 20 * p.T * p.H, attention_forward_f32, attention_forward_rows<double>);
+}
+template <typename T>
+void attention_backward(const AttnBwd& p) {
+  run_rows<T>(p, p.B, 30 * p.T * p.H, attention_backward_f32, attention_backward_rows<double>);
+}
+
+template void gates_forward<float>(const GatesFwd&);
+template void gates_forward<double>(const GatesFwd&);
+template void gates_backward<float>(const GatesBwd&);
+template void gates_backward<double>(const GatesBwd&);
+template void attention_forward<float>(const AttnFwd&);
+template void attention_forward<double>(const AttnFwd&);
+template void attention_backward<float>(const AttnBwd&);
+template void attention_backward<double>(const AttnBwd&);
+
+// ---- checks ---------------------------------------------------------------------------------
+
+void check_cpu_float(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "seq2seq_fast: ", name, " must be a CPU tensor, got device ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "seq2seq_fast: ", name, " must have dtype ", dtype,
+                   " (the dtype of enc_outputs), got ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "seq2seq_fast: ", name, " must have shape ", expected, ", got ",
+                    t.sizes());
+}
+
+void check_tokens(const at::Tensor& X, const char* name, int64_t vocab) {
+  TORCH_CHECK_VALUE(X.device().is_cpu(), "seq2seq_fast: ", name, " must be a CPU tensor, got device ",
+                    X.device());
+  TORCH_CHECK_TYPE(X.scalar_type() == at::kLong, "seq2seq_fast: ", name,
+                   " must hold int64 token ids, got dtype ", X.scalar_type());
+  TORCH_CHECK_VALUE(X.dim() == 2, "seq2seq_fast: ", name, " must have shape (B, steps), got ", X.sizes());
+  if (X.numel() == 0) {
+    return;
+  }
+  at::Tensor c = X.contiguous();
+  const int64_t* ids = c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < vocab, "seq2seq_fast: ", name, " holds token id ", ids[i],
+                      ", outside the vocabulary [0, ", vocab, ")");
+  }
+}
+
+void check_valid_lens(const c10::optional<at::Tensor>& lens, int64_t B) {
+  if (!lens.has_value()) {
+    return;
+  }
+  const at::Tensor& v = *lens;
+  TORCH_CHECK_VALUE(v.device().is_cpu(), "seq2seq_fast: valid_lens must be a CPU tensor, got device ",
+                    v.device());
+  TORCH_CHECK_TYPE(v.scalar_type() == at::kLong, "seq2seq_fast: valid_lens must be int64, got dtype ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == B, "seq2seq_fast: valid_lens must have shape (", B,
+                    ",), got ", v.sizes());
+}
+
+}  // namespace seq2seq_fast::cpu

@@ -1,0 +1,203 @@
+// Building blocks of the CPU step loops: a BLAS GEMM entry point on raw pointers, vectorizable
+// exp/sigmoid/tanh, and the fused per-row kernels (GRU gates and additive attention, forward
+// and backward). Everything works on preallocated buffers; nothing here allocates.
+//
+// The row kernels are written as plain loops under `#pragma omp simd` so that the compiler
+// vectorizes them; the float versions are compiled for AVX-512, AVX2 and baseline x86-64 with
+// `target_clones` and picked at load time (the extension is built without -march flags, which
+// leaves at::vec::Vectorized<float> scalar and its exp/tanh without Sleef in an extension).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEQ2SEQ_FAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SEQ2SEQ_FAST_CLONES
+#endif
+#define SEQ2SEQ_FAST_INLINE inline __attribute__((always_inline))
+
+namespace seq2seq_fast::cpu {
+
+// d2l's fill value for the scores of hidden keys.
+constexpr double kMaskValue = -1e6;
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C, leading dimensions in
+// elements. Goes to the BLAS that torch links (MKL's sgemm_/dgemm_ on x86-64 builds), else to
+// at::addmm on views of the same memory.
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+               int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+               int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                 const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  blas_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+// out[c] (+)= sum over rows r of G[r * ld + c], c < cols.
+template <typename T>
+void column_sums(const T* G, int64_t rows, int64_t cols, int64_t ld, T* out, bool accumulate);
+
+// ---------------------------------------------------------------------------------------------
+// Element math. Float uses Cephes-style polynomials (about 2 ulp) that vectorize; double uses
+// the C library (gradcheck precision).
+SEQ2SEQ_FAST_INLINE float exp_f(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x - fx * 0.693359375f;
+  x = x + fx * 2.12194440e-4f;
+  float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  int32_t e = static_cast<int32_t>(fx) + 127;
+  return y * std::bit_cast<float>(e << 23);
+}
+
+SEQ2SEQ_FAST_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+SEQ2SEQ_FAST_INLINE float tanh_f(float x) {
+  float a = std::fabs(x);
+  // Small |x|: odd polynomial (no cancellation); large: 1 - 2 / (exp(2|x|) + 1).
+  float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  float small = x + x * z * p;
+  float big = 1.0f - 2.0f / (exp_f(2.0f * a) + 1.0f);
+  big = std::copysign(big, x);
+  return a < 0.625f ? small : big;
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE T exp_t(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_f(x);
+  } else {
+    return std::exp(x);
+  }
+}
+template <typename T>
+SEQ2SEQ_FAST_INLINE T sigmoid_t(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return sigmoid_f(x);
+  } else {
+    return T(1) / (T(1) + std::exp(-x));
+  }
+}
+template <typename T>
+SEQ2SEQ_FAST_INLINE T tanh_t(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return tanh_f(x);
+  } else {
+    return std::tanh(x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU gates, gate order r, z, n (torch's):
+//   r = sigmoid(gi_r + b_ir + gh_r + b_hr), z likewise, n = tanh(gi_n + b_in + r * (gh_n + b_hn)),
+//   h = (1 - z) * n + z * h_prev.
+// Rows [0, B): gi (ld_gi), gh (ld_gh) the GEMM parts without bias; saves [r | z | n | gh_n + b_hn]
+// per row into `save` (B, 4H). h_out may alias h_prev.
+struct GatesFwd {
+  int64_t B, H;
+  const void* gi;
+  int64_t ld_gi;
+  const void* gh;
+  int64_t ld_gh;
+  const void* b_ih;
+  const void* b_hh;
+  const void* h_prev;
+  void* h_out;
+  void* save;
+};
+
+// Backward of the gates: from dh (B, H) (the gradient of h_out; overwritten with dh * z, the
+// direct part of the gradient of h_prev) writes g_gi = d(gi) (ld_gi) and g_gh = d(gh) (ld_gh).
+struct GatesBwd {
+  int64_t B, H;
+  void* dh;
+  const void* save;
+  const void* h_prev;
+  void* g_gi;
+  int64_t ld_gi;
+  void* g_gh;
+  int64_t ld_gh;
+};
+
+// Additive attention of one query per row b in [0, B):
+//   e_j = w_v . tanh(q + kp_j) for j < valid_len, -1e6 beyond; a = softmax(e);
+//   ctx = sum_j (a_j * drop_j) enc_j. A row with valid_len 0 is uniform, as d2l.
+struct AttnFwd {
+  int64_t B, T, H;
+  const void* q;  // (B, H), row stride ld_q
+  int64_t ld_q;
+  const void* kp;   // (B, T, H)
+  const void* enc;  // (B, T, H)
+  const void* w_v;  // (H,)
+  const int64_t* valid_lens;  // (B,) or null
+  const void* drop;  // (B, T) scaled keep mask or null
+  void* attn;  // (B, T) out, softmax weights before dropout
+  void* ctx;   // (B, H) out, row stride ld_ctx
+  int64_t ld_ctx;
+};
+
+// Backward of AttnFwd for one step: accumulates d_kp, d_enc (B, T, H) and d_wv_rows (B, H),
+// writes d_q (B, H) (row stride ld_dq). d_attn (B, T) is the gradient of the returned weights
+// (may be null).
+struct AttnBwd {
+  int64_t B, T, H;
+  const void* q;
+  int64_t ld_q;
+  const void* kp;
+  const void* enc;
+  const void* w_v;
+  const int64_t* valid_lens;
+  const void* drop;
+  const void* attn;
+  const void* d_attn;
+  const void* d_ctx;  // (B, H)
+  void* d_kp;
+  void* d_enc;
+  void* d_wv_rows;
+  void* d_q;
+  int64_t ld_dq;
+};
+
+template <typename T>
+void gates_forward(const GatesFwd& p);
+template <typename T>
+void gates_backward(const GatesBwd& p);
+template <typename T>
+void attention_forward(const AttnFwd& p);
+template <typename T>
+void attention_backward(const AttnBwd& p);
+
+// Rows per parallel chunk so that each chunk does at least `work` element operations.
+inline int64_t grain_rows(int64_t per_row, int64_t work = 16384) {
+  return std::max<int64_t>(1, work / std::max<int64_t>(1, per_row));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by the ops: every message names the argument.
+void check_cpu_float(const at::Tensor& t, const char* name, at::ScalarType dtype);
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected);
+void check_tokens(const at::Tensor& X, const char* name, int64_t vocab);
+void check_valid_lens(const c10::optional<at::Tensor>& lens, int64_t B);
+
+}  // namespace seq2seq_fast::cpu

@@ -1,0 +1,272 @@
+"""The ``cpp`` backend: the decoder's and the encoder's whole step loops in the compiled extension.
+
+The ops ``torch.ops.seq2seq_fast.{decoder_forward, decoder_backward, greedy_decode,
+encoder_forward, encoder_backward}`` are defined in ``csrc/ops.cpp`` and implemented for CPU in
+``csrc/cpu``: preallocated buffers, BLAS GEMMs (the non-recurrent ones batched over all steps),
+fused and vectorized attention and GRU-gate loops, and a hand-written backward through time.
+This module registers their fake (meta) implementations and their autograd formulas with
+``torch.library`` (so ``torch.compile(fullgraph=True)`` traces them and ``opcheck`` passes),
+draws the dropout masks from torch's generator, and adapts d2l's modules to the ops.
+"""
+import torch
+
+from seq2seq_fast._ext import extension_error, has_kernel
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def unsupported_reason(device_type, dtype, needs_grad):
+    """``None`` if the compiled loop can run a call on ``device_type`` in ``dtype``, else why not."""
+    error = extension_error()
+    if error is not None:
+        return error
+    if not has_kernel("decoder_forward", device_type):
+        return f"the C++ extension has no {device_type} kernels for the decoder loop"
+    if dtype not in _FLOATS:
+        return f"the compiled loop runs in float32 or float64, not {dtype}"
+    return None
+
+
+def _ops():
+    error = extension_error()
+    if error is not None:
+        raise RuntimeError(error)
+    return torch.ops.seq2seq_fast
+
+
+# ---- parameters and dropout ----------------------------------------------------------------------
+
+
+def _gru_weights(rnn):
+    """(w_ih, w_hh, b_ih, b_hh) lists of an ``nn.GRU`` (zeros for a GRU built with bias=False)."""
+    layers = range(rnn.num_layers)
+    w_ih = [getattr(rnn, f"weight_ih_l{k}") for k in layers]
+    w_hh = [getattr(rnn, f"weight_hh_l{k}") for k in layers]
+    if rnn.bias:
+        b_ih = [getattr(rnn, f"bias_ih_l{k}") for k in layers]
+        b_hh = [getattr(rnn, f"bias_hh_l{k}") for k in layers]
+    else:
+        b_ih = [w.new_zeros(w.shape[0]) for w in w_ih]
+        b_hh = [w.new_zeros(w.shape[0]) for w in w_hh]
+    return w_ih, w_hh, b_ih, b_hh
+
+
+def _keep_mask(shape, p, like):
+    """nn.Dropout's scaled keep-mask: 1/(1-p) with probability 1-p, else 0."""
+    if p >= 1:
+        return like.new_zeros(shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
+
+
+def _layer_mask(rnn, steps, batch, like):
+    """The inter-layer dropout masks (L - 1, steps, B, H) of ``rnn`` in training mode, else None."""
+    L = rnn.num_layers
+    if not (rnn.training and rnn.dropout > 0 and L > 1):
+        return None
+    return _keep_mask((L - 1, steps, batch, rnn.hidden_size), rnn.dropout, like)
+
+
+def _attention_mask(decoder, steps, batch, keys, like):
+    dropout = decoder.attention.dropout
+    if not (dropout.training and dropout.p > 0):
+        return None
+    return _keep_mask((steps, batch, keys), dropout.p, like)
+
+
+def _needs_grad(tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _decoder_params(decoder):
+    w_ih, w_hh, b_ih, b_hh = _gru_weights(decoder.rnn)
+    attention = decoder.attention
+    return (
+        decoder.embedding.weight, attention.W_q.weight, attention.w_v.weight, w_ih, w_hh, b_ih, b_hh,
+        decoder.dense.weight, decoder.dense.bias,
+    )
+
+
+def _flat(items):
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from item
+        else:
+            yield item
+
+
+# ---- backend entry points --------------------------------------------------------------------------
+
+
+def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+    """The compiled teacher-forced loop of ``Seq2SeqAttentionDecoder.forward``.
+
+    X int64 (B, S); enc_outputs (B, T, H) (keys = values); hidden (L, B, H); valid_lens None or
+    int64 (B,); key_proj (B, T, H) = W_k(enc_outputs). Returns (logits (B, S, V), final hidden
+    (L, B, H), attention weights before dropout (B, S, T)); differentiable w.r.t. every decoder
+    parameter, enc_outputs, key_proj and hidden.
+    """
+    B, S = X.shape
+    params = _decoder_params(decoder)
+    attn_mask = _attention_mask(decoder, S, B, enc_outputs.shape[1], enc_outputs)
+    layer_mask = _layer_mask(decoder.rnn, S, B, enc_outputs)
+    keep = _needs_grad([enc_outputs, hidden, key_proj, *_flat(params)])
+    logits, attention, states, _, _, _ = _ops().decoder_forward(
+        X, enc_outputs, hidden, valid_lens, key_proj, *params, attn_mask, layer_mask, keep)
+    return logits.transpose(0, 1), states[:, S].contiguous(), attention.transpose(0, 1)
+
+
+def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention):
+    """Batched greedy decoding entirely in C++ (no autograd).
+
+    Every row starts from ``bos`` and feeds back its argmax; stops once every row produced ``eos``
+    or after ``max_len`` steps. Dropout follows the decoder's mode, as its forward does.
+    Returns (tokens int64 (B, steps) with eos past each row's end, lengths int64 (B,) = tokens
+    before the first eos, attention (B, steps, T) or None).
+    """
+    B, T = enc_outputs.shape[:2]
+    params = _decoder_params(decoder)
+    attn_mask = _attention_mask(decoder, max_len, B, T, enc_outputs)
+    layer_mask = _layer_mask(decoder.rnn, max_len, B, enc_outputs)
+    with torch.no_grad():
+        tokens, lengths, attention = _ops().greedy_decode(
+            enc_outputs, hidden, valid_lens, key_proj, *params, attn_mask, layer_mask,
+            int(bos), int(eos), int(max_len), bool(return_attention))
+    return tokens, lengths, attention if return_attention else None
+
+
+def encoder_forward(encoder, X):
+    """d2l's ``Seq2SeqEncoder.forward`` in C++: (output (T, B, H), state (L, B, H)).
+
+    X int64 (B, T). Inter-layer dropout in training mode; differentiable w.r.t. the embedding and
+    every GRU parameter.
+    """
+    rnn = encoder.rnn
+    weight = encoder.embedding.weight
+    w_ih, w_hh, b_ih, b_hh = _gru_weights(rnn)
+    layer_mask = _layer_mask(rnn, X.shape[1], X.shape[0], weight)
+    keep = _needs_grad([weight, *w_ih, *w_hh, *b_ih, *b_hh])
+    states, _, _ = _ops().encoder_forward(X, weight, w_ih, w_hh, b_ih, b_hh, layer_mask, keep)
+    L, T = states.shape[0], states.shape[1] - 1
+    return states[L - 1, 1:], states[:, T].contiguous()
+
+
+# ---- torch.library registrations ---------------------------------------------------------------------
+
+
+def _decoder_forward_fake(X, enc_outputs, hidden, valid_lens, key_proj, embedding, W_q, w_v, w_ih, w_hh,
+                          b_ih, b_hh, dense_weight, dense_bias, attn_mask, layer_mask, keep_activations):
+    B, S = X.shape
+    T, H = enc_outputs.shape[1], enc_outputs.shape[2]
+    E, V, L = embedding.shape[1], dense_weight.shape[0], len(w_ih)
+    new = enc_outputs.new_empty
+    layer_inputs = new((L - 1, S, B, H)) if layer_mask is not None else new((0,))
+    gates = new((S, L, B, 4 * H)) if keep_activations else new((0,))
+    return new((S, B, V)), new((S, B, T)), new((L, S + 1, B, H)), new((S, B, H + E)), layer_inputs, gates
+
+
+def _decoder_backward_fake(grad_logits, grad_attention, grad_states, X, enc_outputs, valid_lens, key_proj,
+                           embedding, W_q, w_v, w_ih, w_hh, dense_weight, attn_mask, layer_mask, attention,
+                           states, inputs, layer_inputs, gates):
+    H = enc_outputs.shape[2]
+    L = len(w_ih)
+    return (
+        torch.empty_like(enc_outputs), enc_outputs.new_empty((L, enc_outputs.shape[0], H)),
+        torch.empty_like(key_proj), torch.empty_like(embedding), torch.empty_like(W_q), torch.empty_like(w_v),
+        [torch.empty_like(w) for w in w_ih], [torch.empty_like(w) for w in w_hh],
+        [w.new_empty((w.shape[0],)) for w in w_ih], [w.new_empty((w.shape[0],)) for w in w_hh],
+        torch.empty_like(dense_weight), dense_weight.new_empty((dense_weight.shape[0],)),
+    )
+
+
+def _greedy_fake(enc_outputs, hidden, valid_lens, key_proj, embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh,
+                 dense_weight, dense_bias, attn_mask, layer_mask, bos, eos, max_len, return_attention):
+    B, T = enc_outputs.shape[:2]
+    steps = torch.library.get_ctx().new_dynamic_size(min=1, max=max_len)
+    tokens = enc_outputs.new_empty((B, steps), dtype=torch.int64)
+    attention = enc_outputs.new_empty((B, steps, T)) if return_attention else enc_outputs.new_empty((0,))
+    return tokens, enc_outputs.new_empty((B,), dtype=torch.int64), attention
+
+
+def _encoder_forward_fake(X, embedding, w_ih, w_hh, b_ih, b_hh, layer_mask, keep_activations):
+    B, T = X.shape
+    L, H = len(w_ih), w_hh[0].shape[1]
+    new = embedding.new_empty
+    layer_inputs = new((L - 1, T, B, H)) if layer_mask is not None else new((0,))
+    gates = new((L, T, B, 4 * H)) if keep_activations else new((0,))
+    return new((L, T + 1, B, H)), layer_inputs, gates
+
+
+def _encoder_backward_fake(grad_states, X, embedding, w_ih, w_hh, layer_mask, states, layer_inputs, gates):
+    return (
+        torch.empty_like(embedding), [torch.empty_like(w) for w in w_ih], [torch.empty_like(w) for w in w_hh],
+        [w.new_empty((w.shape[0],)) for w in w_ih], [w.new_empty((w.shape[0],)) for w in w_hh],
+    )
+
+
+def _decoder_setup_context(ctx, inputs, output):
+    (X, enc, _hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, _b_ih, _b_hh, dense_w, _dense_b, attn_mask,
+     layer_mask, keep) = inputs
+    _, attention, states, x_in, layer_inputs, gates = output
+    ctx.keep = keep
+    ctx.num_layers = len(w_ih)
+    if keep:
+        ctx.save_for_backward(X, enc, lens, kp, emb, W_q, w_v, dense_w, attn_mask, layer_mask, attention,
+                              states, x_in, layer_inputs, gates, *w_ih, *w_hh)
+
+
+def _decoder_backward(ctx, grad_logits, grad_attention, grad_states, *_unused):
+    if not ctx.keep:
+        raise RuntimeError(
+            "seq2seq_fast::decoder_forward was run with keep_activations=False; "
+            "run it with keep_activations=True to differentiate it")
+    L = ctx.num_layers
+    (X, enc, lens, kp, emb, W_q, w_v, dense_w, attn_mask, layer_mask, attention, states, x_in, layer_inputs,
+     gates, *weights) = ctx.saved_tensors
+    w_ih, w_hh = weights[:L], weights[L:]
+    (d_enc, d_hidden, d_kp, d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh, d_dw,
+     d_db) = torch.ops.seq2seq_fast.decoder_backward(
+        grad_logits, grad_attention, grad_states, X, enc, lens, kp, emb, W_q, w_v, w_ih, w_hh, dense_w,
+        attn_mask, layer_mask, attention, states, x_in, layer_inputs, gates)
+    return (None, d_enc, d_hidden, None, d_kp, d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh, d_dw, d_db,
+            None, None, None)
+
+
+def _encoder_setup_context(ctx, inputs, output):
+    X, emb, w_ih, w_hh, _b_ih, _b_hh, layer_mask, keep = inputs
+    states, layer_inputs, gates = output
+    ctx.keep = keep
+    ctx.num_layers = len(w_ih)
+    if keep:
+        ctx.save_for_backward(X, emb, layer_mask, states, layer_inputs, gates, *w_ih, *w_hh)
+
+
+def _encoder_backward(ctx, grad_states, *_unused):
+    if not ctx.keep:
+        raise RuntimeError(
+            "seq2seq_fast::encoder_forward was run with keep_activations=False; "
+            "run it with keep_activations=True to differentiate it")
+    L = ctx.num_layers
+    X, emb, layer_mask, states, layer_inputs, gates, *weights = ctx.saved_tensors
+    if grad_states is None:
+        grad_states = torch.zeros_like(states)
+    d_emb, d_wih, d_whh, d_bih, d_bhh = torch.ops.seq2seq_fast.encoder_backward(
+        grad_states, X, emb, weights[:L], weights[L:], layer_mask, states, layer_inputs, gates)
+    return None, d_emb, d_wih, d_whh, d_bih, d_bhh, None, None
+
+
+def _register():
+    if extension_error() is not None:
+        return
+    lib = "seq2seq_fast::"
+    torch.library.register_fake(lib + "decoder_forward", _decoder_forward_fake)
+    torch.library.register_fake(lib + "decoder_backward", _decoder_backward_fake)
+    torch.library.register_fake(lib + "greedy_decode", _greedy_fake)
+    torch.library.register_fake(lib + "encoder_forward", _encoder_forward_fake)
+    torch.library.register_fake(lib + "encoder_backward", _encoder_backward_fake)
+    torch.library.register_autograd(lib + "decoder_forward", _decoder_backward,
+                                    setup_context=_decoder_setup_context)
+    torch.library.register_autograd(lib + "encoder_forward", _encoder_backward,
+                                    setup_context=_encoder_setup_context)
+
+
+_register()
