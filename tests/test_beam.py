@@ -12,6 +12,8 @@ from seq2seq_fast.beam import BeamResult, beam_search
 from helpers import paired_models
 
 BACKENDS = sf.available_backends()
+# Triton on a CPU runs under its interpreter: too slow for the exhaustive searches.
+FAST_BACKENDS = [b for b in BACKENDS if b != "triton" or torch.cuda.is_available()]
 
 
 def _sharpen(*models, scale=3.0, eos=None, eos_bias=0.0):
@@ -88,7 +90,7 @@ def test_beam_one_equals_greedy(backend, dtype):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.5])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_full_width_beam_ranks_every_hypothesis_exactly(backend, alpha):
     vocab, bos, eos, max_len = 4, 0, 3, 3
     _, model = paired_models(vocab, 3, 5, 1, backend=backend, seed=3)

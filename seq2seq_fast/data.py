@@ -1,0 +1,200 @@
+"""d2l's English-French data pipeline (zh edition, ``d2l.torch`` 0.17), reading a ``fra.txt``
+the user points at (nothing is downloaded), and the batching the trainer resumes from.
+
+The functions keep d2l's names and semantics, quirks included: ``tokenize_nmt`` reads lines
+while ``i <= num_examples`` (one line more than asked), keeps only lines of exactly two
+tab-separated fields, and ``Vocab`` orders tokens by descending frequency, ties in order of
+first appearance, after ``<unk>`` (id 0) and the reserved tokens.
+"""
+import collections
+import os
+
+import torch
+
+RESERVED_TOKENS = ("<pad>", "<bos>", "<eos>")
+
+
+def preprocess_nmt(text):
+    """Lower-case, replace non-breaking spaces by spaces, and put a space before ``,.!?``."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+
+    def no_space(char, prev_char):
+        return char in set(",.!?") and prev_char != " "
+
+    text = text.replace("\u202f", " ").replace("\xa0", " ").lower()
+    out = [" " + char if i > 0 and no_space(char, text[i - 1]) else char for i, char in enumerate(text)]
+    return "".join(out)
+
+
+def tokenize_nmt(text, num_examples=None):
+    """Split the preprocessed text into (source, target) lists of word lists, one per line of
+    two tab-separated fields, reading lines while ``i <= num_examples`` as d2l does."""
+    source, target = [], []
+    for i, line in enumerate(text.split("\n")):
+        if num_examples and i > num_examples:
+            break
+        parts = line.split("\t")
+        if len(parts) == 2:
+            source.append(parts[0].split(" "))
+            target.append(parts[1].split(" "))
+    return source, target
+
+
+def count_corpus(tokens):
+    """Token frequencies of a list of tokens or of a list of token lists."""
+    if len(tokens) == 0 or isinstance(tokens[0], list):
+        tokens = [token for line in tokens for token in line]
+    return collections.Counter(tokens)
+
+
+class Vocab:
+    """d2l's vocabulary: ``<unk>`` is 0, then ``reserved_tokens``, then the tokens seen at least
+    ``min_freq`` times by descending frequency (ties in order of first appearance).
+
+    >>> vocab = Vocab([["go", "."], ["hi", "."]], reserved_tokens=["<pad>", "<bos>", "<eos>"])
+    >>> vocab.idx_to_token, vocab[["hi", "zzz"]]
+    (['<unk>', '<pad>', '<bos>', '<eos>', '.', 'go', 'hi'], [6, 0])
+    """
+
+    def __init__(self, tokens=None, min_freq=0, reserved_tokens=None):
+        if tokens is None:
+            tokens = []
+        if reserved_tokens is None:
+            reserved_tokens = []
+        counter = count_corpus(tokens)
+        self._token_freqs = sorted(counter.items(), key=lambda x: x[1], reverse=True)
+        self.idx_to_token = ["<unk>"] + list(reserved_tokens)
+        self.token_to_idx = {token: idx for idx, token in enumerate(self.idx_to_token)}
+        for token, freq in self._token_freqs:
+            if freq < min_freq:
+                break
+            if token not in self.token_to_idx:
+                self.idx_to_token.append(token)
+                self.token_to_idx[token] = len(self.idx_to_token) - 1
+
+    @classmethod
+    def from_idx_to_token(cls, idx_to_token):
+        """The vocabulary with exactly this id order (as saved in a checkpoint)."""
+        vocab = cls()
+        vocab.idx_to_token = list(idx_to_token)
+        vocab.token_to_idx = {token: idx for idx, token in enumerate(vocab.idx_to_token)}
+        return vocab
+
+    def __len__(self):
+        return len(self.idx_to_token)
+
+    def __getitem__(self, tokens):
+        if not isinstance(tokens, (list, tuple)):
+            return self.token_to_idx.get(tokens, self.unk)
+        return [self.__getitem__(token) for token in tokens]
+
+    def to_tokens(self, indices):
+        if not isinstance(indices, (list, tuple)):
+            return self.idx_to_token[indices]
+        return [self.idx_to_token[index] for index in indices]
+
+    @property
+    def unk(self):
+        return 0
+
+    @property
+    def token_freqs(self):
+        return self._token_freqs
+
+
+def truncate_pad(line, num_steps, padding_token):
+    """``line`` cut to ``num_steps`` items or padded to it with ``padding_token``."""
+    if len(line) > num_steps:
+        return line[:num_steps]
+    return line + [padding_token] * (num_steps - len(line))
+
+
+def build_array_nmt(lines, vocab, num_steps):
+    """Token lines to an int64 (N, num_steps) array with ``<eos>`` appended, truncated or padded,
+    and int64 (N,) valid lengths (the non-``<pad>`` count)."""
+    lines = [vocab[line] for line in lines]
+    lines = [line + [vocab["<eos>"]] for line in lines]
+    array = torch.tensor([truncate_pad(line, num_steps, vocab["<pad>"]) for line in lines])
+    valid_len = (array != vocab["<pad>"]).type(torch.int32).sum(1)
+    return array, valid_len
+
+
+def read_data_nmt(path):
+    """The text of ``path``: a ``fra.txt`` file or a folder holding one (d2l's ``fra-eng``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file or folder path, got {type(path).__name__}")
+    if os.path.isdir(path):
+        path = os.path.join(path, "fra.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path must name fra.txt or a folder holding it; {path!r} does not exist")
+    with open(path, "r", encoding="utf-8") as f:
+        return f.read()
+
+
+class BatchIterator:
+    """Mini-batches of a tuple of equally long tensors, reshuffled each epoch from ``seed``.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a trainer can resume in the middle
+    of an epoch: ``batches(epoch, start)`` yields that epoch's batches from number ``start`` on.
+    Iterating the object itself yields epoch 0, like ``d2l.load_array``'s ``DataLoader``.
+    """
+
+    def __init__(self, arrays, batch_size, shuffle=True, seed=0):
+        arrays = tuple(arrays)
+        if not arrays or not all(isinstance(a, torch.Tensor) for a in arrays):
+            raise TypeError("arrays must be a non-empty sequence of tensors")
+        n = arrays[0].shape[0]
+        if any(a.shape[0] != n for a in arrays):
+            raise ValueError(f"arrays must share their first dimension, got {[a.shape[0] for a in arrays]}")
+        from seq2seq_fast.validation import check_int
+
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.arrays, self.shuffle, self.seed = arrays, bool(shuffle), int(seed)
+
+    def __len__(self):
+        return -(-self.arrays[0].shape[0] // self.batch_size)
+
+    def order(self, epoch):
+        n = self.arrays[0].shape[0]
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=generator)
+
+    def batches(self, epoch=0, start=0):
+        order = self.order(epoch)
+        for i in range(start, len(self)):
+            index = order[i * self.batch_size: (i + 1) * self.batch_size]
+            yield tuple(a[index] for a in self.arrays)
+
+    def __iter__(self):
+        return self.batches(0)
+
+
+def load_array(data_arrays, batch_size, is_train=True, seed=0):
+    """d2l's ``load_array``: mini-batches of the arrays, shuffled when ``is_train``."""
+    return BatchIterator(data_arrays, batch_size, shuffle=is_train, seed=seed)
+
+
+def load_data_nmt(path, batch_size, num_steps, num_examples=600, *, min_freq=2, seed=0):
+    """d2l's ``load_data_nmt`` on the ``fra.txt`` at ``path`` (a file or its folder).
+
+    Returns ``(data_iter, src_vocab, tgt_vocab)``: batches of ``(X int64 (B, num_steps),
+    X_valid_len int64 (B,), Y, Y_valid_len)``; vocabularies with ``min_freq=2`` and the reserved
+    tokens ``<pad>``, ``<bos>``, ``<eos>``.
+
+    >>> train_iter, src_vocab, tgt_vocab = load_data_nmt("fra-eng/fra.txt", batch_size=64, num_steps=10)
+    """
+    text = preprocess_nmt(read_data_nmt(path))
+    source, target = tokenize_nmt(text, num_examples)
+    if not source:
+        raise ValueError(
+            f"path {os.fspath(path)!r} holds no line of two tab-separated fields (English<TAB>French)"
+        )
+    src_vocab = Vocab(source, min_freq=min_freq, reserved_tokens=list(RESERVED_TOKENS))
+    tgt_vocab = Vocab(target, min_freq=min_freq, reserved_tokens=list(RESERVED_TOKENS))
+    src_array, src_valid_len = build_array_nmt(source, src_vocab, num_steps)
+    tgt_array, tgt_valid_len = build_array_nmt(target, tgt_vocab, num_steps)
+    data_arrays = (src_array, src_valid_len, tgt_array, tgt_valid_len)
+    return load_array(data_arrays, batch_size, seed=seed), src_vocab, tgt_vocab

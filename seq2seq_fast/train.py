@@ -1,0 +1,228 @@
+"""Training with d2l's ``train_seq2seq`` math: Xavier initialisation, Adam, the masked softmax
+cross-entropy summed over the batch, gradient clipping to global norm 1, teacher forcing with
+``<bos>`` prepended to the shifted target. Adds a progress bar, tokens/s, checkpoints that
+resume exactly where they stopped, and ``DistributedDataParallel``.
+"""
+import math
+import sys
+import time
+
+import torch
+from torch import nn
+
+from seq2seq_fast import validation as V
+from seq2seq_fast.checkpoints import load_checkpoint, save_checkpoint
+from seq2seq_fast.modules import MaskedSoftmaxCELoss
+
+
+def xavier_init_weights(m):
+    """d2l's initialisation: Xavier-uniform on every ``nn.Linear`` weight and ``nn.GRU`` weight."""
+    if type(m) == nn.Linear:
+        nn.init.xavier_uniform_(m.weight)
+    if type(m) == nn.GRU:
+        for param in m._flat_weights_names:
+            if "weight" in param:
+                nn.init.xavier_uniform_(m._parameters[param])
+
+
+def grad_clipping(net, theta):
+    """d2l's clipping: scale all gradients by ``theta / norm`` when their global norm exceeds it."""
+    params = [p for p in net.parameters() if p.requires_grad and p.grad is not None]
+    norm = torch.sqrt(sum(torch.sum((p.grad ** 2)) for p in params))
+    if norm > theta:
+        for param in params:
+            param.grad[:] *= theta / norm
+    return norm
+
+
+def _unwrap(net):
+    return net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+
+
+class _Progress:
+    """tqdm when installed and wanted, else a line every ``log_every`` steps (or nothing)."""
+
+    def __init__(self, total, initial, enabled, log_every):
+        self.bar = None
+        self.enabled, self.log_every = enabled, log_every
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, step, loss, tokens_per_s):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        elif self.enabled and self.log_every and step % self.log_every == 0:
+            print(f"step {step}: loss {loss:.3f}, {tokens_per_s:.1f} tokens/sec", file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Seq2SeqTrainer:
+    """d2l's ``train_seq2seq`` loop as an object that can stop, save and resume.
+
+    ``net`` is an ``EncoderDecoder`` (ours or d2l's), or one wrapped in
+    ``DistributedDataParallel``; ``bos`` the target ``<bos>`` id. ``init_weights`` applies
+    d2l's Xavier initialisation (skip it to continue from loaded weights). Under DDP each process
+    backpropagates ``world_size * loss.sum()`` of its shard, so DDP's gradient averaging yields the
+    gradient of ``loss.sum()`` over the joined batch, exactly as one process would.
+    ``checkpoint_meta`` (model sizes, vocabularies, ...) is written into every checkpoint.
+
+    >>> trainer = Seq2SeqTrainer(net, bos=tgt_vocab["<bos>"], lr=0.005)
+    >>> trainer.fit(train_iter, num_epochs=250, checkpoint_path="run.pt")
+    """
+
+    def __init__(self, net, *, bos, lr, device=None, clip_theta=1.0, init_weights=True, checkpoint_meta=None):
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module (an EncoderDecoder), got {type(net).__name__}")
+        self.bos = V.check_int(bos, "bos", minimum=0)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be a positive float, got {lr!r}")
+        if not clip_theta > 0:
+            raise ValueError(f"clip_theta must be positive, got {clip_theta!r}")
+        self.net = net
+        self.module = _unwrap(net)
+        if device is None:
+            device = next(self.module.parameters()).device
+        self.device = torch.device(device)
+        if init_weights:
+            self.module.apply(xavier_init_weights)
+        self.module.to(self.device)
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
+        self.loss = MaskedSoftmaxCELoss()
+        self.clip_theta = clip_theta
+        self.checkpoint_meta = dict(checkpoint_meta or {})
+        self.ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+        self.world_size = torch.distributed.get_world_size() if self.ddp else 1
+        self.rank = torch.distributed.get_rank() if self.ddp else 0
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # current epoch
+        self.batch_in_epoch = 0  # batches of the current epoch already used
+
+    def train_step(self, batch):
+        """One update on ``(X, X_valid_len, Y, Y_valid_len)``; returns the detached
+        ``(loss summed over the batch, number of target tokens)``."""
+        X, X_valid_len, Y, Y_valid_len = [x.to(self.device) for x in batch]
+        self.net.train()
+        self.optimizer.zero_grad()
+        bos = torch.full((Y.shape[0], 1), self.bos, dtype=Y.dtype, device=self.device)
+        dec_input = torch.cat([bos, Y[:, :-1]], 1)
+        Y_hat, _ = self.net(X, dec_input, X_valid_len)
+        l = self.loss(Y_hat, Y, Y_valid_len)
+        (l.sum() * self.world_size if self.world_size > 1 else l.sum()).backward()
+        grad_clipping(self.module, self.clip_theta)
+        self.optimizer.step()
+        self.step += 1
+        return l.detach().sum(), Y_valid_len.sum()
+
+    def _batches(self, data):
+        """Batches from the current position on; a ``BatchIterator`` resumes mid-epoch."""
+        if hasattr(data, "batches"):
+            return data.batches(self.epoch, self.batch_in_epoch)
+        return iter(data)
+
+    def fit(self, data, *, num_epochs=None, max_steps=None, checkpoint_path=None, checkpoint_every=None,
+            progress=True, log_every=50, callback=None):
+        """Train until ``num_epochs`` epochs or ``max_steps`` steps in all (counting steps taken
+        before a resume). Saves to ``checkpoint_path`` every ``checkpoint_every`` steps and at the
+        end (rank 0 only). ``callback(trainer, loss_per_token)`` runs after each step; returning
+        True stops. Returns ``{"loss": loss per token, "tokens_per_s", "steps", "seconds"}`` of
+        this call (d2l's two printed figures)."""
+        if num_epochs is None and max_steps is None:
+            raise ValueError("num_epochs or max_steps must be given")
+        steps_per_epoch = len(data) if hasattr(data, "__len__") else None
+        total = max_steps
+        if num_epochs is not None and steps_per_epoch is not None:
+            total = min(total or math.inf, num_epochs * steps_per_epoch)
+        bar = _Progress(total if total != math.inf else None, self.step, progress and self.rank == 0, log_every)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        start, steps, stop = time.perf_counter(), 0, False
+        try:
+            while not stop:
+                if (num_epochs is not None and self.epoch >= num_epochs) or (
+                        max_steps is not None and self.step >= max_steps):
+                    break
+                fresh_epoch, ran = self.batch_in_epoch == 0, 0
+                for batch in self._batches(data):
+                    l, n = self.train_step(batch)
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == steps_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    loss_sum += l
+                    tokens += n
+                    steps += 1
+                    ran += 1
+                    if bar.bar is not None or (log_every and self.step % log_every == 0) or callback is not None:
+                        per_token = float(loss_sum) / max(int(tokens), 1)
+                        bar.update(self.step, per_token, int(tokens) / max(time.perf_counter() - start, 1e-9))
+                        if callback is not None and callback(self, float(l) / max(int(n), 1)):
+                            stop = True
+                    if checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0:
+                        self.save(checkpoint_path)
+                    if stop or (max_steps is not None and self.step >= max_steps):
+                        stop = True
+                        break
+                else:
+                    if fresh_epoch and ran == 0:
+                        raise ValueError("data yielded no batch")
+                    if self.batch_in_epoch:  # the end of an iterable without a length
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        finally:
+            bar.close()
+        if checkpoint_path:
+            self.save(checkpoint_path)
+        seconds = time.perf_counter() - start
+        n_tokens = int(tokens)
+        return {"loss": float(loss_sum) / max(n_tokens, 1), "tokens_per_s": n_tokens / max(seconds, 1e-9),
+                "steps": steps, "seconds": seconds}
+
+    def state_dict(self):
+        """Everything a resume needs: weights, optimizer, position and the RNG states."""
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+    def save(self, path):
+        """Write a checkpoint (rank 0 only under DDP) with ``checkpoint_meta`` beside the state."""
+        if self.rank == 0:
+            save_checkpoint(path, dict(self.checkpoint_meta, **self.state_dict()))
+
+    def resume(self, path):
+        """Continue from a checkpoint written by ``save``: the next steps are those the saving run
+        would have taken."""
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        return self
+
+
+def train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device, **fit_kwargs):
+    """d2l's ``train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device)``: initialises,
+    trains, prints ``loss L, N tokens/sec on DEVICE`` and returns the trainer."""
+    trainer = Seq2SeqTrainer(net, bos=tgt_vocab["<bos>"], lr=lr, device=device)
+    fit_kwargs.setdefault("progress", False)
+    result = trainer.fit(data_iter, num_epochs=num_epochs, **fit_kwargs)
+    print(f"loss {result['loss']:.3f}, {result['tokens_per_s']:.1f} tokens/sec on {trainer.device}")
+    return trainer
