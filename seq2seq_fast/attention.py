@@ -67,3 +67,8 @@ class AdditiveAttention(nn.Module):
         backend = select_backend(self.backend, "attention_forward", queries, needs_grad)
         context, self.attention_weights = backend.attention_forward(self, queries, keys, values, lens)
         return context
+
+    def __getstate__(self):
+        # Drop the last call's weights: they may hang on an autograd graph (see the decoder).
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k != "attention_weights"}

@@ -81,6 +81,21 @@ def _call_unsupported(name, entry, device_type, dtype, needs_grad):
     return module.unsupported_reason(device_type, dtype, needs_grad)
 
 
+@torch.compiler.assume_constant_result
+def _selected_name(requested, entry, device_type, dtype, needs_grad):
+    # Runs in plain Python even under torch.compile (imports, environment, dispatcher queries):
+    # the traced graph sees only the resulting name.
+    if requested != "auto":
+        reason = _call_unsupported(requested, entry, device_type, dtype, needs_grad)
+        if reason is not None:
+            raise ValueError(f"backend {requested!r} cannot run this call on {device_type}: {reason}")
+        return requested
+    for name in _auto_order(device_type):
+        if _call_unsupported(name, entry, device_type, dtype, needs_grad) is None:
+            return name
+    return "torch"
+
+
 def select_backend(requested, entry, tensor, needs_grad):
     """The backend module that runs ``entry`` (e.g. ``"decoder_forward"``) for a call on
     ``tensor``'s device and dtype, with or without autograd.
@@ -89,16 +104,8 @@ def select_backend(requested, entry, tensor, needs_grad):
     the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch``.
     """
     check_backend_name(requested)
-    device_type, dtype = tensor.device.type, tensor.dtype
-    if requested != "auto":
-        reason = _call_unsupported(requested, entry, device_type, dtype, needs_grad)
-        if reason is not None:
-            raise ValueError(f"backend {requested!r} cannot run this call on {device_type}: {reason}")
-        return backend_module(requested)
-    for name in _auto_order(device_type):
-        if _call_unsupported(name, entry, device_type, dtype, needs_grad) is None:
-            return backend_module(name)
-    return backend_module("torch")
+    name = _selected_name(requested, entry, tensor.device.type, tensor.dtype, needs_grad)
+    return _LOADED[name] if name in _LOADED else backend_module(name)
 
 
 def wants_grad(*tensors, module=None):
@@ -110,6 +117,11 @@ def wants_grad(*tensors, module=None):
     return module is not None and any(p.requires_grad for p in module.parameters())
 
 
+_LOADED = {}
+
+
 def backend_module(name):
     """The module implementing backend ``name`` (imported on first use)."""
-    return importlib.import_module(f"seq2seq_fast.backend_{name}")
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(f"seq2seq_fast.backend_{name}")
+    return _LOADED[name]

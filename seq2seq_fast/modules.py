@@ -163,6 +163,12 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
     def attention_weights(self):
         return self._attention_weights
 
+    def __getstate__(self):
+        # The last call's attention weights may belong to an autograd graph, which cannot be
+        # copied or pickled; they are a by-product of a call, not part of the module.
+        state = super().__getstate__()
+        return {**state, "_attention_weights": []}
+
 
 class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
     """Softmax cross-entropy per sequence, averaged over all S steps with the steps past

@@ -50,6 +50,8 @@ def projected_keys(state, enc_outputs, W_k):
     weight = W_k.weight
     cache = getattr(state, "key_cache", None)
     needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
+    if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
+        return W_k(enc_outputs), None
     if not needs_grad and cache is not None and cache.matches(enc_outputs, weight):
         return cache.key_proj, cache
     key_proj = W_k(enc_outputs)

@@ -3,12 +3,15 @@
 Each failure raises ``TypeError`` (wrong type or dtype), ``ValueError`` (wrong shape, size or
 value) or ``IndexError`` (token id outside the vocabulary), naming the argument, what was
 expected and what came. The value checks (ids in range, lengths non-negative) cost one host
-sync per call and are skipped while a CUDA graph is being captured.
+sync per call and are skipped while a CUDA graph is being captured or torch.compile traces.
 """
 import torch
 
 
 def _capturing():
+    """True while tracing for torch.compile or capturing a CUDA graph: no host syncs then."""
+    if torch.compiler.is_compiling():
+        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
