@@ -7,6 +7,7 @@ tab-separated fields, and ``Vocab`` orders tokens by descending frequency, ties 
 first appearance, after ``<unk>`` (id 0) and the reserved tokens.
 """
 import collections
+import math
 import os
 
 import torch
@@ -198,3 +199,24 @@ def load_data_nmt(path, batch_size, num_steps, num_examples=600, *, min_freq=2, 
     tgt_array, tgt_valid_len = build_array_nmt(target, tgt_vocab, num_steps)
     data_arrays = (src_array, src_valid_len, tgt_array, tgt_valid_len)
     return load_array(data_arrays, batch_size, seed=seed), src_vocab, tgt_vocab
+
+
+def bleu(pred_seq, label_seq, k):
+    """d2l's BLEU of one predicted sentence against one label (space-separated tokens): the
+    brevity penalty times the n-gram precisions p_n ** (1 / 2**n) for n = 1..k. A prediction
+    with no n-gram of some n <= k scores 0 (where d2l's division by zero raises)."""
+    pred_tokens, label_tokens = pred_seq.split(" "), label_seq.split(" ")
+    len_pred, len_label = len(pred_tokens), len(label_tokens)
+    score = math.exp(min(0, 1 - len_label / len_pred))
+    for n in range(1, k + 1):
+        num_matches, label_subs = 0, collections.defaultdict(int)
+        for i in range(len_label - n + 1):
+            label_subs[" ".join(label_tokens[i: i + n])] += 1
+        for i in range(len_pred - n + 1):
+            if label_subs[" ".join(pred_tokens[i: i + n])] > 0:
+                num_matches += 1
+                label_subs[" ".join(pred_tokens[i: i + n])] -= 1
+        if len_pred - n + 1 <= 0:
+            return 0.0
+        score *= math.pow(num_matches / (len_pred - n + 1), math.pow(0.5, n))
+    return score

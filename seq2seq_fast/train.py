@@ -51,7 +51,7 @@ class _Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True, mininterval=1.0)
 
     def update(self, step, loss, tokens_per_s):
         if self.bar is not None:
@@ -70,16 +70,19 @@ class Seq2SeqTrainer:
 
     ``net`` is an ``EncoderDecoder`` (ours or d2l's), or one wrapped in
     ``DistributedDataParallel``; ``bos`` the target ``<bos>`` id. ``init_weights`` applies
-    d2l's Xavier initialisation (skip it to continue from loaded weights). Under DDP each process
-    backpropagates ``world_size * loss.sum()`` of its shard, so DDP's gradient averaging yields the
-    gradient of ``loss.sum()`` over the joined batch, exactly as one process would.
+    d2l's Xavier initialisation (skip it to continue from loaded weights). Under DDP every
+    process reads the same batches and, with ``shard_batches``, trains on rows ``rank::world_size``
+    of each; it backpropagates ``world_size * loss.sum()`` of its shard, so DDP's gradient
+    averaging yields the gradient of ``loss.sum()`` over the joined batch, and every update is the
+    one a single process makes on the whole batch.
     ``checkpoint_meta`` (model sizes, vocabularies, ...) is written into every checkpoint.
 
     >>> trainer = Seq2SeqTrainer(net, bos=tgt_vocab["<bos>"], lr=0.005)
     >>> trainer.fit(train_iter, num_epochs=250, checkpoint_path="run.pt")
     """
 
-    def __init__(self, net, *, bos, lr, device=None, clip_theta=1.0, init_weights=True, checkpoint_meta=None):
+    def __init__(self, net, *, bos, lr, device=None, clip_theta=1.0, init_weights=True, checkpoint_meta=None,
+                 shard_batches=True):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module (an EncoderDecoder), got {type(net).__name__}")
         self.bos = V.check_int(bos, "bos", minimum=0)
@@ -102,13 +105,20 @@ class Seq2SeqTrainer:
         self.ddp = isinstance(net, nn.parallel.DistributedDataParallel)
         self.world_size = torch.distributed.get_world_size() if self.ddp else 1
         self.rank = torch.distributed.get_rank() if self.ddp else 0
+        self.shard_batches = shard_batches
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # current epoch
         self.batch_in_epoch = 0  # batches of the current epoch already used
 
     def train_step(self, batch):
         """One update on ``(X, X_valid_len, Y, Y_valid_len)``; returns the detached
-        ``(loss summed over the batch, number of target tokens)``."""
+        ``(loss summed over the batch, number of target tokens)``; under DDP those of this
+        process's shard."""
+        if self.world_size > 1 and self.shard_batches:
+            if batch[0].shape[0] < self.world_size:
+                raise ValueError(
+                    f"batch must have at least world_size={self.world_size} rows to shard, got {batch[0].shape[0]}")
+            batch = [x[self.rank::self.world_size] for x in batch]
         X, X_valid_len, Y, Y_valid_len = [x.to(self.device) for x in batch]
         self.net.train()
         self.optimizer.zero_grad()
