@@ -91,7 +91,6 @@ def _build_model(config, backend):
 
 def _train_run(rank, world_size, args, init_file):
     """Train per ``args``; under DDP (world_size > 1) as process ``rank``. Returns the summary."""
-    from seq2seq_fast.checkpoints import load_checkpoint
     from seq2seq_fast.train import Seq2SeqTrainer
 
     ddp = world_size > 1
@@ -111,12 +110,9 @@ def _train_run(rank, world_size, args, init_file):
         trainer = Seq2SeqTrainer(net, bos=tgt_vocab["<bos>"], lr=args["lr"], checkpoint_meta=meta)
         if args["resume"]:
             trainer.resume(args["out"])
-        elif ddp:  # DDP copied rank 0's weights at wrapping; keep every rank's RNG in step too
-            torch.manual_seed(args["seed"] + 1)
         result = trainer.fit(train_iter, num_epochs=args["epochs"], max_steps=args["steps"],
                              checkpoint_path=args["out"], checkpoint_every=args["checkpoint_every"],
                              progress=not args["quiet"])
-        load_checkpoint(args["out"]) if rank == 0 else None
         return dict(result, step=trainer.step, epoch=trainer.epoch)
     finally:
         if ddp:

@@ -51,7 +51,7 @@ class _Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True, mininterval=1.0)
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def update(self, step, loss, tokens_per_s):
         if self.bar is not None:
@@ -95,16 +95,19 @@ class Seq2SeqTrainer:
         if device is None:
             device = next(self.module.parameters()).device
         self.device = torch.device(device)
+        self.ddp = isinstance(net, nn.parallel.DistributedDataParallel)
+        self.world_size = torch.distributed.get_world_size() if self.ddp else 1
+        self.rank = torch.distributed.get_rank() if self.ddp else 0
         if init_weights:
             self.module.apply(xavier_init_weights)
+            if self.ddp:  # DDP copied rank 0's weights when wrapping; copy the new ones again
+                for tensor in self.module.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
         self.module.to(self.device)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
         self.loss = MaskedSoftmaxCELoss()
         self.clip_theta = clip_theta
         self.checkpoint_meta = dict(checkpoint_meta or {})
-        self.ddp = isinstance(net, nn.parallel.DistributedDataParallel)
-        self.world_size = torch.distributed.get_world_size() if self.ddp else 1
-        self.rank = torch.distributed.get_rank() if self.ddp else 0
         self.shard_batches = shard_batches
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # current epoch
