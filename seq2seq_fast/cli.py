@@ -259,12 +259,12 @@ def _benchmark_runner():
     return module.main
 
 
-def cmd_bench(args):
+def cmd_bench(runner_args):
     main = _benchmark_runner()
     if main is None:
         sys.exit("error: bench needs a source checkout of seq2seq_fast (benchmarks/runner.py is not shipped in "
                  "the wheel): git clone the repository and run `python -m seq2seq_fast bench` there")
-    return main(args.runner_args)
+    return main(list(runner_args))
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -278,7 +278,7 @@ def build_parser():
     p = sub.add_parser("bench", help="run the benchmark runner (source checkout only)", add_help=False,
                        description="Runs benchmarks/runner.py; every argument is passed on (try bench --help).")
     p.add_argument("runner_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=lambda args: cmd_bench(args.runner_args))
 
     p = sub.add_parser("demo", help="train on the built-in date task and show translations, BLEU, a heatmap")
     p.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
@@ -330,5 +330,8 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it, options included, belongs to the runner
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
