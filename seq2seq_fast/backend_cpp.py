@@ -105,10 +105,28 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
     (L, B, H), attention weights before dropout (B, S, T)); differentiable w.r.t. every decoder
     parameter, enc_outputs, key_proj and hidden.
     """
+    attention = decoder.attention.dropout
+    rnn = decoder.rnn
+    return decoder_apply(
+        X, enc_outputs, hidden, valid_lens, key_proj, _decoder_params(decoder),
+        attention_dropout=attention.p if attention.training else 0.0,
+        layer_dropout=rnn.dropout if rnn.training else 0.0,
+    )
+
+
+def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, attention_dropout=0.0,
+                  layer_dropout=0.0):
+    """``decoder_forward`` on explicit parameters (what ``torch.compile`` traces: Dynamo does
+    not look into ``nn.GRU`` modules). ``params`` = (embedding (V, E), W_q (H, H), w_v (1, H),
+    w_ih, w_hh, b_ih, b_hh (lists, one per layer), dense weight (V, H), dense bias (V,));
+    the dropout rates apply as in training mode (0: none)."""
     B, S = X.shape
-    params = _decoder_params(decoder)
-    attn_mask = _attention_mask(decoder, S, B, enc_outputs.shape[1], enc_outputs)
-    layer_mask = _layer_mask(decoder.rnn, S, B, enc_outputs)
+    T = enc_outputs.shape[1]
+    L, H = hidden.shape[0], hidden.shape[2]
+    attn_mask = _keep_mask((S, B, T), attention_dropout, enc_outputs) if attention_dropout > 0 else None
+    layer_mask = None
+    if layer_dropout > 0 and L > 1:
+        layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, enc_outputs)
     keep = _needs_grad([enc_outputs, hidden, key_proj, *_flat(params)])
     logits, attention, states, _, _, _ = _ops().decoder_forward(
         X, enc_outputs, hidden, valid_lens, key_proj, *params, attn_mask, layer_mask, keep)

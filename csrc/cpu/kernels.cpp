@@ -1,4 +1,11 @@
 // Implementations of csrc/cpu/kernels.h: GEMM entry point, fused row kernels, argument checks.
+//
+// Float compares must not count as trapping, else GCC keeps the clamps and selects of the
+// exp/tanh polynomials as branches and vectorizes none of the row loops (torch itself builds
+// with -fno-trapping-math).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "cpu/kernels.h"
 
 #include <c10/util/Exception.h>
