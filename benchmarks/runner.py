@@ -20,6 +20,7 @@ if HERE not in sys.path:
 
 import seq2seq_fast as sf  # noqa: E402
 from configs import CONFIGS, SMOKE, WORKLOADS  # noqa: E402
+from peak_memory import train_step_peak  # noqa: E402
 from timing import copy_rate, gemm_rate, measure  # noqa: E402
 import workloads as W  # noqa: E402
 
@@ -77,7 +78,20 @@ def implementations(device, compile_reference, requested=None):
     return impls
 
 
-def run(configs, workloads, device, compile_reference=True, min_time=0.5, requested_impls=None, log=print):
+def _step_memory(config_name, workload, impl, device, enabled, log):
+    """Memory of a training step in a subprocess of its own (not for compiled rows: compiling
+    in every subprocess would cost minutes)."""
+    if not enabled or workload != "train_step" or impl == "reference+compile" or config_name == "smoke":
+        return None
+    try:
+        return train_step_peak(config_name, impl, device)
+    except RuntimeError as exc:
+        log(f"  {config_name}/{workload}/{impl}: memory not measured ({exc})")
+        return None
+
+
+def run(configs, workloads, device, compile_reference=True, min_time=0.5, requested_impls=None, log=print,
+        memory=True):
     rate = gemm_rate(device)
     bandwidth = copy_rate(device)
     log(f"measured GEMM rate {rate / 1e9:.1f} GFLOP/s, copy rate {bandwidth / 1e9:.1f} GB/s on {device}")
@@ -99,10 +113,12 @@ def run(configs, workloads, device, compile_reference=True, min_time=0.5, reques
                     log(f"  {config_name}/{workload}/{impl}: not measured ({type(exc).__name__}: {str(exc)[:120]})")
             base = times.get("reference")
             for impl, seconds in times.items():
+                mem = _step_memory(config_name, workload, impl, device, memory, log)
                 rows.append(dict(
                     config=config_name, workload=workload, impl=impl, median_s=seconds,
                     speedup=(base / seconds) if base and seconds else None,
                     over_floor=(seconds / floor) if seconds else None,
+                    peak_mib=mem and mem["peak_bytes"] / 2**20, step_mib=mem and mem["step_bytes"] / 2**20,
                 ))
             rows.append(dict(config=config_name, workload=workload, impl="floor", median_s=floor,
                              speedup=base / floor if base else None, over_floor=1.0, flops=flops))
@@ -115,11 +131,14 @@ def _fmt(value, spec, missing="n/a"):
 
 
 def format_rows(rows, markdown=False):
-    header = ["config", "workload", "impl", "median ms", "speedup vs reference", "x floor"]
+    header = ["config", "workload", "impl", "median ms", "speedup vs reference", "x floor",
+              "step MiB / peak MiB"]
     lines = []
     for r in rows:
+        memory = "" if r.get("step_mib") is None else f"{r['step_mib']:.1f} / {r['peak_mib']:.0f}"
         lines.append([r["config"], r["workload"], r["impl"], _fmt(r["median_s"] and r["median_s"] * 1e3, ".3f"),
-                      _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), _fmt(r["over_floor"], ".2f")])
+                      _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), _fmt(r["over_floor"], ".2f"),
+                      memory])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -174,6 +193,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--no-attention", action="store_true", help="skip the attention-only rows")
+    parser.add_argument("--no-memory", action="store_true", help="skip the training step's memory (subprocesses)")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per row")
     parser.add_argument("--smoke", action="store_true", help="one tiny configuration, to check the runner works")
     parser.add_argument("--out", default="bench-out", help="folder for results.md, results.json, speedups.png")
@@ -187,7 +207,8 @@ def main(argv=None):
     info = machine_info(args.device)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     result = run(configs, workloads, args.device, compile_reference=not args.no_compile,
-                 min_time=args.min_time, requested_impls=args.impls and args.impls.split(","))
+                 min_time=args.min_time, requested_impls=args.impls and args.impls.split(","),
+                 memory=not args.no_memory)
     attention = [] if args.no_attention or args.smoke else attention_section(args.device, args.min_time, print)
     os.makedirs(args.out, exist_ok=True)
     result.update(machine=info, configs={n: c.as_dict() for n, c in configs.items()}, attention=attention)
