@@ -28,9 +28,8 @@ def unsupported_reason(device_type, dtype, needs_grad):
 
 
 def _ops():
-    error = extension_error()
-    if error is not None:
-        raise RuntimeError(error)
+    if _EXTENSION_ERROR is not None:
+        raise RuntimeError(_EXTENSION_ERROR)
     return torch.ops.seq2seq_fast
 
 
@@ -71,6 +70,12 @@ def _attention_mask(decoder, steps, batch, keys, like):
     if not (dropout.training and dropout.p > 0):
         return None
     return _keep_mask((steps, batch, keys), dropout.p, like)
+
+
+def _check_ids(X):
+    if not isinstance(X, torch.Tensor) or X.dim() != 2:
+        shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+        raise ValueError(f"X must have shape (B, steps) of int64 token ids, got {shape}")
 
 
 def _needs_grad(tensors):
@@ -120,6 +125,7 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     not look into ``nn.GRU`` modules). ``params`` = (embedding (V, E), W_q (H, H), w_v (1, H),
     w_ih, w_hh, b_ih, b_hh (lists, one per layer), dense weight (V, H), dense bias (V,));
     the dropout rates apply as in training mode (0: none)."""
+    _check_ids(X)
     B, S = X.shape
     T = enc_outputs.shape[1]
     L, H = hidden.shape[0], hidden.shape[2]
@@ -158,6 +164,7 @@ def encoder_forward(encoder, X):
     X int64 (B, T). Inter-layer dropout in training mode; differentiable w.r.t. the embedding and
     every GRU parameter.
     """
+    _check_ids(X)
     rnn = encoder.rnn
     weight = encoder.embedding.weight
     w_ih, w_hh, b_ih, b_hh = _gru_weights(rnn)
@@ -272,8 +279,11 @@ def _encoder_backward(ctx, grad_states, *_unused):
     return None, d_emb, d_wih, d_whh, d_bih, d_bhh, None, None
 
 
+_EXTENSION_ERROR = extension_error()
+
+
 def _register():
-    if extension_error() is not None:
+    if _EXTENSION_ERROR is not None:
         return
     lib = "seq2seq_fast::"
     torch.library.register_fake(lib + "decoder_forward", _decoder_forward_fake)
