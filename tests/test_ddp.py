@@ -61,6 +61,7 @@ def test_ddp_update_equals_single_process_on_joined_batch(tmp_path):
     assert not torch.equal(single["decoder.dense.weight"], initial["decoder.dense.weight"]), "training ran"
 
 
+@pytest.mark.slow
 def test_cli_train_with_two_processes(tmp_path):
     from seq2seq_fast.checkpoints import load_checkpoint
     from seq2seq_fast.cli import main
