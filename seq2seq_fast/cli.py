@@ -103,11 +103,12 @@ def _train_run(rank, world_size, args, init_file):
         config = dict(src_vocab_size=len(src_vocab), tgt_vocab_size=len(tgt_vocab), embed_size=args["embed_size"],
                       num_hiddens=args["num_hiddens"], num_layers=args["num_layers"], dropout=args["dropout"])
         torch.manual_seed(args["seed"])
-        model = _build_model(config, args["backend"])
+        model = _build_model(config, args["backend"]).to(args.get("device") or "cpu")
         net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
         meta = dict(model_config=config, src_vocab=src_vocab.idx_to_token, tgt_vocab=tgt_vocab.idx_to_token,
                     task=args["task"], num_steps=num_steps, train_args=args)
-        trainer = Seq2SeqTrainer(net, bos=tgt_vocab["<bos>"], lr=args["lr"], checkpoint_meta=meta)
+        trainer = Seq2SeqTrainer(net, bos=tgt_vocab["<bos>"], lr=args["lr"], checkpoint_meta=meta,
+                                 device=args.get("device") or "cpu")
         if args["resume"]:
             trainer.resume(args["out"])
         result = trainer.fit(train_iter, num_epochs=args["epochs"], max_steps=args["steps"],
@@ -130,7 +131,7 @@ def cmd_train(args):
         if not os.path.exists(args.out):
             sys.exit(f"error: --resume: no checkpoint at {args.out}")
         saved = load_checkpoint(args.out)["train_args"]
-        run = dict(saved, resume=True, out=args.out, quiet=args.quiet, backend=args.backend,
+        run = dict(saved, resume=True, out=args.out, quiet=args.quiet, backend=args.backend, device=args.device,
                    steps=args.steps if args.steps is not None else saved["steps"],
                    epochs=args.epochs if args.epochs is not None else saved["epochs"])
     else:
@@ -140,7 +141,9 @@ def cmd_train(args):
         run.update(task=task, data=args.data, num_examples=args.num_examples, num_train=args.num_train,
                    num_test=args.num_test, seed=args.seed, backend=args.backend, out=args.out,
                    epochs=args.epochs, steps=args.steps, checkpoint_every=args.checkpoint_every,
-                   quiet=args.quiet, resume=False)
+                   quiet=args.quiet, resume=False, device=args.device)
+    if args.nproc > 1 and torch.device(args.device).type != "cpu":
+        sys.exit("error: --nproc runs gloo processes on the CPU; use --device cpu")
         if run["epochs"] is None and run["steps"] is None:
             run["steps"] = 300
     if args.nproc > 1:
@@ -163,6 +166,7 @@ def cmd_translate(args):
 
     checkpoint = load_checkpoint(args.checkpoint)
     model, src_vocab, tgt_vocab = model_from_checkpoint(checkpoint, backend=args.backend)
+    model.to(args.device)
     task, num_steps = checkpoint["task"], checkpoint["num_steps"]
     stream = open(args.input, encoding="utf-8") if args.input not in (None, "-") else sys.stdin
     with stream:
@@ -199,13 +203,13 @@ def cmd_demo(args):
     config = dict(src_vocab_size=len(src_vocab), tgt_vocab_size=len(tgt_vocab), embed_size=run["embed_size"],
                   num_hiddens=run["num_hiddens"], num_layers=run["num_layers"], dropout=run["dropout"])
     torch.manual_seed(args.seed)
-    model = _build_model(config, args.backend)
+    model = _build_model(config, args.backend).to(args.device)
     from seq2seq_fast.backends import select_backend
 
     backend = select_backend(args.backend, "decoder_forward", model.decoder.dense.weight, True).__name__.split("_")[-1]
     print(f"seq2seq_fast demo: dates in words -> ISO dates; decoder backend {backend}, "
           f"{torch.get_num_threads()} threads; {args.num_train} training pairs, {args.num_test} held-out")
-    trainer = Seq2SeqTrainer(model, bos=tgt_vocab["<bos>"], lr=run["lr"])
+    trainer = Seq2SeqTrainer(model, bos=tgt_vocab["<bos>"], lr=run["lr"], device=args.device)
     deadline = start + args.time_budget if args.time_budget else None
     result = trainer.fit(train_iter, max_steps=args.steps, progress=not args.quiet,
                          callback=(lambda t, loss: time.perf_counter() > deadline) if deadline else None)
@@ -274,6 +278,7 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     backend = dict(default="auto", choices=["auto", "torch", "triton", "cpp"], help="decoder backend (default auto)")
+    device = dict(default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
 
     p = sub.add_parser("bench", help="run the benchmark runner (source checkout only)", add_help=False,
                        description="Runs benchmarks/runner.py; every argument is passed on (try bench --help).")
@@ -295,6 +300,7 @@ def build_parser():
     p.add_argument("--heatmap", default="attention_heatmap.png", help="PNG path (default ./attention_heatmap.png)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--backend", **backend)
+    p.add_argument("--device", **device)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train on the date task or a d2l fra.txt; writes a checkpoint")
@@ -315,6 +321,7 @@ def build_parser():
     p.add_argument("--nproc", type=int, default=1, help="DDP processes on this machine (gloo, CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--backend", **backend)
+    p.add_argument("--device", **device)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("translate", help="translate lines from stdin or a file with a train checkpoint")
@@ -325,6 +332,7 @@ def build_parser():
     p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha for beam search")
     p.add_argument("--max-len", type=int, default=None, help="longest output (default: the training num_steps)")
     p.add_argument("--backend", **backend)
+    p.add_argument("--device", **device)
     p.set_defaults(func=cmd_translate)
     return parser
 
