@@ -57,11 +57,12 @@ def beam_search(model, src, src_valid_len, *, bos, eos, max_len, beam_size=4, le
     """Beam search of a batch of source sentences.
 
     ``model`` is an ``EncoderDecoder`` (ours or d2l's); ``src`` int64 (B, T) padded ids and
-    ``src_valid_len`` (B,) their lengths. Each step extends every live beam by every token;
-    the ``beam_size`` best candidates of a sentence (by summed log-probability) are kept, those
-    of them that end in ``eos`` are finished and the best ``beam_size`` candidates that do not
-    stay alive. A sentence stops once it has ``beam_size`` finished hypotheses; at ``max_len``
-    the best candidates are finished as they are. ``beam_size=1`` is greedy decoding.
+    ``src_valid_len`` (B,) their lengths. Each step extends every live beam by every token and
+    ranks a sentence's candidates by summed log-probability: those ending in ``eos`` among the
+    ``beam_size`` best are finished, and the ``beam_size`` best not ending in ``eos`` stay alive
+    (fairseq's rule). A sentence stops once it has ``beam_size`` finished hypotheses; at
+    ``max_len`` its ``beam_size`` best candidates are finished as they are. ``beam_size=1`` is
+    greedy decoding; a beam as wide as the number of possible outputs ranks them all exactly.
 
     A hypothesis's score is the sum of the log-probabilities of its tokens, the ending ``eos``
     included, divided by ``((5 + length) / 6) ** length_penalty`` with the ``eos`` counted in the

@@ -150,6 +150,9 @@ class Seq2SeqTrainer:
         this call (d2l's two printed figures)."""
         if num_epochs is None and max_steps is None:
             raise ValueError("num_epochs or max_steps must be given")
+        for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
+            if value is not None:
+                V.check_int(value, name, minimum=0)
         steps_per_epoch = len(data) if hasattr(data, "__len__") else None
         total = max_steps
         if num_epochs is not None and steps_per_epoch is not None:

@@ -175,3 +175,7 @@ def test_fit_needs_a_stopping_rule():
     trainer = Seq2SeqTrainer(_model(task), bos=1, lr=0.1)
     with pytest.raises(ValueError, match="num_epochs or max_steps"):
         trainer.fit(task.train_iter)
+    with pytest.raises(TypeError, match="max_steps"):
+        trainer.fit(task.train_iter, max_steps=2.5)
+    with pytest.raises(ValueError, match="num_epochs"):
+        trainer.fit(task.train_iter, num_epochs=-1)
