@@ -150,7 +150,8 @@ class Seq2SeqTrainer:
         this call (d2l's two printed figures)."""
         if num_epochs is None and max_steps is None:
             raise ValueError("num_epochs or max_steps must be given")
-        for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
+        counts = (("num_epochs", num_epochs), ("max_steps", max_steps), ("checkpoint_every", checkpoint_every))
+        for name, value in counts:
             if value is not None:
                 V.check_int(value, name, minimum=0)
         steps_per_epoch = len(data) if hasattr(data, "__len__") else None
