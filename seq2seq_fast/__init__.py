@@ -6,6 +6,7 @@ fastest backend available (``available_backends()``).
 """
 from seq2seq_fast.attention import AdditiveAttention, masked_softmax
 from seq2seq_fast.backends import available_backends, unavailable_reason
+from seq2seq_fast.beam import BeamResult, beam_search
 from seq2seq_fast.decoding import DecodeResult, greedy_decode
 from seq2seq_fast.modules import (
     AttentionDecoder,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditiveAttention",
     "AttentionDecoder",
+    "BeamResult",
     "DecodeResult",
     "Decoder",
     "DecoderState",
@@ -33,6 +35,7 @@ __all__ = [
     "Seq2SeqEncoder",
     "__version__",
     "available_backends",
+    "beam_search",
     "greedy_decode",
     "masked_softmax",
     "unavailable_reason",
