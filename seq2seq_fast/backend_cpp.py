@@ -232,6 +232,7 @@ def _decoder_setup_context(ctx, inputs, output):
     (X, enc, _hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, _b_ih, _b_hh, dense_w, _dense_b, attn_mask,
      layer_mask, keep) = inputs
     _, attention, states, x_in, layer_inputs, gates = output
+    ctx.set_materialize_grads(False)  # unused outputs: None, not zero-filled tensors
     ctx.keep = keep
     ctx.num_layers = len(w_ih)
     if keep:
@@ -259,6 +260,7 @@ def _decoder_backward(ctx, grad_logits, grad_attention, grad_states, *_unused):
 def _encoder_setup_context(ctx, inputs, output):
     X, emb, w_ih, w_hh, _b_ih, _b_hh, layer_mask, keep = inputs
     states, layer_inputs, gates = output
+    ctx.set_materialize_grads(False)
     ctx.keep = keep
     ctx.num_layers = len(w_ih)
     if keep:

@@ -142,6 +142,31 @@ struct Params {
   }
 };
 
+// The weights of the per-step GEMMs, packed once per call (M = B rows each).
+template <typename T>
+struct StepGemms {
+  PackedWeight<T> qg;                // (B, 4H) = top state @ [W_q ; W_hh_top]^T
+  PackedWeight<T> ctx0;              // (B, 3H) += context @ W_ih0[:, :H]^T
+  std::vector<PackedWeight<T>> ih;   // layers k > 0: (B, 3H) = input @ W_ih_k^T
+  std::vector<PackedWeight<T>> hh;   // layers k < L - 1: (B, 3H) = h @ W_hh_k^T
+
+  StepGemms(const Sizes& s, const Params<T>& P) {
+    const int64_t B = s.B, H = s.H, E = s.E;
+    qg = PackedWeight<T>(true, B, 4 * H, H, P.w_cat.template data_ptr<T>(), H);
+    ctx0 = PackedWeight<T>(true, B, 3 * H, H, P.w_ih[0].template data_ptr<T>(), H + E);
+    ih.resize(s.L);
+    hh.resize(s.L);
+    for (int64_t k = 0; k < s.L; ++k) {
+      if (k > 0) {
+        ih[k] = PackedWeight<T>(true, B, 3 * H, H, P.w_ih[k].template data_ptr<T>(), H);
+      }
+      if (k < s.L - 1) {
+        hh[k] = PackedWeight<T>(true, B, 3 * H, H, P.w_hh[k].template data_ptr<T>(), H);
+      }
+    }
+  }
+};
+
 // One decoder step for all rows: attention from the previous top state, layer 0's input GEMM
 // (context part; `gi0` already holds the embedding part), the GRU layers. `state_prev` and
 // `state_out` are (L, B, H) with stride `state_ld` between layers (they may alias).
@@ -153,23 +178,23 @@ struct StepBuffers {
 };
 
 template <typename T>
-void decoder_step(const Sizes& s, const Params<T>& P, const T* kp, const T* enc, const int64_t* lens,
+void decoder_step(const Sizes& s, const Params<T>& P, const StepGemms<T>& G, const T* kp, const T* enc, const int64_t* lens,
                   const T* attn_drop, const T* layer_drop, int64_t layer_drop_ld, const T* state_prev,
                   T* state_out, int64_t state_ld, T* x0, T* gi0, T* attn_out, T* gates, int64_t gates_ld,
                   T* layer_inputs, int64_t layer_inputs_ld, const StepBuffers<T>& buf) {
   const int64_t B = s.B, H = s.H, E = s.E, L = s.L;
   const T* top_prev = state_prev + (L - 1) * state_ld;
-  gemm<T>(false, true, B, 4 * H, H, T(1), top_prev, H, ptr<T>(P.w_cat), H, T(0), buf.qg, 4 * H);
+  G.qg.gemm(top_prev, H, T(0), buf.qg, 4 * H);
   AttnFwd a{B, s.T, H, buf.qg, 4 * H, kp, enc, ptr<T>(P.w_v), lens, attn_drop, attn_out, x0, H + E};
   attention_forward<T>(a);
-  gemm<T>(false, true, B, 3 * H, H, T(1), x0, H + E, ptr<T>(P.w_ih[0]), H + E, T(1), gi0, 3 * H);
+  G.ctx0.gemm(x0, H + E, T(1), gi0, 3 * H);
   for (int64_t k = 0; k < L; ++k) {
     const T* h_prev = state_prev + k * state_ld;
     T* h_out = state_out + k * state_ld;
     const T* gi = gi0;
     if (k > 0) {
       const T* xin = layer_inputs ? layer_inputs + (k - 1) * layer_inputs_ld : state_out + (k - 1) * state_ld;
-      gemm<T>(false, true, B, 3 * H, H, T(1), xin, H, ptr<T>(P.w_ih[k]), H, T(0), buf.gi, 3 * H);
+      G.ih[k].gemm(xin, H, T(0), buf.gi, 3 * H);
       gi = buf.gi;
     }
     const T* gh;
@@ -178,7 +203,7 @@ void decoder_step(const Sizes& s, const Params<T>& P, const T* kp, const T* enc,
       gh = buf.qg + H;
       ld_gh = 4 * H;
     } else {
-      gemm<T>(false, true, B, 3 * H, H, T(1), h_prev, H, ptr<T>(P.w_hh[k]), H, T(0), buf.gh, 3 * H);
+      G.hh[k].gemm(h_prev, H, T(0), buf.gh, 3 * H);
       gh = buf.gh;
       ld_gh = 3 * H;
     }
@@ -246,6 +271,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::decoder_forward", [&] {
     using T = scalar_t;
     Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
+    const StepGemms<T> G(s, P);
     at::Tensor gi0_all = at::empty({S, B, 3 * H}, opts);
     at::Tensor scratch = at::empty({B, 10 * H}, opts);
     T* x0 = inputs.data_ptr<T>();
@@ -260,7 +286,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (S + 1) * B * H;
     for (int64_t t = 0; t < S; ++t) {
-      decoder_step<T>(s, P, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
+      decoder_step<T>(s, P, G, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
                       attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
                       layer_mask ? ptr<T>(*layer_mask) + t * B * H : nullptr, S * B * H, st + t * B * H,
                       st + (t + 1) * B * H, state_ld, x0 + t * B * (H + E), gi0 + t * B * 3 * H,
@@ -325,7 +351,7 @@ BackwardResult decoder_backward(
   const at::Tensor attention = attention_in.contiguous(), states = states_in.contiguous();
   const at::Tensor inputs = inputs_in.contiguous(), gates = gates_in.contiguous();
   const at::Tensor layer_inputs = layer_inputs_in.contiguous();
-  const auto g_logits = contiguous_opt(grad_logits_in), g_attn = contiguous_opt(grad_attention_in);
+  const auto g_attn = contiguous_opt(grad_attention_in);
   auto opts = enc.options();
 
   at::Tensor D = grad_states_in.has_value() ? grad_states_in->contiguous().clone() : at::zeros({L, S + 1, B, H}, opts);
@@ -353,8 +379,17 @@ BackwardResult decoder_backward(
     const T* top_prev = st + (L - 1) * state_ld;         // (S*B, H) its previous states
     T* Dp = D.data_ptr<T>();
     // dense: grad of the top states, of the weight and of the bias, for all steps at once.
-    if (g_logits.has_value()) {
-      const T* gy = ptr<T>(*g_logits);
+    if (grad_logits_in.has_value()) {
+      // The loss usually hands back a transposed gradient: copy it blocked, not element-wise.
+      at::Tensor gy_buf;
+      const T* gy;
+      if (grad_logits_in->is_contiguous()) {
+        gy = ptr<T>(*grad_logits_in);
+      } else {
+        gy_buf = at::empty({S, B, V}, opts);
+        copy_contiguous<T>(*grad_logits_in, gy_buf.data_ptr<T>());
+        gy = gy_buf.data_ptr<T>();
+      }
       gemm<T>(false, false, S * B, H, V, T(1), gy, V, ptr<T>(dw), H, T(1), Dp + (L - 1) * state_ld + B * H, H);
       gemm<T>(true, false, V, H, S * B, T(1), gy, V, tops, H, T(0), d_dense_w.data_ptr<T>(), H);
       column_sums<T>(gy, S * B, V, V, d_dense_b.data_ptr<T>(), false);
@@ -371,6 +406,15 @@ BackwardResult decoder_backward(
     T* dx = dctx + B * H;
     T* dhp = dh.data_ptr<T>();
     const T* gt = ptr<T>(gates);
+    // Per-step GEMM weights, packed once: gradients of the layers' inputs and previous states.
+    std::vector<PackedWeight<T>> ih_b(L), hh_b(L);
+    for (int64_t k = 0; k < L; ++k) {
+      ih_b[k] = PackedWeight<T>(false, B, H, 3 * H, ptr<T>(wih[k]), k == 0 ? H + E : H);
+      if (k < L - 1) {
+        hh_b[k] = PackedWeight<T>(false, B, H, 3 * H, ptr<T>(whh[k]), H);
+      }
+    }
+    const PackedWeight<T> cat_b(false, B, H, 4 * H, ptr<T>(w_cat), H);
     for (int64_t t = S - 1; t >= 0; --t) {
       T* gcat_t = Gcat.data_ptr<T>() + t * B * 4 * H;
       for (int64_t k = L - 1; k >= 0; --k) {
@@ -394,19 +438,19 @@ BackwardResult decoder_backward(
         if (k > 0) {
           T* dh_below = dhp + (k - 1) * B * H;
           if (layer_mask.has_value()) {
-            gemm<T>(false, false, B, H, 3 * H, T(1), ggi, 3 * H, ptr<T>(wih[k]), H, T(0), dx, H);
+            ih_b[k].gemm(ggi, 3 * H, T(0), dx, H);
             const T* m = ptr<T>(*layer_mask) + ((k - 1) * S + t) * B * H;
             for (int64_t i = 0; i < B * H; ++i) {
               dh_below[i] += dx[i] * m[i];
             }
           } else {
-            gemm<T>(false, false, B, H, 3 * H, T(1), ggi, 3 * H, ptr<T>(wih[k]), H, T(1), dh_below, H);
+            ih_b[k].gemm(ggi, 3 * H, T(1), dh_below, H);
           }
         } else {
-          gemm<T>(false, false, B, H, 3 * H, T(1), ggi, 3 * H, ptr<T>(wih[0]), H + E, T(0), dctx, H);
+          ih_b[0].gemm(ggi, 3 * H, T(0), dctx, H);
         }
         if (k < L - 1) {
-          gemm<T>(false, false, B, H, 3 * H, T(1), ggh, 3 * H, ptr<T>(whh[k]), H, T(1), dhk, H);
+          hh_b[k].gemm(ggh, 3 * H, T(1), dhk, H);
         }
       }
       AttnBwd a{B, T_, H, Q.data_ptr<T>() + t * B * H, H, ptr<T>(kp), ptr<T>(enc), ptr<T>(wv),
@@ -414,7 +458,7 @@ BackwardResult decoder_backward(
                 ptr<T>(attention) + t * B * T_, g_attn ? ptr<T>(*g_attn) + t * B * T_ : nullptr, dctx,
                 d_kp.data_ptr<T>(), d_enc.data_ptr<T>(), dwv_rows.data_ptr<T>(), gcat_t, 4 * H};
       attention_backward<T>(a);
-      gemm<T>(false, false, B, H, 4 * H, T(1), gcat_t, 4 * H, ptr<T>(w_cat), H, T(1), dhp + (L - 1) * B * H, H);
+      cat_b.gemm(gcat_t, 4 * H, T(1), dhp + (L - 1) * B * H, H);
     }
     for (int64_t k = 0; k < L; ++k) {
       T* dhk = dhp + k * B * H;
@@ -502,6 +546,9 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::greedy_decode", [&] {
     using T = scalar_t;
     Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
+    const StepGemms<T> G(s, P);
+    const PackedWeight<T> emb0(true, B, 3 * H, E, ptr<T>(P.w_ih[0]) + H, H + E);
+    const PackedWeight<T> dense(true, B, V, H, ptr<T>(P.dense_w), H);
     at::Tensor work = at::empty({B, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
     T* x0 = work.data_ptr<T>();
     T* gi0 = x0 + B * (H + E);
@@ -517,8 +564,8 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     const T* bias = ptr<T>(*P.dense_b);
     for (int64_t t = 0; t < max_len; ++t) {
       gather_rows<T>(ptr<T>(P.embedding), E, token.data(), B, 1, x0 + H, H + E);
-      gemm<T>(false, true, B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
-      decoder_step<T>(s, P, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
+      emb0.gemm(x0 + H, H + E, T(0), gi0, 3 * H);
+      decoder_step<T>(s, P, G, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
                       attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
                       layer_mask ? ptr<T>(*layer_mask) + t * B * H : nullptr, max_len * B * H, st, st, B * H, x0, gi0,
                       attn_buf.data_ptr<T>() + (return_attention ? t * B * T_ : 0), gates, B * 4 * H,
@@ -526,7 +573,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
       for (int64_t b = 0; b < B; ++b) {
         std::copy(bias, bias + V, logits + b * V);
       }
-      gemm<T>(false, true, B, V, H, T(1), st + (L - 1) * B * H, H, ptr<T>(P.dense_w), H, T(1), logits, V);
+      dense.gemm(st + (L - 1) * B * H, H, T(1), logits, V);
       bool all_done = true;
       for (int64_t b = 0; b < B; ++b) {
         const T* y = logits + b * V;

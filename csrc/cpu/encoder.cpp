@@ -137,9 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
         in = H;
       }
       gemm<T>(false, true, T_ * B, 3 * H, in, T(1), xin, in, w_ih[k].data_ptr<T>(), in, T(0), GI.data_ptr<T>(), 3 * H);
+      const PackedWeight<T> hh(true, B, 3 * H, H, w_hh[k].data_ptr<T>(), H);
       for (int64_t t = 0; t < T_; ++t) {
         const T* hp = sk + t * B * H;
-        gemm<T>(false, true, B, 3 * H, H, T(1), hp, H, w_hh[k].data_ptr<T>(), H, T(0), gh.data_ptr<T>(), 3 * H);
+        hh.gemm(hp, H, T(0), gh.data_ptr<T>(), 3 * H);
         T* save = gates.data_ptr<T>() + (keep_activations ? (k * T_ + t) * B * 4 * H : 0);
         GatesFwd g{B, H, GI.data_ptr<T>() + t * B * 3 * H, 3 * H, gh.data_ptr<T>(), 3 * H,
                    b_ih[k].data_ptr<T>(), b_hh[k].data_ptr<T>(), hp, sk + (t + 1) * B * H, save};
@@ -201,6 +202,7 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
     T* dinp = d_in.data_ptr<T>();
     for (int64_t k = L - 1; k >= 0; --k) {
       std::fill(dhp, dhp + B * H, T(0));
+      const PackedWeight<T> hh(false, B, H, 3 * H, w_hh[k].data_ptr<T>(), H);
       for (int64_t t = T_ - 1; t >= 0; --t) {
         const T* ext = Dp + k * state_ld + (t + 1) * B * H;
         const T* from_above = dinp + t * B * H;  // layer k + 1's input grad (masked), k < L - 1
@@ -212,7 +214,7 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
         GatesBwd g{B, H, dhp, gates.data_ptr<T>() + (k * T_ + t) * B * 4 * H, st + k * state_ld + t * B * H,
                    ggi, 3 * H, ggh, 3 * H};
         gates_backward<T>(g);
-        gemm<T>(false, false, B, H, 3 * H, T(1), ggh, 3 * H, w_hh[k].data_ptr<T>(), H, T(1), dhp, H);
+        hh.gemm(ggh, 3 * H, T(1), dhp, H);
       }
       const T* xin;
       int64_t in = k == 0 ? E : H;

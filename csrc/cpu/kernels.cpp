@@ -22,7 +22,18 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (CBLAS, LP64); enum arguments as int.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
+
+namespace {
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151;
+constexpr int kCblasBMatrix = 162;
+}  // namespace
 
 namespace seq2seq_fast::cpu {
 namespace {
@@ -337,6 +348,80 @@ void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, 
           const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   gemm_impl<double>(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+template <typename T>
+PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
+    : trans_(trans), M_(M), N_(N), K_(K), ldw_(ldw), W_(W) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t kMax = std::numeric_limits<int>::max();
+    const bool usable = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+                        cblas_sgemm_compute != nullptr && M > 0 && N > 0 && K > 0 && M < kMax && N < kMax &&
+                        K < kMax && ldw < kMax;
+    if (usable) {
+      const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(M), static_cast<int>(N),
+                                                     static_cast<int>(K));
+      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float) + 16)}, at::kFloat);
+      cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, static_cast<int>(M),
+                       static_cast<int>(N), static_cast<int>(K), 1.0f, W, static_cast<int>(ldw),
+                       packed_.data_ptr<float>());
+    }
+  }
+}
+
+template <typename T>
+void PackedWeight<T>::gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed_.defined()) {
+      cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(M_), static_cast<int>(N_),
+                          static_cast<int>(K_), A, static_cast<int>(lda), packed_.data_ptr<float>(),
+                          static_cast<int>(trans_ ? K_ : N_), beta, C, static_cast<int>(ldc));
+      return;
+    }
+  }
+  blas_gemm(false, trans_, M_, N_, K_, T(1), A, lda, W_, ldw_, beta, C, ldc);
+}
+
+template class PackedWeight<float>;
+template class PackedWeight<double>;
+
+template <typename T>
+void copy_contiguous(const at::Tensor& src, T* out) {
+  TORCH_CHECK(src.dim() == 3, "seq2seq_fast: copy_contiguous expects 3 dimensions");
+  const int64_t D0 = src.size(0), D1 = src.size(1), D2 = src.size(2);
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2);
+  const T* in = src.data_ptr<T>();
+  if (s2 == 1) {
+    for (int64_t i = 0; i < D0; ++i) {
+      for (int64_t j = 0; j < D1; ++j) {
+        std::copy(in + i * s0 + j * s1, in + i * s0 + j * s1 + D2, out + (i * D1 + j) * D2);
+      }
+    }
+    return;
+  }
+  // Innermost output dimension strided: walk it in blocks, the smallest-stride outer dimension
+  // inside, so each block's source lines stay in cache.
+  constexpr int64_t kBlock = 256;
+  const bool inner_is_0 = s0 <= s1;
+  const int64_t Dout = inner_is_0 ? D1 : D0, Din = inner_is_0 ? D0 : D1;
+  const int64_t sout = inner_is_0 ? s1 : s0, sin = inner_is_0 ? s0 : s1;
+  at::parallel_for(0, Dout, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t c0 = 0; c0 < D2; c0 += kBlock) {
+        const int64_t c1 = std::min(D2, c0 + kBlock);
+        for (int64_t n = 0; n < Din; ++n) {
+          const T* src_row = in + o * sout + n * sin;
+          T* dst = out + (inner_is_0 ? (n * D1 + o) : (o * D1 + n)) * D2;
+          for (int64_t c = c0; c < c1; ++c) {
+            dst[c] = src_row[c * s2];
+          }
+        }
+      }
+    }
+  });
+}
+
+template void copy_contiguous<float>(const at::Tensor&, float*);
+template void copy_contiguous<double>(const at::Tensor&, double*);
 
 template <>
 void column_sums<float>(const float* G, int64_t rows, int64_t cols, int64_t ld, float* out, bool accumulate) {

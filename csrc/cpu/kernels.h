@@ -42,6 +42,29 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T 
   blas_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+// The weight operand of many row-major GEMMs C[M, N] = A[M, K] @ op(W) + beta * C that share W
+// and M (a step loop's GEMMs): packed once into MKL's internal layout (cblas_sgemm_pack) so the
+// BLAS does not re-pack W at every step. Without the packed API (or in float64) it calls gemm.
+template <typename T>
+class PackedWeight {
+ public:
+  PackedWeight() = default;
+  // op(W) = W^T when trans (W is N x K), else W (K x N); ldw is W's row stride.
+  PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw);
+  void gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
+
+ private:
+  bool trans_ = false;
+  int64_t M_ = 0, N_ = 0, K_ = 0, ldw_ = 0;
+  const T* W_ = nullptr;
+  at::Tensor packed_;
+};
+
+// Copies a (D0, D1, D2) tensor of any strides into contiguous memory `out`, blocked so that an
+// innermost dimension with a large stride (a transposed gradient) reads whole cache lines.
+template <typename T>
+void copy_contiguous(const at::Tensor& src, T* out);
+
 // out[c] (+)= sum over rows r of G[r * ld + c], c < cols.
 template <typename T>
 void column_sums(const T* G, int64_t rows, int64_t cols, int64_t ld, T* out, bool accumulate);
