@@ -1,0 +1,255 @@
+// d2l's Seq2SeqEncoder on CUDA: embedding + multi-layer GRU (zero initial state, dropout between
+// layers in training), forward and hand-written backward through time, with the CPU ops'
+// semantics and layouts (csrc/cpu/encoder.cpp):
+//   states (L, T + 1, B, H), states[:, 0] = 0; layer_inputs (L - 1, T, B, H); gates (L, T, B, 4H).
+// Layer by layer, so each layer's input GEMM (and, backward, its weight GEMMs) runs once over all
+// steps; per step one recurrent GEMM and one fused gate kernel. Nothing in the step loops
+// allocates or synchronizes.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/checks.h"
+#include "cuda/kernels.h"
+
+namespace seq2seq_fast::gpu {
+namespace {
+
+struct EncSizes {
+  int64_t B, T, H, E, V, L;
+};
+
+EncSizes check_encoder(const at::Tensor& X, const at::Tensor& embedding, at::TensorList w_ih, at::TensorList w_hh,
+                       at::TensorList b_ih, at::TensorList b_hh) {
+  TORCH_CHECK_TYPE(is_float_dtype(embedding.scalar_type()),
+                   "seq2seq_fast: embedding must be float16, bfloat16, float32 or float64, got ",
+                   embedding.scalar_type());
+  TORCH_CHECK_VALUE(embedding.is_cuda(), "seq2seq_fast: embedding must be a CUDA tensor, got device ",
+                    embedding.device());
+  const auto dtype = embedding.scalar_type();
+  const auto device = embedding.device();
+  TORCH_CHECK_VALUE(embedding.dim() == 2, "seq2seq_fast: embedding must have shape (V, E), got ",
+                    embedding.sizes());
+  EncSizes s{};
+  s.V = embedding.size(0);
+  s.E = embedding.size(1);
+  check_tokens(X, "X", s.V, device);
+  s.B = X.size(0);
+  s.T = X.size(1);
+  TORCH_CHECK_VALUE(s.B >= 1, "seq2seq_fast: X must have at least one row, got shape ", X.sizes());
+  s.L = static_cast<int64_t>(w_ih.size());
+  const bool biases = !b_ih.empty() || !b_hh.empty();  // the backward passes none
+  TORCH_CHECK_VALUE(s.L >= 1 && w_hh.size() == w_ih.size() &&
+                        (!biases || (b_ih.size() == w_ih.size() && b_hh.size() == w_ih.size())),
+                    "seq2seq_fast: w_ih, w_hh, b_ih, b_hh must list one tensor per GRU layer (>= 1)");
+  check_cuda_float(w_hh[0], "w_hh", dtype, device, "embedding");
+  TORCH_CHECK_VALUE(w_hh[0].dim() == 2, "seq2seq_fast: w_hh[layer] must have shape (3H, H), got ",
+                    w_hh[0].sizes());
+  s.H = w_hh[0].size(1);
+  for (int64_t k = 0; k < s.L; ++k) {
+    check_cuda_float(w_ih[k], "w_ih", dtype, device, "embedding");
+    check_shape(w_ih[k], "w_ih[layer]", {3 * s.H, k == 0 ? s.E : s.H});
+    check_cuda_float(w_hh[k], "w_hh", dtype, device, "embedding");
+    check_shape(w_hh[k], "w_hh[layer]", {3 * s.H, s.H});
+    if (biases) {
+      check_cuda_float(b_ih[k], "b_ih", dtype, device, "embedding");
+      check_shape(b_ih[k], "b_ih[layer]", {3 * s.H});
+      check_cuda_float(b_hh[k], "b_hh", dtype, device, "embedding");
+      check_shape(b_hh[k], "b_hh[layer]", {3 * s.H});
+    }
+  }
+  return s;
+}
+
+void check_layer_mask(const EncSizes& s, const c10::optional<at::Tensor>& layer_mask, at::ScalarType dtype,
+                      const at::Device& device) {
+  if (!layer_mask.has_value()) {
+    return;
+  }
+  TORCH_CHECK_VALUE(s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
+  check_cuda_float(*layer_mask, "layer_mask", dtype, device, "embedding");
+  check_shape(*layer_mask, "layer_mask", {s.L - 1, s.T, s.B, s.H});
+}
+
+// Embedding rows of X (B, T) in step-major order: (T, B, E).
+template <typename T>
+void embed_steps(const at::Tensor& X, const at::Tensor& embedding, const at::Tensor& out, const EncSizes& s,
+                 cudaStream_t stream) {
+  for (int64_t t = 0; t < s.T; ++t) {
+    EmbedArgs a{s.B, s.E, s.V, out.select(0, t).data_ptr(), s.E, embedding.data_ptr(), X.data_ptr<int64_t>() + t,
+                s.T};
+    embed_rows<T>(a, stream);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, const at::Tensor& embedding_in,
+                                                                at::TensorList w_ih_in, at::TensorList w_hh_in,
+                                                                at::TensorList b_ih_in, at::TensorList b_hh_in,
+                                                                const c10::optional<at::Tensor>& layer_mask_in,
+                                                                bool keep_activations) {
+  TORCH_CHECK_VALUE(embedding_in.is_cuda(), "seq2seq_fast: embedding must be a CUDA tensor, got device ",
+                    embedding_in.device());
+  const c10::cuda::CUDAGuard guard(embedding_in.device());
+  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in);
+  const auto dtype = embedding_in.scalar_type();
+  check_layer_mask(s, layer_mask_in, dtype, embedding_in.device());
+  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
+  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
+  const auto w_ih = contiguous_all(w_ih_in), w_hh = contiguous_all(w_hh_in);
+  const auto b_ih = contiguous_all(b_ih_in), b_hh = contiguous_all(b_hh_in);
+  const auto layer_mask = contiguous_opt(layer_mask_in);
+  const auto opts = embedding.options();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor states = at::empty({L, T_ + 1, B, H}, opts);
+  at::Tensor layer_inputs = layer_mask.has_value() ? at::empty({L - 1, T_, B, H}, opts) : at::empty({0}, opts);
+  at::Tensor gates = at::empty({keep_activations ? L : 1, keep_activations ? T_ : 1, B, 4 * H}, opts);
+  at::Tensor x_emb = at::empty({T_, B, E}, opts);
+  at::Tensor GI = at::empty({T_, B, 3 * H}, opts);
+  at::Tensor gh = at::empty({B, 3 * H}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "seq2seq_fast::encoder_forward_cuda", [&] {
+    using T = scalar_t;
+    embed_steps<T>(X, embedding, x_emb, s, stream);
+    for (int64_t k = 0; k < L; ++k) {
+      const at::Tensor sk = states.select(0, k);
+      sk.select(0, 0).zero_();
+      at::Tensor xin;
+      if (k == 0) {
+        xin = x_emb.view({T_ * B, E});
+      } else if (layer_mask.has_value()) {
+        at::Tensor dropped = layer_inputs.select(0, k - 1);
+        at::mul_out(dropped, states.select(0, k - 1).narrow(0, 1, T_), layer_mask->select(0, k - 1));
+        xin = layer_inputs.select(0, k - 1).view({T_ * B, H});
+      } else {
+        xin = states.select(0, k - 1).narrow(0, 1, T_).reshape({T_ * B, H});
+      }
+      at::Tensor gi_rows = GI.view({T_ * B, 3 * H});
+      at::mm_out(gi_rows, xin, w_ih[k].t());
+      for (int64_t t = 0; t < T_; ++t) {
+        const at::Tensor hp = sk.select(0, t);
+        at::mm_out(gh, hp, w_hh[k].t());
+        const at::Tensor save = keep_activations ? gates.select(0, k).select(0, t) : gates.select(0, 0).select(0, 0);
+        GatesFwdArgs g{B,
+                       H,
+                       sk.select(0, t + 1).data_ptr(),
+                       save.data_ptr(),
+                       nullptr,
+                       GI.select(0, t).data_ptr(),
+                       3 * H,
+                       gh.data_ptr(),
+                       3 * H,
+                       b_ih[k].data_ptr(),
+                       b_hh[k].data_ptr(),
+                       hp.data_ptr(),
+                       nullptr};
+        gates_forward<T>(g, stream);
+      }
+    }
+  });
+  if (!keep_activations) {
+    gates = at::empty({0}, opts);
+  }
+  return {states, layer_inputs, gates};
+}
+
+using EncoderGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                                std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor& X_in,
+                              const at::Tensor& embedding_in, at::TensorList w_ih_in, at::TensorList w_hh_in,
+                              const c10::optional<at::Tensor>& layer_mask_in, const at::Tensor& states_in,
+                              const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
+  TORCH_CHECK_VALUE(embedding_in.is_cuda(), "seq2seq_fast: embedding must be a CUDA tensor, got device ",
+                    embedding_in.device());
+  const c10::cuda::CUDAGuard guard(embedding_in.device());
+  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, {}, {});
+  const auto dtype = embedding_in.scalar_type();
+  const auto device = embedding_in.device();
+  check_layer_mask(s, layer_mask_in, dtype, device);
+  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
+  check_cuda_float(grad_states_in, "grad_states", dtype, device, "embedding");
+  check_shape(grad_states_in, "grad_states", {L, T_ + 1, B, H});
+  check_cuda_float(states_in, "states", dtype, device, "embedding");
+  check_shape(states_in, "states", {L, T_ + 1, B, H});
+  check_cuda_float(gates_in, "gates", dtype, device, "embedding");
+  check_shape(gates_in, "gates", {L, T_, B, 4 * H});
+  if (layer_mask_in.has_value()) {
+    check_cuda_float(layer_inputs_in, "layer_inputs", dtype, device, "embedding");
+    check_shape(layer_inputs_in, "layer_inputs", {L - 1, T_, B, H});
+  }
+  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
+  const auto w_ih = contiguous_all(w_ih_in), w_hh = contiguous_all(w_hh_in);
+  const at::Tensor D = grad_states_in.contiguous(), states = states_in.contiguous(), gates = gates_in.contiguous();
+  const at::Tensor layer_inputs = layer_inputs_in.contiguous();
+  const auto layer_mask = contiguous_opt(layer_mask_in);
+  const auto opts = embedding.options();
+  const auto acc = at::toOpMathType(dtype);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  std::vector<at::Tensor> d_wih(L), d_whh(L), d_bih(L), d_bhh(L);
+  at::Tensor Ggi = at::empty({T_, B, 3 * H}, opts), Ggh = at::empty({T_, B, 3 * H}, opts);
+  // Gradient of the current layer's input for all steps, (T*B, in) with in = E (layer 0) or H;
+  // layer k - 1 reads layer k's (and applies the dropout mask in its gate kernel).
+  at::Tensor d_in = at::zeros({T_ * B * std::max(E, H)}, opts);
+  at::Tensor dh = at::empty({B, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "seq2seq_fast::encoder_backward_cuda", [&] {
+    using T = scalar_t;
+    for (int64_t k = L - 1; k >= 0; --k) {
+      dh.zero_();
+      const bool from_above = k < L - 1;
+      const at::Tensor above = d_in.narrow(0, 0, T_ * B * H).view({T_, B, H});
+      for (int64_t t = T_ - 1; t >= 0; --t) {
+        const at::Tensor ggh = Ggh.select(0, t);
+        GatesBwdArgs g{B,
+                       H,
+                       dh.data_ptr(),
+                       Ggi.select(0, t).data_ptr(),
+                       3 * H,
+                       ggh.data_ptr(),
+                       3 * H,
+                       gates.select(0, k).select(0, t).data_ptr(),
+                       states.select(0, k).select(0, t).data_ptr(),
+                       D.select(0, k).select(0, t + 1).data_ptr(),
+                       from_above ? above.select(0, t).data_ptr() : nullptr,
+                       from_above && layer_mask.has_value() ? layer_mask->select(0, k).select(0, t).data_ptr()
+                                                            : nullptr};
+        gates_backward<T>(g, stream);
+        dh.addmm_(ggh, w_hh[k]);
+      }
+      const int64_t in = k == 0 ? E : H;
+      at::Tensor xin;
+      if (k == 0) {
+        xin = at::empty({T_, B, E}, opts);
+        embed_steps<T>(X, embedding, xin, s, stream);
+        xin = xin.view({T_ * B, E});
+      } else if (layer_mask.has_value()) {
+        xin = layer_inputs.select(0, k - 1).view({T_ * B, H});
+      } else {
+        xin = states.select(0, k - 1).narrow(0, 1, T_).reshape({T_ * B, H});
+      }
+      const at::Tensor gi_all = Ggi.view({T_ * B, 3 * H}), gh_all = Ggh.view({T_ * B, 3 * H});
+      d_wih[k] = at::mm(gi_all.t(), xin);
+      d_whh[k] = at::mm(gh_all.t(), states.select(0, k).narrow(0, 0, T_).reshape({T_ * B, H}));
+      d_bih[k] = gi_all.sum(0);
+      d_bhh[k] = gh_all.sum(0);
+      at::Tensor d_in_rows = d_in.narrow(0, 0, T_ * B * in).view({T_ * B, in});
+      at::mm_out(d_in_rows, gi_all, w_ih[k]);
+    }
+  });
+  // d_in now holds the gradient of the embedded input (T, B, E): summed per token.
+  at::Tensor d_emb_acc = at::zeros({s.V, E}, opts.dtype(acc));
+  d_emb_acc.index_add_(0, X.t().reshape({T_ * B}), d_in.narrow(0, 0, T_ * B * E).view({T_ * B, E}).to(acc));
+  return {d_emb_acc.to(dtype), d_wih, d_whh, d_bih, d_bhh};
+}
+
+}  // namespace
+}  // namespace seq2seq_fast::gpu
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CUDA, m) {
+  m.impl("encoder_forward", &seq2seq_fast::gpu::encoder_forward);
+  m.impl("encoder_backward", &seq2seq_fast::gpu::encoder_backward);
+}
