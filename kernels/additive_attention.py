@@ -341,15 +341,14 @@ def additive_attention_bwd(grad_context, grad_weights, q_proj, key_proj, values,
 
     grad_context (B, Q, Dv); grad_weights (B, Q, T) or None; the forward's inputs, and its
     outputs ``context``, ``weights``, ``stats`` (see ``additive_attention_fwd``).
-    Returns (dq (B, Q, H), dk (B, T, H), dv (B, T, Dv), dw_v (H,)) in the inputs' dtypes.
+    Returns contiguous (dq (B, Q, H), dk (B, T, H), dv (B, T, Dv), dw_v (H,)) in the inputs' dtypes.
     """
     B, Q, H = q_proj.shape
     T, DV = key_proj.shape[1], values.shape[2]
     dtype, device = q_proj.dtype, q_proj.device
     acc = accumulation_dtype(dtype)
     if B * Q == 0 or T == 0:
-        return (torch.zeros_like(q_proj), torch.zeros_like(key_proj), torch.zeros_like(values),
-                torch.zeros_like(w_v))
+        return tuple(x.new_zeros(x.shape) for x in (q_proj, key_proj, values, w_v))
     BLOCK_T, BLOCK_H, BLOCK_D = _blocks(T, H, DV, block_t, block_h, block_d, 16, 64)
     NT = triton.cdiv(T, BLOCK_T)
     dq = _empty((B, NT, Q, H), acc, device)

@@ -63,8 +63,8 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(grad_context, grad_weights, q_proj, key_proj, values, w_v, valid_lens, seed, dropout_p,
       context, weights, stats):
-    return (torch.empty_like(q_proj), torch.empty_like(key_proj), torch.empty_like(values),
-            torch.empty_like(w_v))
+    # Contiguous, like the kernel's gradients (empty_like would copy the inputs' strides).
+    return tuple(x.new_empty(x.shape) for x in (q_proj, key_proj, values, w_v))
 
 
 def _setup_context(ctx, inputs, output):

@@ -227,20 +227,26 @@ def op_samples():
     lens1 = torch.tensor([0, 3], device=DEVICE)
     lens2 = torch.tensor([[0, 3, 9], [1, 2, 7]], device=DEVICE)
     seed = torch.tensor([42], device=DEVICE)
+    # Non-contiguous inputs, as the decoder passes them (slices of a fused GEMM, (T, B, H) keys).
+    q_t = leaf(3, 2, 5).transpose(0, 1)
+    k_t = leaf(7, 2, 5).transpose(0, 1)
+    v_t = leaf(2, 4, 7).transpose(1, 2)
     return [
         (q, k, v, w, None, None, 0.0),
         (q, k, v, w, lens1, None, 0.0),
         (q, k, v, w, lens2, seed, 0.3),
+        (q_t, k_t, v_t, w, lens1, seed, 0.5),
     ]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["plain", "lens-1d", "lens-2d-dropout"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["plain", "lens-1d", "lens-2d-dropout", "strided"])
 def test_opcheck_forward(index):
     torch.library.opcheck(BT._attention_op, op_samples()[index])
 
 
-def test_opcheck_backward():
-    q, k, v, w, lens, seed, p = op_samples()[2]
+@pytest.mark.parametrize("index", [2, 3], ids=["lens-2d-dropout", "strided"])
+def test_opcheck_backward(index):
+    q, k, v, w, lens, seed, p = op_samples()[index]
     args = [x.detach() for x in (q, k, v, w)]
     context, weights, stats = BT._attention_op(*args, lens, seed, p)
     grads = torch.randn_like(context), torch.randn_like(weights)
