@@ -1,0 +1,114 @@
+"""One decoder forward captured in a CUDA graph and replayed, for inference at fixed shapes.
+
+A decoder step loop launches many small kernels; for a fixed batch, source length, target length
+and dtype, ``torch.cuda.CUDAGraph`` records them once and replays them with a single launch.
+Works with any backend whose forward makes no host synchronisation while the stream is captured
+(``triton`` and ``cpp``; the input checks skip their value checks during capture).
+"""
+import torch
+
+from seq2seq_fast import validation as V
+from seq2seq_fast.state import DecoderState
+
+
+class CUDAGraphDecoder:
+    """``decoder(X, state)`` captured for the shapes of ``example_X`` and ``example_state``.
+
+    ``example_X`` int64 (B, S) token ids and ``example_state`` = ``[enc_outputs (B, T, H),
+    hidden_state (L, B, H), enc_valid_lens (None or (B,))]`` (what ``decoder.init_state``
+    returns), all on one CUDA device. Each call copies its inputs into the graph's static buffers
+    and replays the graph; it runs under ``torch.no_grad()`` (no autograd: inference only), with
+    the decoder's current weights (updated in place, they are seen by the next replay) and mode
+    (dropout in training mode draws fresh masks at each replay). ``warmup`` eager calls on a side
+    stream precede the capture (cuBLAS and Triton initialise there). With ``validate`` (default)
+    each call checks the token ids (one host sync); without it, ids out of range are undefined
+    behaviour. Outputs are fresh tensors unless ``copy_outputs=False``, in which case they are
+    the static buffers that the next call overwrites.
+
+    >>> graph = CUDAGraphDecoder(decoder, X, state)      # doctest: +SKIP
+    >>> Y, new_state = graph(X2, state2)                  # same shapes as X and state
+    >>> torch.testing.assert_close(Y, decoder(X2, state2)[0])
+    """
+
+    def __init__(self, decoder, example_X, example_state, *, warmup=2, validate=True, copy_outputs=True):
+        enc_outputs, hidden, valid_lens = self._unpack(example_state)
+        V.check_tokens(example_X, "example_X", decoder.embedding.num_embeddings)
+        if not (example_X.is_cuda and enc_outputs.is_cuda and hidden.is_cuda):
+            raise ValueError(
+                "CUDAGraphDecoder needs CUDA tensors, got example_X on "
+                f"{example_X.device}, enc_outputs on {enc_outputs.device}, hidden_state on {hidden.device}"
+            )
+        V.check_int(warmup, "warmup", minimum=1)
+        self.decoder = decoder
+        self.validate = bool(validate)
+        self.copy_outputs = bool(copy_outputs)
+        self._X = example_X.detach().clone()
+        self._enc = enc_outputs.detach().clone()
+        self._hidden = hidden.detach().clone()
+        self._lens = None if valid_lens is None else valid_lens.detach().clone()
+        static_state = [self._enc, self._hidden, self._lens]
+
+        side = torch.cuda.Stream(device=self._X.device)
+        side.wait_stream(torch.cuda.current_stream(self._X.device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(warmup):
+                decoder(self._X, static_state)
+        torch.cuda.current_stream(self._X.device).wait_stream(side)
+
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            Y, state = decoder(self._X, static_state)
+        self._Y = Y
+        self._hidden_out = state[1]
+        self._attention = list(decoder.attention_weights)
+
+    @staticmethod
+    def _unpack(state):
+        if not isinstance(state, (list, tuple)) or len(state) != 3:
+            raise TypeError(
+                "state must be [enc_outputs, hidden_state, enc_valid_lens] as decoder.init_state returns, "
+                f"got {type(state).__name__}"
+            )
+        enc_outputs, hidden, valid_lens = state
+        V.check_floating(enc_outputs, "enc_outputs (state[0])", ndim=3)
+        V.check_floating(hidden, "hidden_state (state[1])", ndim=3)
+        if valid_lens is not None:
+            V.check_tensor(valid_lens, "enc_valid_lens (state[2])")
+        return enc_outputs, hidden, valid_lens
+
+    def _load(self, name, static, value):
+        if value is None or static is None:
+            if value is not static:
+                raise ValueError(
+                    f"{name} must be {'None' if static is None else 'a tensor'} as in the captured call, "
+                    f"got {'None' if value is None else type(value).__name__}"
+                )
+            return
+        if value.shape != static.shape or value.dtype != static.dtype or value.device != static.device:
+            raise ValueError(
+                f"{name} must match the captured call: shape {tuple(static.shape)}, dtype {static.dtype}, "
+                f"device {static.device}; got shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
+            )
+        static.copy_(value)
+
+    def __call__(self, X, state):
+        """``decoder(X, state)`` by replay: (logits (B, S, V), new state), as the decoder returns."""
+        enc_outputs, hidden, valid_lens = self._unpack(state)
+        if self.validate:
+            V.check_tokens(X, "X", self.decoder.embedding.num_embeddings)
+        self._load("X", self._X, X)
+        self._load("enc_outputs (state[0])", self._enc, enc_outputs)
+        self._load("hidden_state (state[1])", self._hidden, hidden)
+        self._load("enc_valid_lens (state[2])", self._lens, valid_lens)
+        self.graph.replay()
+        Y, hidden_out = self._Y, self._hidden_out
+        if self.copy_outputs:
+            Y, hidden_out = Y.clone(), hidden_out.clone()
+        return Y, DecoderState([enc_outputs, hidden_out, valid_lens])
+
+    @property
+    def attention_weights(self):
+        """The last replay's attention weights: S tensors (B, 1, T) (copies unless copy_outputs=False)."""
+        if self.copy_outputs:
+            return [a.clone() for a in self._attention]
+        return list(self._attention)
