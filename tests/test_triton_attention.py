@@ -143,6 +143,21 @@ def test_launchers_with_small_blocks(lens_kind):
         assert_close(got, want, f"grad {name}")
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4], ids=["no-dropout", "dropout"])
+def test_gradcheck_float64(dropout_p):
+    """Numerical gradients; with dropout through the op with a fixed seed (then deterministic)."""
+    gen = torch.Generator().manual_seed(9)
+    inputs = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+              for shape in ((2, 2, 3), (2, 3, 3), (2, 3, 2), (3,))]
+    lens = torch.tensor([[0, 2], [3, 1]], device=DEVICE)
+    seed = torch.tensor([1234], device=DEVICE) if dropout_p else None
+
+    def f(q, k, v, w):
+        return BT._attention_op(q, k, v, w, lens, seed, dropout_p)[:2]
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
 def test_fully_masked_rows_are_uniform():
     """valid_len 0 gives uniform weights and the mean of the values, in every dtype."""
     T = 6
