@@ -17,6 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "cuda/checks.h"
@@ -456,13 +457,14 @@ BackwardResult decoder_backward(
     d_wih[k] = at::mm(ggi.t(), xin);
     d_bih[k] = ggi.sum(0);
   }
-  // Embedding: the embedding columns of layer 0's input gradient, summed per token.
+  // Embedding: the embedding columns of layer 0's input gradient, summed per token by ATen's
+  // embedding backward (sorts the ids: deterministic, unlike atomics; sums in float for half).
   const at::Tensor d_x = at::mm(Ggi.select(0, 0).view({S * B, 3 * H}), wih[0].narrow(1, H, E));
-  at::Tensor d_emb_acc = at::zeros({embedding.size(0), E}, acc_opts);
-  d_emb_acc.index_add_(0, X.t().reshape({S * B}), d_x.to(acc));
+  const at::Tensor d_emb = at::embedding_dense_backward(d_x, X.t().reshape({S * B}), embedding.size(0),
+                                                        /*padding_idx=*/-1, /*scale_grad_by_freq=*/false);
   at::Tensor d_wv = dwv_rows.sum(0).view(w_v.sizes()).to(dtype);
-  return {d_enc_acc.to(dtype), dh,      d_kp_acc.to(dtype), d_emb_acc.to(dtype), d_Wq, d_wv, d_wih, d_whh,
-          d_bih,               d_bhh,   d_dense_w,          d_dense_b};
+  return {d_enc_acc.to(dtype), dh, d_kp_acc.to(dtype), d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh,
+          d_dense_w, d_dense_b};
 }
 
 // ---- greedy decoding --------------------------------------------------------------------------

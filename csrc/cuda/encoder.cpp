@@ -6,7 +6,6 @@
 // steps; per step one recurrent GEMM and one fused gate kernel. Nothing in the step loops
 // allocates or synchronizes.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -187,7 +186,6 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
   const at::Tensor layer_inputs = layer_inputs_in.contiguous();
   const auto layer_mask = contiguous_opt(layer_mask_in);
   const auto opts = embedding.options();
-  const auto acc = at::toOpMathType(dtype);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   std::vector<at::Tensor> d_wih(L), d_whh(L), d_bih(L), d_bhh(L);
@@ -240,10 +238,12 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
       at::mm_out(d_in_rows, gi_all, w_ih[k]);
     }
   });
-  // d_in now holds the gradient of the embedded input (T, B, E): summed per token.
-  at::Tensor d_emb_acc = at::zeros({s.V, E}, opts.dtype(acc));
-  d_emb_acc.index_add_(0, X.t().reshape({T_ * B}), d_in.narrow(0, 0, T_ * B * E).view({T_ * B, E}).to(acc));
-  return {d_emb_acc.to(dtype), d_wih, d_whh, d_bih, d_bhh};
+  // d_in now holds the gradient of the embedded input (T, B, E): summed per token by ATen's
+  // embedding backward (sorts the ids: deterministic, unlike atomics; sums in float for half).
+  at::Tensor d_emb = at::embedding_dense_backward(d_in.narrow(0, 0, T_ * B * E).view({T_ * B, E}),
+                                                  X.t().reshape({T_ * B}), s.V, /*padding_idx=*/-1,
+                                                  /*scale_grad_by_freq=*/false);
+  return {d_emb, d_wih, d_whh, d_bih, d_bhh};
 }
 
 }  // namespace
