@@ -19,6 +19,8 @@ weights (B·Q·T), times the element size.
 Under ``TRITON_INTERPRET=1`` (CPU tensors) ``tl`` has no tanh and ``libdevice.tanh`` fails,
 so tanh is ``2·sigmoid(2x) - 1`` everywhere.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -50,7 +52,8 @@ def _tile_scores(q_row, stride_qh, k_base, stride_kt, stride_kh, wv_ptr, stride_
 
 @triton.jit
 def _keep(seed, row, T, offs_t, dropout_p):
-    """The dropout mask of one tile: Philox uniform at offset row·T + j, kept when >= p."""
+    """The dropout mask of one tile: Philox uniform at counter row·T + j (int32: counters repeat
+    past 2^31 weights in one call), kept when >= p, so with probability 1 - p."""
     return tl.rand(seed, (row * T + offs_t).to(tl.int32)) >= dropout_p
 
 
@@ -281,7 +284,7 @@ def _dropout_args(seed, dropout_p, like):
     if seed is None or dropout_p <= 0.0:
         return like, 0.0, 1.0, 0.0, False
     scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
-    hi = float(torch.tensor(scale, dtype=torch.float32))
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
     return seed, float(dropout_p), hi, scale - hi, True
 
 
