@@ -237,12 +237,9 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     using T = scalar_t;
     // Embedding part of layer 0's input and its GEMM (b_ih is added in the gate kernel), for
     // all steps at once; rows in step-major order.
-    EmbedArgs emb{B, E, P.embedding.size(0), nullptr, H + E, P.embedding.data_ptr(), X.data_ptr<int64_t>(), S};
-    for (int64_t t = 0; t < S; ++t) {
-      emb.out = inputs.select(0, t).narrow(1, H, E).data_ptr();
-      emb.ids = X.data_ptr<int64_t>() + t;
-      embed_rows<T>(emb, stream);
-    }
+    const EmbedArgs emb{S, B, E, P.embedding.size(0), inputs.view({S * B, H + E}).narrow(1, H, E).data_ptr(),
+                        H + E, P.embedding.data_ptr(), X.data_ptr<int64_t>(), S, 1};
+    embed_rows<T>(emb, stream);
     at::Tensor gi0_rows = gi0_all.view({S * B, 3 * H});
     at::mm_out(gi0_rows, inputs.view({S * B, H + E}).narrow(1, H, E), P.w_ih[0].narrow(1, H, E).t());
     for (int64_t t = 0; t < S; ++t) {
@@ -543,7 +540,8 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     int32_t* host = host_finished.data_ptr<int32_t>();
     int64_t next_poll = 0;  // the oldest check whose result the host has not read yet
     bool all_done = false;
-    EmbedArgs first{B, E, V, x0.narrow(1, H, E).data_ptr(), H + E, P.embedding.data_ptr(), bos_ids.data_ptr<int64_t>(), 1};
+    const EmbedArgs first{1, B, E, V, x0.narrow(1, H, E).data_ptr(), H + E, P.embedding.data_ptr(),
+                          bos_ids.data_ptr<int64_t>(), 1, 0};
     embed_rows<T>(first, stream);
     for (int64_t t = 0; t < max_len && !all_done; ++t) {
       at::mm_out(gi0, x0.narrow(1, H, E), P.w_ih[0].narrow(1, H, E).t());

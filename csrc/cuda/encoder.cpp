@@ -78,11 +78,8 @@ void check_layer_mask(const EncSizes& s, const c10::optional<at::Tensor>& layer_
 template <typename T>
 void embed_steps(const at::Tensor& X, const at::Tensor& embedding, const at::Tensor& out, const EncSizes& s,
                  cudaStream_t stream) {
-  for (int64_t t = 0; t < s.T; ++t) {
-    EmbedArgs a{s.B, s.E, s.V, out.select(0, t).data_ptr(), s.E, embedding.data_ptr(), X.data_ptr<int64_t>() + t,
-                s.T};
-    embed_rows<T>(a, stream);
-  }
+  const EmbedArgs a{s.T, s.B, s.E, s.V, out.data_ptr(), s.E, embedding.data_ptr(), X.data_ptr<int64_t>(), s.T, 1};
+  embed_rows<T>(a, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, const at::Tensor& embedding_in,

@@ -343,13 +343,14 @@ __global__ void attention_bwd_kernel(T* __restrict__ d_q, int64_t ld_dq, Acc<T>*
 
 template <typename T>
 __global__ void embed_rows_kernel(T* __restrict__ out, int64_t ld_out, const T* __restrict__ table,
-                                  const int64_t* __restrict__ ids, int64_t id_stride, int64_t rows, int64_t E,
-                                  int64_t V) {
+                                  const int64_t* __restrict__ ids, int64_t id_stride_b, int64_t id_stride_t,
+                                  int64_t rows, int64_t B, int64_t E, int64_t V) {
   const int64_t n = rows * E;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / E, c = idx % E;
-    int64_t id = ids[r * id_stride];
+    const int64_t t = r / B, b = r % B;
+    int64_t id = ids[b * id_stride_b + t * id_stride_t];
     id = id < 0 ? 0 : (id >= V ? V - 1 : id);
     out[r * ld_out + c] = table[id * E + c];
   }
@@ -481,12 +482,14 @@ void attention_backward(const AttnBwdArgs& a, cudaStream_t stream) {
 
 template <typename T>
 void embed_rows(const EmbedArgs& a, cudaStream_t stream) {
-  const int64_t n = a.rows * a.E;
+  const int64_t rows = a.steps * a.B;
+  const int64_t n = rows * a.E;
   if (n == 0 || a.V == 0) {
     return;
   }
   embed_rows_kernel<T><<<elementwise_blocks(n), kElementwiseThreads, 0, stream>>>(
-      static_cast<T*>(a.out), a.ld_out, static_cast<const T*>(a.table), a.ids, a.id_stride, a.rows, a.E, a.V);
+      static_cast<T*>(a.out), a.ld_out, static_cast<const T*>(a.table), a.ids, a.id_stride_b, a.id_stride_t, rows,
+      a.B, a.E, a.V);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -94,15 +94,17 @@ struct AttnBwdArgs {
   const void* drop;
 };
 
-// out[r, :E] = table[ids[r * id_stride], :E] for r < rows (row stride ld_out); ids are clamped
-// into [0, V) so that a bad id can never read outside the table (callers validate ids).
+// Embedding rows of a (B, steps) id matrix in step-major order: for t < steps, b < B,
+//   out[t * B + b, :E] = table[ids[b * id_stride_b + t * id_stride_t], :E]   (out row stride ld_out);
+// ids are clamped into [0, V) so that a bad id can never read outside the table (callers
+// validate ids).
 struct EmbedArgs {
-  int64_t rows, E, V;
+  int64_t steps, B, E, V;
   void* out;
   int64_t ld_out;
   const void* table;  // (V, E)
   const int64_t* ids;
-  int64_t id_stride;
+  int64_t id_stride_b, id_stride_t;
 };
 
 // One greedy step for B rows (one block per row): best = argmax of logits (B, V) (first index
