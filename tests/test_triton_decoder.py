@@ -1,12 +1,9 @@
 """The decoder's ``triton`` backend (the Python step loop with the fused kernel per step) against
 the reference decoder: logits, attention weights, final state and every gradient."""
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import assert_decoder_parity, decoder_inputs, paired_decoders  # noqa: E402
 
