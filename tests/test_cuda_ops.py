@@ -22,7 +22,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 OPS = ("decoder_forward", "decoder_backward", "greedy_decode", "encoder_forward", "encoder_backward")
 VOCAB, EMBED, BOS, EOS = 13, 6, 1, 2
 # dtype: (atol, rtol) of the CUDA op against the CPU op / the reference in the same dtype.
-TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (5e-5, 2e-4)}
+TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-4, 1e-3)}
 # (B, T, S, H, L): tiny, odd and ragged sizes; T = 33 keys and H = 33 units cross a warp.
 SHAPES = [(1, 1, 1, 5, 1), (3, 7, 5, 5, 2), (8, 7, 5, 33, 3), (3, 33, 4, 32, 2), (8, 7, 1, 33, 1)]
 
