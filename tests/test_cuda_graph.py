@@ -24,6 +24,7 @@ def call_inputs(dec, B, T, S, seed, device="cuda"):
     return X, dec.init_state((outputs, hidden), lens)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_replay_equals_eager_for_new_inputs(backend):

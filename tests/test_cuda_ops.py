@@ -17,7 +17,12 @@ from seq2seq_fast import reference as R
 from seq2seq_fast._ext import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def gpu(test):
+    """Marks a test that needs a CUDA device (skipped without one)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
 
 OPS = ("decoder_forward", "decoder_backward", "greedy_decode", "encoder_forward", "encoder_backward")
 VOCAB, EMBED, BOS, EOS = 13, 6, 1, 2

@@ -1,0 +1,310 @@
+"""The host code of the CUDA ops (csrc/cuda/decoder.cpp, encoder.cpp) run on the CPU: its GEMMs on
+views, buffer layouts, step ordering and greedy bookkeeping, with the kernels replaced by plain CPU
+loops written from kernels.h's contract, against the CPU ops. It checks everything but the kernels'
+own CUDA code, on machines without a GPU (compiles a small extension: about 30 s).
+
+The CUDA-only calls (device guard, stream, capture query, events, async copies) are rewritten to
+CPU equivalents in a copy of the sources; each rewrite must match, so a change of those lines fails
+here instead of silently testing something else. Events read as complete at once, which
+exercises greedy decoding's early stop at its first check.
+"""
+import itertools
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from seq2seq_fast._ext import extension_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+
+pytestmark = [
+    pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}"),
+    pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch (its c10/cuda headers)"),
+    pytest.mark.skipif(not os.path.exists("/usr/local/cuda/include/cuda_runtime_api.h"),
+                       reason="needs the CUDA toolkit headers at /usr/local/cuda/include"),
+]
+
+# (pattern, replacement, regex): CUDA-only statements -> CPU equivalents.
+REWRITES = [
+    (r"\n\s*const c10::cuda::CUDAGuard guard\([^;]*\);", "", True),
+    ("at::cuda::getCurrentCUDAStream()", "nullptr", False),
+    (".is_cuda()", ".is_cpu()", False),
+    ("TORCH_LIBRARY_IMPL(seq2seq_fast, CUDA, m)", "TORCH_LIBRARY_IMPL(seq2seq_fast_emu, CPU, m)", False),
+    ("C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status));", "", False),
+    (r"C10_CUDA_CHECK\(cudaMemcpyAsync\(host \+ c, counters\.data_ptr<int32_t>\(\), sizeof\(int32_t\),\s*"
+     r"cudaMemcpyDeviceToHost, stream\)\);", "host[c] = counters.data_ptr<int32_t>()[0];", True),
+    ("C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));", "", False),
+    ("cudaEventDestroy(event);", "", False),
+    ("C10_CUDA_CHECK(cudaEventRecord(events.back()->event, stream));", "", False),
+    ("C10_CUDA_CHECK(cudaEventSynchronize(ev));", "", False),
+    ("const cudaError_t status = cudaEventQuery(ev);", "const cudaError_t status = cudaSuccess;", False),
+    ("(void)cudaGetLastError();", "", False),
+    ("C10_CUDA_CHECK(status);", "(void)status;", False),
+    (".pinned_memory(true)", "", False),
+]
+
+LAUNCHERS = r"""#include <ATen/OpMathType.h>
+#include <cmath>
+#include <vector>
+#include "cuda/kernels.h"
+
+namespace seq2seq_fast::gpu {
+
+template <typename T>
+void gates_forward(const GatesFwdArgs& a, cudaStream_t) {
+  using A = at::opmath_type<T>;
+  const int64_t H = a.H;
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t i = 0; i < H; ++i) {
+      const T* gi = static_cast<const T*>(a.gi) + b * a.ld_gi;
+      const T* gh = static_cast<const T*>(a.gh) + b * a.ld_gh;
+      const T* bi = static_cast<const T*>(a.b_ih);
+      const T* bh = static_cast<const T*>(a.b_hh);
+      A r = 1 / (1 + std::exp(-(A(gi[i]) + bi[i] + gh[i] + bh[i])));
+      A z = 1 / (1 + std::exp(-(A(gi[H + i]) + bi[H + i] + gh[H + i] + bh[H + i])));
+      A ghn = A(gh[2 * H + i]) + bh[2 * H + i];
+      A n = std::tanh(A(gi[2 * H + i]) + bi[2 * H + i] + r * ghn);
+      A hp = static_cast<const T*>(a.h_prev)[b * H + i];
+      T* sv = static_cast<T*>(a.save) + b * 4 * H;
+      sv[i] = r; sv[H + i] = z; sv[2 * H + i] = n; sv[3 * H + i] = ghn;
+      T h = n + z * (hp - n);
+      static_cast<T*>(a.h_out)[b * H + i] = h;
+      if (a.drop_out) static_cast<T*>(a.drop_out)[b * H + i] = h * static_cast<const T*>(a.drop_mask)[b * H + i];
+    }
+}
+
+template <typename T>
+void gates_backward(const GatesBwdArgs& a, cudaStream_t) {
+  const int64_t H = a.H;
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t i = 0; i < H; ++i) {
+      const int64_t idx = b * H + i;
+      T d = static_cast<T*>(a.dh)[idx];
+      if (a.ext) d += static_cast<const T*>(a.ext)[idx];
+      if (a.above) d += static_cast<const T*>(a.above)[idx] * (a.above_mask ? static_cast<const T*>(a.above_mask)[idx] : T(1));
+      const T* sv = static_cast<const T*>(a.save) + b * 4 * H;
+      T r = sv[i], z = sv[H + i], n = sv[2 * H + i], ghn = sv[3 * H + i];
+      T dn = d * (1 - z) * (1 - n * n);
+      T dz = d * (static_cast<const T*>(a.h_prev)[idx] - n) * z * (1 - z);
+      T dr = dn * ghn * r * (1 - r);
+      T* gi = static_cast<T*>(a.g_gi) + b * a.ld_gi;
+      T* gh = static_cast<T*>(a.g_gh) + b * a.ld_gh;
+      gi[i] = dr; gi[H + i] = dz; gi[2 * H + i] = dn;
+      gh[i] = dr; gh[H + i] = dz; gh[2 * H + i] = dn * r;
+      static_cast<T*>(a.dh)[idx] = d * z;
+    }
+}
+
+static int64_t nvis(const int64_t* lens, int64_t b, int64_t T) {
+  if (!lens) return T;
+  return std::min<int64_t>(std::max<int64_t>(lens[b], 0), T);
+}
+
+template <typename T>
+void attention_forward(const AttnFwdArgs& a, cudaStream_t) {
+  const int64_t Tk = a.T, H = a.H;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const T* q = static_cast<const T*>(a.q) + b * a.ld_q;
+    const T* kp = static_cast<const T*>(a.kp) + b * Tk * H;
+    const T* enc = static_cast<const T*>(a.enc) + b * Tk * H;
+    const T* w = static_cast<const T*>(a.w_v);
+    T* p = static_cast<T*>(a.probs) + b * Tk;
+    T* at = static_cast<T*>(a.attn) + b * Tk;
+    int64_t nv = nvis(a.valid_lens, b, Tk);
+    if (nv == 0) { for (int64_t j = 0; j < Tk; ++j) p[j] = at[j] = T(1) / Tk; }
+    else {
+      T m = -INFINITY;
+      for (int64_t j = 0; j < nv; ++j) { T s = 0; for (int64_t i = 0; i < H; ++i) s += w[i] * std::tanh(q[i] + kp[j * H + i]); p[j] = s; m = std::max(m, s); }
+      T sum = 0; for (int64_t j = 0; j < nv; ++j) { p[j] = std::exp(p[j] - m); sum += p[j]; }
+      for (int64_t j = 0; j < Tk; ++j) { p[j] = j < nv ? p[j] / sum : T(0); at[j] = p[j]; }
+    }
+    int64_t used = nv == 0 ? Tk : nv;
+    const T* drop = a.drop ? static_cast<const T*>(a.drop) + b * Tk : nullptr;
+    T* ctx = static_cast<T*>(a.ctx) + b * a.ld_ctx;
+    for (int64_t i = 0; i < H; ++i) { T c = 0; for (int64_t j = 0; j < used; ++j) c += p[j] * (drop ? drop[j] : T(1)) * enc[j * H + i]; ctx[i] = c; }
+  }
+}
+
+template <typename T>
+void attention_backward(const AttnBwdArgs& a, cudaStream_t) {
+  const int64_t Tk = a.T, H = a.H;
+  for (int64_t b = 0; b < a.B; ++b) {
+    const T* q = static_cast<const T*>(a.q) + b * a.ld_q;
+    const T* kp = static_cast<const T*>(a.kp) + b * Tk * H;
+    const T* enc = static_cast<const T*>(a.enc) + b * Tk * H;
+    const T* w = static_cast<const T*>(a.w_v);
+    const T* at = static_cast<const T*>(a.attn) + b * Tk;
+    const T* gat = a.d_attn ? static_cast<const T*>(a.d_attn) + b * Tk : nullptr;
+    const T* drop = a.drop ? static_cast<const T*>(a.drop) + b * Tk : nullptr;
+    const T* dc = static_cast<const T*>(a.d_ctx) + b * a.ld_dctx;
+    T* dkp = static_cast<T*>(a.d_kp) + b * Tk * H;
+    T* denc = static_cast<T*>(a.d_enc) + b * Tk * H;
+    T* dwv = static_cast<T*>(a.d_wv_rows) + b * H;
+    T* dq = static_cast<T*>(a.d_q) + b * a.ld_dq;
+    T* s = static_cast<T*>(a.scratch) + b * Tk;
+    int64_t nv = nvis(a.valid_lens, b, Tk), used = nv == 0 ? Tk : nv;
+    for (int64_t j = 0; j < Tk; ++j) {
+      T da = gat ? gat[j] : T(0);
+      if (j < used) { T keep = drop ? drop[j] : T(1); T acc = 0; for (int64_t i = 0; i < H; ++i) { acc += dc[i] * enc[j * H + i]; denc[j * H + i] += at[j] * keep * dc[i]; } da += acc * keep; }
+      s[j] = da;
+    }
+    if (nv == 0) { for (int64_t i = 0; i < H; ++i) dq[i] = 0; continue; }
+    T sum = 0; for (int64_t j = 0; j < Tk; ++j) sum += at[j] * s[j];
+    for (int64_t j = 0; j < nv; ++j) s[j] = at[j] * (s[j] - sum);
+    for (int64_t i = 0; i < H; ++i) {
+      T gq = 0, gw = 0;
+      for (int64_t j = 0; j < nv; ++j) { T f = std::tanh(q[i] + kp[j * H + i]); T g = s[j] * w[i] * (1 - f * f); dkp[j * H + i] += g; gq += g; gw += s[j] * f; }
+      dq[i] = gq; dwv[i] += gw;
+    }
+  }
+}
+
+template <typename T>
+void embed_rows(const EmbedArgs& a, cudaStream_t) {
+  for (int64_t t = 0; t < a.steps; ++t)
+    for (int64_t b = 0; b < a.B; ++b) {
+      int64_t id = a.ids[b * a.id_stride_b + t * a.id_stride_t];
+      for (int64_t c = 0; c < a.E; ++c)
+        static_cast<T*>(a.out)[(t * a.B + b) * a.ld_out + c] = static_cast<const T*>(a.table)[id * a.E + c];
+    }
+}
+
+template <typename T>
+void greedy_step(const GreedyArgs& a, cudaStream_t) {
+  for (int64_t b = 0; b < a.B; ++b) {
+    const T* y = static_cast<const T*>(a.logits) + b * a.V;
+    int64_t best = 0;
+    for (int64_t v = 1; v < a.V; ++v) if (y[v] > y[best]) best = v;
+    bool done = a.finished[b] != 0;
+    a.tokens[b * a.max_len + a.t] = done ? a.eos : best;
+    if (!done) {
+      a.counters[1] = std::max<int32_t>(a.counters[1], a.t + 1);
+      if (best == a.eos) { a.finished[b] = 1; a.first_eos[b] = a.t; a.counters[0] += 1; }
+    }
+    for (int64_t c = 0; c < a.E; ++c) static_cast<T*>(a.next_input)[b * a.ld_next + c] = static_cast<const T*>(a.table)[best * a.E + c];
+  }
+}
+
+#define INST(T) \
+  template void gates_forward<T>(const GatesFwdArgs&, cudaStream_t); \
+  template void gates_backward<T>(const GatesBwdArgs&, cudaStream_t); \
+  template void attention_forward<T>(const AttnFwdArgs&, cudaStream_t); \
+  template void attention_backward<T>(const AttnBwdArgs&, cudaStream_t); \
+  template void embed_rows<T>(const EmbedArgs&, cudaStream_t); \
+  template void greedy_step<T>(const GreedyArgs&, cudaStream_t);
+INST(float)
+INST(double)
+INST(c10::Half)
+INST(c10::BFloat16)
+}
+"""
+
+
+def rewrite(text, used):
+    for i, (pattern, replacement, regex) in enumerate(REWRITES):
+        if regex:
+            text, n = re.subn(pattern, replacement, text)
+        else:
+            n = text.count(pattern)
+            text = text.replace(pattern, replacement)
+        used[i] += n
+    return text
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    from torch.utils.cpp_extension import load
+
+    out = tmp_path_factory.mktemp("cuda_host_emulation")
+    (out / "cuda").mkdir()
+    used = [0] * len(REWRITES)
+    for name in ("decoder.cpp", "encoder.cpp", "checks.h", "kernels.h"):
+        with open(os.path.join(CUDA_DIR, name)) as f:
+            (out / "cuda" / name).write_text(rewrite(f.read(), used))
+    unused = [REWRITES[i][0] for i, n in enumerate(used) if n == 0]
+    assert not unused, f"rewrites that matched nothing (update this test with the sources): {unused}"
+    with open(os.path.join(ROOT, "csrc", "ops.cpp")) as f:
+        ops = f.read()
+    ops = ops[ops.index("TORCH_LIBRARY(seq2seq_fast, m)"):].replace(
+        "TORCH_LIBRARY(seq2seq_fast, m)", "TORCH_LIBRARY(seq2seq_fast_emu, m)")
+    (out / "ops_emu.cpp").write_text("#include <torch/library.h>\n" + ops)
+    (out / "launchers.cpp").write_text(LAUNCHERS)
+    includes = [str(out), "/usr/local/cuda/include"]
+    includes += [os.path.join(p, "nvidia", sub, "include") for p in sys.path for sub in ("cu13", "cu12")
+                 if os.path.isdir(os.path.join(p, "nvidia", sub, "include"))]
+    sources = [str(out / n) for n in ("ops_emu.cpp", "cuda/decoder.cpp", "cuda/encoder.cpp", "launchers.cpp")]
+    load(name="seq2seq_fast_cuda_host_emulation", sources=sources, extra_include_paths=includes,
+         extra_cflags=["-O1"], build_directory=str(out), is_python_module=False)
+    return torch.ops.seq2seq_fast_emu
+
+
+def cuda_tests():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_cuda_ops
+
+    return test_cuda_ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_decoder_host_code_matches_cpu_ops(emu, dtype):
+    T = cuda_tests()
+    cpu = torch.ops.seq2seq_fast
+    for shape, valid, dropout in itertools.product(T.SHAPES + [(2, 5, 0, 4, 2)], ["ragged", "none"], [False, True]):
+        tag = f"{T.shape_id(shape)} {valid} dropout={dropout}"
+        args = T.decoder_args(shape, dtype, dropout, valid)
+        expected, actual = cpu.decoder_forward(*args), emu.decoder_forward(*args)
+        for name, a, e in zip(T.FORWARD_NAMES, actual, expected):
+            T.assert_close(a, e, f"{tag}: {name}", dtype)
+        g = torch.Generator().manual_seed(7)
+        for given in ([1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]):
+            grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) if m else None
+                     for t, m in zip(expected[:3], given)]
+            expected_grads = cpu.decoder_backward(*T.backward_args(args, expected, grads))
+            actual_grads = emu.decoder_backward(*T.backward_args(args, actual, grads))
+            for name, a, e in zip(T.backward_names(shape[4]), T.flat(actual_grads), T.flat(expected_grads)):
+                T.assert_close(a, e, f"{tag} grads {given}: grad {name}", dtype)
+        args[-1] = False
+        for name, a, e in zip(T.FORWARD_NAMES[:5], emu.decoder_forward(*args), cpu.decoder_forward(*args)):
+            T.assert_close(a, e, f"{tag} without activations: {name}", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_encoder_host_code_matches_cpu_ops(emu, dtype):
+    T = cuda_tests()
+    cpu = torch.ops.seq2seq_fast
+    for shape, dropout in itertools.product([(1, 1, 5, 1), (3, 7, 5, 2), (8, 7, 33, 3), (3, 10, 32, 2)],
+                                            [False, True]):
+        B, steps, H, L = shape
+        args = T.encoder_args(B, steps, H, L, dtype, dropout)
+        expected, actual = cpu.encoder_forward(*args), emu.encoder_forward(*args)
+        for name, a, e in zip(("states", "layer_inputs", "gates"), actual, expected):
+            T.assert_close(a, e, f"{shape} {name}", dtype)
+        grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        X, emb, w_ih, w_hh, _, _, mask, _ = args
+        expected_grads = cpu.encoder_backward(grad.to(dtype), X, emb, w_ih, w_hh, mask, *expected)
+        actual_grads = emu.encoder_backward(grad.to(dtype), X, emb, w_ih, w_hh, mask, *actual)
+        for i, (a, e) in enumerate(zip(T.flat(actual_grads), T.flat(expected_grads))):
+            T.assert_close(a, e, f"{shape} dropout={dropout}: gradient {i}", dtype)
+
+
+def test_greedy_host_code_matches_cpu_op(emu):
+    T = cuda_tests()
+    cpu = torch.ops.seq2seq_fast
+    for shape, bias, masks in itertools.product([(1, 1, 5, 1), (3, 7, 33, 2), (16, 6, 32, 3)],
+                                                [-100.0, 0.0, 1.0, 100.0], [False, True]):
+        B, steps, H, L = shape
+        net = T.greedy_model(H, L, bias, torch.float64)
+        for max_len, attention in itertools.product([1, 4, 5, 9, 23], [True, False]):
+            args = T.greedy_args(net, B, steps, max_len, return_attention=attention, masks=masks)
+            expected, actual = cpu.greedy_decode(*args), emu.greedy_decode(*args)
+            tag = f"{shape} eos bias {bias} masks={masks} max_len={max_len}"
+            assert torch.equal(actual[0], expected[0]), f"{tag}: tokens differ"
+            assert torch.equal(actual[1], expected[1]), f"{tag}: lengths differ"
+            if attention:
+                T.assert_close(actual[2], expected[2], f"{tag}: attention", torch.float64)
+            else:
+                assert actual[2].numel() == 0
