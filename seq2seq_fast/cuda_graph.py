@@ -48,16 +48,19 @@ class CUDAGraphDecoder:
         self._lens = None if valid_lens is None else valid_lens.detach().clone()
         static_state = [self._enc, self._hidden, self._lens]
 
+        # Record the eager forward: a decoder built with capture_cuda_graph=True would otherwise
+        # try to replay from inside its own capture.
+        run = getattr(decoder, "forward_eager", decoder)
         side = torch.cuda.Stream(device=self._X.device)
         side.wait_stream(torch.cuda.current_stream(self._X.device))
         with torch.no_grad(), torch.cuda.stream(side):
             for _ in range(warmup):
-                decoder(self._X, static_state)
+                run(self._X, static_state)
         torch.cuda.current_stream(self._X.device).wait_stream(side)
 
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
-            Y, state = decoder(self._X, static_state)
+            Y, state = run(self._X, static_state)
         self._Y = Y
         self._hidden_out = state[1]
         self._attention = list(decoder.attention_weights)

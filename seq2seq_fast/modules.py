@@ -82,6 +82,8 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
     ``state`` unpacking as ``[enc_outputs (B, T, H), hidden_state (L, B, H), enc_valid_lens]``;
     ``attention_weights`` is a list of S tensors (B, 1, T). ``backend`` is ``"auto"`` (the
     fastest that can run each call), ``"torch"``, ``"triton"`` or ``"cpp"``.
+    ``capture_cuda_graph=True`` replays inference calls on CUDA (no gradient needed) from a CUDA
+    graph captured once per input shape, removing the launch overhead of the step loop.
 
     >>> dec = Seq2SeqAttentionDecoder(10, 8, 16, num_layers=2).eval()
     >>> state = dec.init_state((torch.rand(7, 4, 16), torch.rand(2, 4, 16)), torch.tensor([7, 3, 0, 9]))
@@ -90,10 +92,12 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
     """
 
     def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
-                 backend="auto", **kwargs):
+                 backend="auto", capture_cuda_graph=False, **kwargs):
         super().__init__(**kwargs)
         check_backend_name(backend)
         self.backend = backend
+        self.capture_cuda_graph = bool(capture_cuda_graph)
+        self._graphs = {}
         self.attention = AdditiveAttention(num_hiddens, num_hiddens, num_hiddens, dropout, backend=backend)
         self.embedding = nn.Embedding(vocab_size, embed_size)
         self.rnn = nn.GRU(embed_size + num_hiddens, num_hiddens, num_layers, dropout=dropout)
@@ -154,6 +158,38 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
         return backend, enc_outputs, hidden, lens, key_proj, cache
 
     def forward(self, X, state):
+        if self.capture_cuda_graph and self._graphable(X, state):
+            return self._replay(X, state)
+        return self.forward_eager(X, state)
+
+    def _graphable(self, X, state):
+        enc_outputs = state[0] if isinstance(state, (list, tuple)) and len(state) == 3 else None
+        return (
+            isinstance(enc_outputs, torch.Tensor) and enc_outputs.is_cuda and isinstance(X, torch.Tensor)
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+            and not wants_grad(enc_outputs, state[1], module=self)
+        )
+
+    def _replay(self, X, state):
+        """The call replayed from a CUDA graph captured for its shapes (captured on first use)."""
+        from seq2seq_fast.cuda_graph import CUDAGraphDecoder
+
+        V.check_tokens(X, "X", self.embedding.num_embeddings)
+        enc_outputs, hidden, valid_lens = self.check_state(state, batch=X.shape[0])
+        # Parameters moved or replaced (e.g. by .to()) make a captured graph stale: their
+        # addresses are part of the key.
+        key = (tuple(X.shape), tuple(enc_outputs.shape), enc_outputs.dtype, enc_outputs.device,
+               None if valid_lens is None else tuple(state[2].shape), self.training,
+               tuple(p.data_ptr() for p in self.parameters()))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = CUDAGraphDecoder(self, X, list(state), validate=False)
+        Y, new_state = graph(X, list(state))
+        self._attention_weights = graph.attention_weights
+        return Y, new_state
+
+    def forward_eager(self, X, state):
+        """``forward`` without CUDA-graph replay (what a captured graph records)."""
         backend, enc_outputs, hidden, lens, key_proj, cache = self.prepare(X, state)
         Y, hidden_n, attention = backend.decoder_forward(self, X, enc_outputs, hidden, lens, key_proj)
         self._attention_weights = list(attention.unsqueeze(2).unbind(1))
@@ -167,7 +203,7 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
         # The last call's attention weights may belong to an autograd graph, which cannot be
         # copied or pickled; they are a by-product of a call, not part of the module.
         state = super().__getstate__()
-        return {**state, "_attention_weights": []}
+        return {**state, "_attention_weights": [], "_graphs": {}}  # graphs hold device memory
 
 
 class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
