@@ -1,12 +1,16 @@
-"""The host code of the CUDA ops (csrc/cuda/decoder.cpp, encoder.cpp) run on the CPU: its GEMMs on
-views, buffer layouts, step ordering and greedy bookkeeping, with the kernels replaced by plain CPU
-loops written from kernels.h's contract, against the CPU ops. It checks everything but the kernels'
-own CUDA code, on machines without a GPU (compiles a small extension: about 30 s).
+"""The CUDA ops run on the CPU, against the CPU ops, on machines without a GPU.
 
-The CUDA-only calls (device guard, stream, capture query, events, async copies) are rewritten to
-CPU equivalents in a copy of the sources; each rewrite must match, so a change of those lines fails
-here instead of silently testing something else. Events read as complete at once, which
-exercises greedy decoding's early stop at its first check.
+Two builds of csrc/cuda with its CUDA-only host calls (device guard, stream, capture query, events,
+async copies) rewritten to CPU equivalents in a copy of the sources (each rewrite must match, so a
+change of those lines fails here instead of silently testing something else; events read as
+complete at once, which exercises greedy decoding's early stop at its first check):
+
+* ``contract``: the kernels replaced by plain CPU loops written from kernels.h's contract; checks
+  the host code (GEMMs on views, layouts, step order, greedy bookkeeping) over many cases.
+* ``kernels``: kernels.cu itself compiled for the CPU, each block's
+  threads run as std::threads with __syncthreads and warp shuffles emulated by barriers; checks the
+  kernels' indexing, reductions and barriers too. What it cannot check: the GPU memory model,
+  --use_fast_math numerics, cuBLAS, real warp scheduling.
 """
 import itertools
 import os
@@ -204,6 +208,119 @@ INST(c10::BFloat16)
 """
 
 
+EMU_CUDA = r"""// Runs CUDA kernel source on the CPU: blocks one after another, each block's threads as std::threads
+// (__syncthreads and warp shuffles by barriers; __shared__ as function statics, shared by a block).
+#pragma once
+#include <array>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+#undef __global__
+#undef __device__
+#undef __forceinline__
+#undef __shared__
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+namespace emu {
+struct Dim {
+  unsigned x = 0;
+};
+struct Block {
+  std::barrier<>* block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>>* warp_barriers;
+  std::vector<std::array<unsigned char, 8>>* exchange;
+};
+inline thread_local Dim tl_thread, tl_block, tl_bdim, tl_gdim;
+inline thread_local Block* tl_ctx = nullptr;
+
+template <typename K, typename... Args>
+void launch(K kernel, unsigned grid, unsigned block, Args... args) {
+  for (unsigned b = 0; b < grid; ++b) {
+    std::barrier<> bb(block);
+    std::vector<std::unique_ptr<std::barrier<>>> wb;
+    for (unsigned w = 0; w * 32 < block; ++w) {
+      wb.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - w * 32)));
+    }
+    std::vector<std::array<unsigned char, 8>> ex(block);
+    Block ctx{&bb, &wb, &ex};
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([&, t] {
+        tl_thread.x = t;
+        tl_block.x = b;
+        tl_bdim.x = block;
+        tl_gdim.x = grid;
+        tl_ctx = &ctx;
+        kernel(args...);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+}  // namespace emu
+#define threadIdx emu::tl_thread
+#define blockIdx emu::tl_block
+#define blockDim emu::tl_bdim
+#define gridDim emu::tl_gdim
+inline void __syncthreads() { emu::tl_ctx->block_barrier->arrive_and_wait(); }
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int offset) {
+  auto& ex = *emu::tl_ctx->exchange;
+  const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+  auto& bar = *(*emu::tl_ctx->warp_barriers)[warp];
+  std::memcpy(ex[t].data(), &v, sizeof(V));
+  bar.arrive_and_wait();
+  V r;
+  std::memcpy(&r, ex[warp * 32 + (lane ^ offset)].data(), sizeof(V));
+  bar.arrive_and_wait();
+  return r;
+}
+inline int atomicMax(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+"""
+
+
+def kernels_for_cpu(source):
+    """kernels.cu with its launches ``k<T><<<grid, block, 0, stream>>>(`` as ``emu::launch(k<T>, grid, block, ``."""
+    source = source.replace("#include <cuda_runtime.h>\n", "")
+    source = source.replace('#include "cuda/kernels.h"\n', '#include "cuda/kernels.h"\n#include "emu_cuda.h"\n')
+    source = source.replace("C10_CUDA_KERNEL_LAUNCH_CHECK();", "")
+    out, i, launches = [], 0, 0
+    while (j := source.find("<<<", i)) >= 0:
+        k = j
+        while source[k - 1] not in " \n(":
+            k -= 1
+        end = source.index(">>>(", j)
+        parts, depth, cur = [], 0, ""
+        for ch in source[j + 3:end]:
+            if ch == "," and depth == 0:
+                parts.append(cur.strip())
+                cur = ""
+                continue
+            depth += ch in "(<"
+            depth -= ch in ")>"
+            cur += ch
+        parts.append(cur.strip())
+        assert len(parts) == 4, f"unexpected launch configuration {parts}"
+        out.append(source[i:k] + f"emu::launch({source[k:j]}, {parts[0]}, {parts[1]}, ")
+        i = end + 4
+        launches += 1
+    assert launches == 6, f"expected the 6 kernel launches of kernels.h, found {launches}"
+    return "".join(out) + source[i:]
+
+
 def rewrite(text, used):
     for i, (pattern, replacement, regex) in enumerate(REWRITES):
         if regex:
@@ -215,31 +332,45 @@ def rewrite(text, used):
     return text
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def build(out, library, kernels):
     from torch.utils.cpp_extension import load
 
-    out = tmp_path_factory.mktemp("cuda_host_emulation")
     (out / "cuda").mkdir()
     used = [0] * len(REWRITES)
     for name in ("decoder.cpp", "encoder.cpp", "checks.h", "kernels.h"):
         with open(os.path.join(CUDA_DIR, name)) as f:
-            (out / "cuda" / name).write_text(rewrite(f.read(), used))
+            text = rewrite(f.read(), used).replace("seq2seq_fast_emu,", f"{library},")
+        (out / "cuda" / name).write_text(text)
     unused = [REWRITES[i][0] for i, n in enumerate(used) if n == 0]
     assert not unused, f"rewrites that matched nothing (update this test with the sources): {unused}"
     with open(os.path.join(ROOT, "csrc", "ops.cpp")) as f:
         ops = f.read()
     ops = ops[ops.index("TORCH_LIBRARY(seq2seq_fast, m)"):].replace(
-        "TORCH_LIBRARY(seq2seq_fast, m)", "TORCH_LIBRARY(seq2seq_fast_emu, m)")
+        "TORCH_LIBRARY(seq2seq_fast, m)", f"TORCH_LIBRARY({library}, m)")
     (out / "ops_emu.cpp").write_text("#include <torch/library.h>\n" + ops)
-    (out / "launchers.cpp").write_text(LAUNCHERS)
+    if kernels:
+        (out / "emu_cuda.h").write_text(EMU_CUDA)
+        with open(os.path.join(CUDA_DIR, "kernels.cu")) as f:
+            (out / "launchers.cpp").write_text(kernels_for_cpu(f.read()))
+    else:
+        (out / "launchers.cpp").write_text(LAUNCHERS)
     includes = [str(out), "/usr/local/cuda/include"]
     includes += [os.path.join(p, "nvidia", sub, "include") for p in sys.path for sub in ("cu13", "cu12")
                  if os.path.isdir(os.path.join(p, "nvidia", sub, "include"))]
     sources = [str(out / n) for n in ("ops_emu.cpp", "cuda/decoder.cpp", "cuda/encoder.cpp", "launchers.cpp")]
-    load(name="seq2seq_fast_cuda_host_emulation", sources=sources, extra_include_paths=includes,
-         extra_cflags=["-O1"], build_directory=str(out), is_python_module=False)
-    return torch.ops.seq2seq_fast_emu
+    load(name=library, sources=sources, extra_include_paths=includes, extra_cflags=["-O1", "-std=c++20", "-pthread"],
+         extra_ldflags=["-pthread"], build_directory=str(out), is_python_module=False)
+    return getattr(torch.ops, library)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_contract_emulation"), "seq2seq_fast_emu", kernels=False)
+
+
+@pytest.fixture(scope="module")
+def emu_kernels(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("cuda_kernel_emulation"), "seq2seq_fast_emu_kernels", kernels=True)
 
 
 def cuda_tests():
@@ -308,3 +439,36 @@ def test_greedy_host_code_matches_cpu_op(emu):
                 T.assert_close(actual[2], expected[2], f"{tag}: attention", torch.float64)
             else:
                 assert actual[2].numel() == 0
+
+
+def test_kernels_run_on_cpu_threads_match_cpu_ops(emu_kernels):
+    T = cuda_tests()
+    cpu = torch.ops.seq2seq_fast
+    for shape, dtype in (((3, 7, 5, 5, 2), torch.float64), ((8, 33, 3, 33, 3), torch.float64),
+                         ((2, 5, 0, 4, 2), torch.float64), ((3, 7, 4, 32, 2), torch.float32)):
+        args = T.decoder_args(shape, dtype, dropout=True)
+        expected, actual = cpu.decoder_forward(*args), emu_kernels.decoder_forward(*args)
+        for name, a, e in zip(T.FORWARD_NAMES, actual, expected):
+            T.assert_close(a, e, f"{T.shape_id(shape)}: {name}", dtype)
+        g = torch.Generator().manual_seed(7)
+        grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in expected[:3]]
+        expected_grads = cpu.decoder_backward(*T.backward_args(args, expected, grads))
+        actual_grads = emu_kernels.decoder_backward(*T.backward_args(args, actual, grads))
+        for name, a, e in zip(T.backward_names(shape[4]), T.flat(actual_grads), T.flat(expected_grads)):
+            T.assert_close(a, e, f"{T.shape_id(shape)}: grad {name}", dtype)
+    args = T.encoder_args(3, 7, 33, 2, torch.float64, dropout=True)
+    expected, actual = cpu.encoder_forward(*args), emu_kernels.encoder_forward(*args)
+    for name, a, e in zip(("states", "layer_inputs", "gates"), actual, expected):
+        T.assert_close(a, e, f"encoder {name}", torch.float64)
+    grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    X, emb, w_ih, w_hh, _, _, mask, _ = args
+    expected_grads = cpu.encoder_backward(grad, X, emb, w_ih, w_hh, mask, *expected)
+    actual_grads = emu_kernels.encoder_backward(grad, X, emb, w_ih, w_hh, mask, *actual)
+    for i, (a, e) in enumerate(zip(T.flat(actual_grads), T.flat(expected_grads))):
+        T.assert_close(a, e, f"encoder gradient {i}", torch.float64)
+    for bias in (1.0, 100.0):
+        net = T.greedy_model(32, 2, bias, torch.float64)
+        args = T.greedy_args(net, 5, 6, 9, masks=True)
+        expected, actual = cpu.greedy_decode(*args), emu_kernels.greedy_decode(*args)
+        assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1]), f"greedy bias {bias}"
+        T.assert_close(actual[2], expected[2], f"greedy bias {bias}: attention", torch.float64)
