@@ -119,10 +119,11 @@ int elementwise_blocks(int64_t n) {
 // ---- GRU gates --------------------------------------------------------------------------------
 
 template <typename T>
-__global__ void gates_fwd_kernel(T* __restrict__ h_out, T* __restrict__ save, T* __restrict__ drop_out,
+__global__ void gates_fwd_kernel(T* h_out, T* __restrict__ save, T* __restrict__ drop_out,
                                  const T* __restrict__ gi, int64_t ld_gi, const T* __restrict__ gh,
                                  int64_t ld_gh, const T* __restrict__ b_ih, const T* __restrict__ b_hh,
-                                 const T* h_prev, const T* __restrict__ drop_mask, int64_t B, int64_t H) {
+                                 const T* h_prev,  // may alias h_out: neither is __restrict__
+                                 const T* __restrict__ drop_mask, int64_t B, int64_t H) {
   using A = Acc<T>;
   const int64_t n = B * H;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
