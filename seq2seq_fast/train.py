@@ -13,16 +13,8 @@ from torch import nn
 from seq2seq_fast import validation as V
 from seq2seq_fast.checkpoints import load_checkpoint, save_checkpoint
 from seq2seq_fast.modules import MaskedSoftmaxCELoss
-
-
-def xavier_init_weights(m):
-    """d2l's initialisation: Xavier-uniform on every ``nn.Linear`` weight and ``nn.GRU`` weight."""
-    if type(m) == nn.Linear:
-        nn.init.xavier_uniform_(m.weight)
-    if type(m) == nn.GRU:
-        for param in m._flat_weights_names:
-            if "weight" in param:
-                nn.init.xavier_uniform_(m._parameters[param])
+# d2l's initialiser is plain Python over d2l's own module types: one copy serves both.
+from seq2seq_fast.reference import xavier_init_weights
 
 
 def grad_clipping(net, theta):
