@@ -13,6 +13,7 @@ import torch
 from seq2seq_fast._ext import extension_error, has_kernel
 
 _FLOATS = (torch.float32, torch.float64)
+_HALVES = (torch.float16, torch.bfloat16)  # CUDA kernels only (fp32 accumulation)
 
 
 def unsupported_reason(device_type, dtype, needs_grad):
@@ -22,8 +23,10 @@ def unsupported_reason(device_type, dtype, needs_grad):
         return error
     if not has_kernel("decoder_forward", device_type):
         return f"the C++ extension has no {device_type} kernels for the decoder loop"
-    if dtype not in _FLOATS:
-        return f"the compiled loop runs in float32 or float64, not {dtype}"
+    allowed = _FLOATS + _HALVES if device_type == "cuda" else _FLOATS
+    if dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        return f"the compiled loop runs on {device_type} in {names}, not {dtype}"
     return None
 
 
@@ -189,17 +192,23 @@ def _decoder_forward_fake(X, enc_outputs, hidden, valid_lens, key_proj, embeddin
     return new((S, B, V)), new((S, B, T)), new((L, S + 1, B, H)), new((S, B, H + E)), layer_inputs, gates
 
 
+def _contiguous_like(t):
+    # The kernels allocate their gradients contiguous whatever the inputs' strides (enc_outputs
+    # is usually a permuted view): empty_like would copy the strides and mislead inductor.
+    return t.new_empty(t.shape)
+
+
 def _decoder_backward_fake(grad_logits, grad_attention, grad_states, X, enc_outputs, valid_lens, key_proj,
                            embedding, W_q, w_v, w_ih, w_hh, dense_weight, attn_mask, layer_mask, attention,
                            states, inputs, layer_inputs, gates):
     H = enc_outputs.shape[2]
     L = len(w_ih)
     return (
-        torch.empty_like(enc_outputs), enc_outputs.new_empty((L, enc_outputs.shape[0], H)),
-        torch.empty_like(key_proj), torch.empty_like(embedding), torch.empty_like(W_q), torch.empty_like(w_v),
-        [torch.empty_like(w) for w in w_ih], [torch.empty_like(w) for w in w_hh],
+        _contiguous_like(enc_outputs), enc_outputs.new_empty((L, enc_outputs.shape[0], H)),
+        _contiguous_like(key_proj), _contiguous_like(embedding), _contiguous_like(W_q), _contiguous_like(w_v),
+        [_contiguous_like(w) for w in w_ih], [_contiguous_like(w) for w in w_hh],
         [w.new_empty((w.shape[0],)) for w in w_ih], [w.new_empty((w.shape[0],)) for w in w_hh],
-        torch.empty_like(dense_weight), dense_weight.new_empty((dense_weight.shape[0],)),
+        _contiguous_like(dense_weight), dense_weight.new_empty((dense_weight.shape[0],)),
     )
 
 
@@ -223,7 +232,7 @@ def _encoder_forward_fake(X, embedding, w_ih, w_hh, b_ih, b_hh, layer_mask, keep
 
 def _encoder_backward_fake(grad_states, X, embedding, w_ih, w_hh, layer_mask, states, layer_inputs, gates):
     return (
-        torch.empty_like(embedding), [torch.empty_like(w) for w in w_ih], [torch.empty_like(w) for w in w_hh],
+        _contiguous_like(embedding), [_contiguous_like(w) for w in w_ih], [_contiguous_like(w) for w in w_hh],
         [w.new_empty((w.shape[0],)) for w in w_ih], [w.new_empty((w.shape[0],)) for w in w_hh],
     )
 
