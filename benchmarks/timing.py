@@ -41,3 +41,31 @@ def copy_rate(device="cpu", nbytes=256 << 20):
     dst = torch.empty_like(src)
     seconds = measure(lambda: dst.copy_(src), device, min_time=0.5)
     return 2 * nbytes / seconds
+
+
+def measure_interleaved(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=3):
+    """Median seconds per call of each of ``fns`` ({name: callable}), timed in interleaved rounds.
+
+    Each round times every function in turn over a batch of calls lasting about ``round_time``;
+    the median over rounds is taken. A slow drift of the machine (frequency, neighbours) then
+    touches all of them alike, so their ratios hold even when absolute times wander.
+    """
+    batch = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        batch[name] = max(1, int(round_time / max(time.perf_counter() - start, 1e-9)))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) / batch[name])
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -35,6 +35,9 @@ def make_model(impl, reference, cfg):
     if impl == "reference":
         return reference
     if impl == "reference+compile":
+        # Dynamo caches per code object, shared by every compiled copy of d2l's modules: start
+        # afresh so earlier configurations do not use up its recompile limit.
+        torch._dynamo.reset()
         # Compile the two halves so the decoder can also be called alone, step by step.
         param = next(reference.parameters())
         model = reference_model(cfg, param.device, param.dtype)
