@@ -225,8 +225,15 @@ class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
         V.check_same_device("pred", pred, "label", label)
         V.check_same_device("pred", pred, "valid_len", lens)
         kept = torch.arange(S, device=pred.device) < lens.unsqueeze(1)
+        # Softmax over contiguous rows of V (d2l's (B, V, S) layout strides every row): take
+        # the rows in the order pred is stored, step-major when it is a view of (S, B, V).
+        step_major = not pred.is_contiguous() and pred.transpose(0, 1).is_contiguous()
+        rows = pred.transpose(0, 1) if step_major else pred
+        targets = label.t() if step_major else label
         loss = F.cross_entropy(
-            pred.transpose(1, 2), label, weight=self.weight, reduction="none",
+            rows.reshape(-1, vocab), targets.reshape(-1), weight=self.weight, reduction="none",
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-        )
+        ).view(targets.shape)
+        if step_major:
+            loss = loss.t()
         return (loss * kept).mean(dim=1)

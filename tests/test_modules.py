@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import seq2seq_fast as sf
 from seq2seq_fast import reference as R
@@ -103,13 +104,22 @@ def test_encoder_matches_reference():
     assert_close(state_f, state_r, "encoder state")
 
 
-def test_loss_matches_reference():
+@pytest.mark.parametrize("layout", ["batch-major", "step-major view", "strided"])
+def test_loss_matches_reference(layout):
     torch.manual_seed(0)
-    pred = torch.randn(3, 5, 10, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(3, 5, 10, dtype=torch.float64)
+    pred = {
+        "batch-major": base,
+        "step-major view": base.transpose(0, 1).contiguous().transpose(0, 1),  # as the cpp backend returns
+        "strided": torch.randn(3, 5, 20, dtype=torch.float64)[:, :, ::2],
+    }[layout].requires_grad_()
     label = torch.randint(0, 10, (3, 5))
     valid = torch.tensor([5, 0, 3])
     expected = R.MaskedSoftmaxCELoss()(pred, label, valid)
     actual = sf.MaskedSoftmaxCELoss()(pred, label, valid)
+    smoothed = sf.MaskedSoftmaxCELoss(label_smoothing=0.1)(pred, label, valid)
+    reference_smoothed = F.cross_entropy(pred.transpose(1, 2), label, reduction="none", label_smoothing=0.1)
+    assert_close(smoothed, (reference_smoothed * (torch.arange(5) < valid[:, None])).mean(1), "smoothed loss")
     assert_close(actual, expected, "loss")
     (g_r,) = torch.autograd.grad(expected.sum(), pred)
     (g_f,) = torch.autograd.grad(actual.sum(), pred)
