@@ -12,11 +12,11 @@ import time
 
 import torch
 
+from benchmarks import workloads as W
 from benchmarks.configs import CONFIGS
+from benchmarks.workloads import BOS, EOS
 from seq2seq_fast import backend_cpp as C
 from seq2seq_fast import reference as R
-
-BOS, EOS = 1, 2
 
 
 def median_ms(fn, reps, warmup=3, clock=time.perf_counter):
@@ -32,23 +32,9 @@ def median_ms(fn, reps, warmup=3, clock=time.perf_counter):
     return 1e3 * statistics.median(times)
 
 
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    enc = R.Seq2SeqEncoder(cfg.vocab, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
-    dec = R.Seq2SeqAttentionDecoder(cfg.vocab, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
-    net = R.EncoderDecoder(enc, dec)
-    net.apply(R.xavier_init_weights)
-    g = torch.Generator().manual_seed(1)
-    B, T, S, H, L, V = cfg.batch, cfg.src_steps, cfg.tgt_steps, cfg.hidden, cfg.layers, cfg.vocab
-    data = dict(
-        src=torch.randint(3, V, (B, T), generator=g),
-        src_len=torch.randint(1, T + 1, (B,), generator=g),
-        tgt=torch.randint(3, V, (B, S), generator=g),
-        tgt_len=torch.randint(1, S + 1, (B,), generator=g),
-        enc_outputs=torch.randn(T, B, H, generator=g),
-        hidden=torch.randn(L, B, H, generator=g),
-    )
-    return net, data
+def build(cfg):
+    """The runner's reference model and inputs for ``cfg``, on the CPU."""
+    return W.reference_model(cfg, "cpu"), W.inputs(cfg, "cpu")
 
 
 def workloads(net, cfg, data):
@@ -85,21 +71,11 @@ def workloads(net, cfg, data):
         Y, _, _ = C.decoder_forward(dec, dec_input, values, state, data["src_len"], kp)
         loss_fn(Y, data["tgt"], data["tgt_len"]).sum().backward()
 
+    greedy = W.reference_greedy(net, cfg, data)
+
     def ref_greedy():
-        net.eval()
-        with torch.no_grad():
-            state = dec.init_state(enc(data["src"], data["src_len"]), data["src_len"])
-            token = torch.full((cfg.batch, 1), BOS, dtype=torch.long)
-            finished = torch.zeros(cfg.batch, dtype=torch.bool)
-            out = []
-            for _ in range(cfg.tgt_steps):
-                Y, state = dec(token, state)
-                token = Y.argmax(dim=2)
-                out.append(token)
-                finished |= token[:, 0] == EOS
-                if bool(finished.all()):
-                    break
-            return torch.cat(out, dim=1)
+        net.eval()  # the train workloads above switch it back
+        return greedy()
 
     def cpp_greedy():
         net.eval()
