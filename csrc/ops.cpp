@@ -13,6 +13,10 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(seq2seq_fast, m) {
   // Reports the build configuration; lets Python check the library loaded.
   m.def("build_info() -> str");
+  // The CPU ops' block cache (csrc/cpu/workspace.h): bytes it holds; release frees them all and
+  // returns how many bytes it freed.
+  m.def("cpu_cache_bytes() -> int");
+  m.def("release_cpu_cache() -> int");
 
   // Teacher-forced attention decoder over S steps (d2l's Seq2SeqAttentionDecoder). X (B, S) int64;
   // enc_outputs = values (B, T, H); hidden (L, B, H); valid_lens None or int64 (B,); key_proj =

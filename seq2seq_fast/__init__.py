@@ -5,6 +5,7 @@ classes, signatures and ``state_dict`` keys are d2l's; the decoder's step loop r
 fastest backend available (``available_backends()``).
 """
 from seq2seq_fast.attention import AdditiveAttention, masked_softmax
+from seq2seq_fast.backend_cpp import cpu_cache_bytes, empty_cache
 from seq2seq_fast.backends import available_backends, unavailable_reason
 from seq2seq_fast.beam import BeamResult, beam_search
 from seq2seq_fast.decoding import DecodeResult, greedy_decode
@@ -36,6 +37,8 @@ __all__ = [
     "__version__",
     "available_backends",
     "beam_search",
+    "cpu_cache_bytes",
+    "empty_cache",
     "greedy_decode",
     "masked_softmax",
     "unavailable_reason",

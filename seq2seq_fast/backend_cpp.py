@@ -36,6 +36,20 @@ def _ops():
     return torch.ops.seq2seq_fast
 
 
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def empty_cache():
+    """Frees the blocks the CPU ops keep for reuse (see csrc/cpu/workspace.h); returns the bytes
+    freed. The cache holds at most ``SEQ2SEQ_FAST_CPU_CACHE_MB`` megabytes (default 512)."""
+    return 0 if _EXTENSION_ERROR is not None else int(torch.ops.seq2seq_fast.release_cpu_cache())
+
+
+def cpu_cache_bytes():
+    """Bytes held by the CPU ops' block cache (freed blocks waiting for reuse)."""
+    return 0 if _EXTENSION_ERROR is not None else int(torch.ops.seq2seq_fast.cpu_cache_bytes())
+
+
 # ---- parameters and dropout ----------------------------------------------------------------------
 
 

@@ -260,20 +260,20 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
   auto opts = enc.options();
 
-  at::Tensor logits = at::empty({S, B, V}, opts);
-  at::Tensor attention = at::empty({S, B, T_}, opts);
-  at::Tensor states = at::empty({L, S + 1, B, H}, opts);
-  at::Tensor inputs = at::empty({S, B, H + E}, opts);
-  at::Tensor layer_inputs = layer_mask.has_value() ? at::empty({L - 1, S, B, H}, opts) : at::empty({0}, opts);
-  at::Tensor gates = keep_activations ? at::empty({S, L, B, 4 * H}, opts) : at::empty({L, B, 4 * H}, opts);
+  at::Tensor logits = cpu::empty({S, B, V}, opts);
+  at::Tensor attention = cpu::empty({S, B, T_}, opts);
+  at::Tensor states = cpu::empty({L, S + 1, B, H}, opts);
+  at::Tensor inputs = cpu::empty({S, B, H + E}, opts);
+  at::Tensor layer_inputs = layer_mask.has_value() ? cpu::empty({L - 1, S, B, H}, opts) : cpu::empty({0}, opts);
+  at::Tensor gates = keep_activations ? cpu::empty({S, L, B, 4 * H}, opts) : cpu::empty({L, B, 4 * H}, opts);
   states.select(1, 0).copy_(hidden);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::decoder_forward", [&] {
     using T = scalar_t;
     Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
     const StepGemms<T> G(s, P);
-    at::Tensor gi0_all = at::empty({S, B, 3 * H}, opts);
-    at::Tensor scratch = at::empty({B, 10 * H}, opts);
+    at::Tensor gi0_all = cpu::empty({S, B, 3 * H}, opts);
+    at::Tensor scratch = cpu::empty({B, 10 * H}, opts);
     T* x0 = inputs.data_ptr<T>();
     T* gi0 = gi0_all.data_ptr<T>();
     // Embedding part of layer 0's input GEMM (with b_ih added in the gate kernel) for all steps.
@@ -303,7 +303,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     gemm<T>(false, true, S * B, V, H, T(1), st + (L - 1) * state_ld + B * H, H, ptr<T>(P.dense_w), H, T(1), y, V);
   });
   if (!keep_activations) {
-    gates = at::empty({0}, opts);
+    gates = cpu::empty({0}, opts);
   }
   return {logits, attention, states, inputs, layer_inputs, gates};
 }
@@ -354,19 +354,20 @@ BackwardResult decoder_backward(
   const auto g_attn = contiguous_opt(grad_attention_in);
   auto opts = enc.options();
 
-  at::Tensor D = grad_states_in.has_value() ? grad_states_in->contiguous().clone() : at::zeros({L, S + 1, B, H}, opts);
-  at::Tensor d_enc = at::zeros({B, T_, H}, opts), d_kp = at::zeros({B, T_, H}, opts);
-  at::Tensor d_emb = at::zeros({embedding.size(0), E}, opts);
-  at::Tensor d_Wq = at::empty({H, H}, opts), d_wv = at::empty_like(w_v);
-  at::Tensor d_dense_w = at::zeros({V, H}, opts), d_dense_b = at::zeros({V}, opts);
+  at::Tensor D = grad_states_in.has_value() ? cpu::empty({L, S + 1, B, H}, opts).copy_(*grad_states_in)
+                                            : cpu::zeros({L, S + 1, B, H}, opts);
+  at::Tensor d_enc = cpu::zeros({B, T_, H}, opts), d_kp = cpu::zeros({B, T_, H}, opts);
+  at::Tensor d_emb = cpu::zeros({embedding.size(0), E}, opts);
+  at::Tensor d_Wq = cpu::empty({H, H}, opts), d_wv = cpu::empty(w_v.sizes(), opts);
+  at::Tensor d_dense_w = cpu::zeros({V, H}, opts), d_dense_b = cpu::zeros({V}, opts);
   std::vector<at::Tensor> d_wih, d_whh, d_bih, d_bhh;
   for (int64_t k = 0; k < L; ++k) {
-    d_wih.push_back(at::empty({3 * H, k == 0 ? H + E : H}, opts));
-    d_whh.push_back(at::empty({3 * H, H}, opts));
-    d_bih.push_back(at::empty({3 * H}, opts));
-    d_bhh.push_back(at::empty({3 * H}, opts));
+    d_wih.push_back(cpu::empty({3 * H, k == 0 ? H + E : H}, opts));
+    d_whh.push_back(cpu::empty({3 * H, H}, opts));
+    d_bih.push_back(cpu::empty({3 * H}, opts));
+    d_bhh.push_back(cpu::empty({3 * H}, opts));
   }
-  at::Tensor dh = at::zeros({L, B, H}, opts);
+  at::Tensor dh = cpu::zeros({L, B, H}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::decoder_backward", [&] {
     using T = scalar_t;
@@ -386,7 +387,7 @@ BackwardResult decoder_backward(
       if (grad_logits_in->is_contiguous()) {
         gy = ptr<T>(*grad_logits_in);
       } else {
-        gy_buf = at::empty({S, B, V}, opts);
+        gy_buf = cpu::empty({S, B, V}, opts);
         copy_contiguous<T>(*grad_logits_in, gy_buf.data_ptr<T>());
         gy = gy_buf.data_ptr<T>();
       }
@@ -395,13 +396,13 @@ BackwardResult decoder_backward(
       column_sums<T>(gy, S * B, V, V, d_dense_b.data_ptr<T>(), false);
     }
     // The queries of every step, recomputed in one GEMM (the scores' tanh is recomputed too).
-    at::Tensor Q = at::empty({S, B, H}, opts);
+    at::Tensor Q = cpu::empty({S, B, H}, opts);
     gemm<T>(false, true, S * B, H, H, T(1), top_prev, H, ptr<T>(Wq), H, T(0), Q.data_ptr<T>(), H);
-    at::Tensor Ggi = at::empty({L, S, B, 3 * H}, opts);
-    at::Tensor Ggh = at::empty({std::max<int64_t>(L - 1, 0), S, B, 3 * H}, opts);
-    at::Tensor Gcat = at::empty({S, B, 4 * H}, opts);  // [d q | d gh of the top layer]
-    at::Tensor scratch = at::empty({2, B, H}, opts);
-    at::Tensor dwv_rows = at::zeros({B, H}, opts);
+    at::Tensor Ggi = cpu::empty({L, S, B, 3 * H}, opts);
+    at::Tensor Ggh = cpu::empty({std::max<int64_t>(L - 1, 0), S, B, 3 * H}, opts);
+    at::Tensor Gcat = cpu::empty({S, B, 4 * H}, opts);  // [d q | d gh of the top layer]
+    at::Tensor scratch = cpu::empty({2, B, H}, opts);
+    at::Tensor dwv_rows = cpu::zeros({B, H}, opts);
     T* dctx = scratch.data_ptr<T>();
     T* dx = dctx + B * H;
     T* dhp = dh.data_ptr<T>();
@@ -493,7 +494,7 @@ BackwardResult decoder_backward(
       column_sums<T>(ggi, S * B, 3 * H, 3 * H, d_bih[k].data_ptr<T>(), false);
     }
     // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
-    at::Tensor d_x = at::empty({S, B, E}, opts);
+    at::Tensor d_x = cpu::empty({S, B, E}, opts);
     T* dxe = d_x.data_ptr<T>();
     gemm<T>(false, false, S * B, E, 3 * H, T(1), Ggi.data_ptr<T>(), 3 * H, ptr<T>(wih[0]) + H, H + E, T(0), dxe, E);
     T* de = d_emb.data_ptr<T>();
@@ -539,9 +540,9 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
   const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
   auto opts = enc.options();
 
-  at::Tensor state = hidden_in.contiguous().clone();
-  at::Tensor attn_buf = at::empty({return_attention ? max_len : 1, B, T_}, opts);
-  at::Tensor tokens_buf = at::empty({B, max_len}, enc.options().dtype(at::kLong));
+  at::Tensor state = cpu::empty({s.L, s.B, s.H}, enc_in.options()).copy_(hidden_in);
+  at::Tensor attn_buf = cpu::empty({return_attention ? max_len : 1, B, T_}, opts);
+  at::Tensor tokens_buf = cpu::empty({B, max_len}, enc.options().dtype(at::kLong));
   int64_t steps = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::greedy_decode", [&] {
     using T = scalar_t;
@@ -549,7 +550,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     const StepGemms<T> G(s, P);
     const PackedWeight<T> emb0(true, B, 3 * H, E, ptr<T>(P.w_ih[0]) + H, H + E);
     const PackedWeight<T> dense(true, B, V, H, ptr<T>(P.dense_w), H);
-    at::Tensor work = at::empty({B, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
+    at::Tensor work = cpu::empty({B, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
     T* x0 = work.data_ptr<T>();
     T* gi0 = x0 + B * (H + E);
     T* gates = gi0 + B * 3 * H;
@@ -610,7 +611,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     }
   }
   at::Tensor attention =
-      return_attention ? attn_buf.narrow(0, 0, steps).permute({1, 0, 2}).contiguous() : at::empty({0}, opts);
+      return_attention ? attn_buf.narrow(0, 0, steps).permute({1, 0, 2}).contiguous() : cpu::empty({0}, opts);
   return {tokens, lengths, attention};
 }
 

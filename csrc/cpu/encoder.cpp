@@ -104,14 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
     layer_mask = layer_mask_in->contiguous();
   }
   auto opts = embedding.options();
-  at::Tensor states = at::empty({L, T_ + 1, B, H}, opts);
-  at::Tensor layer_inputs = layer_mask.has_value() ? at::empty({L - 1, T_, B, H}, opts) : at::empty({0}, opts);
-  at::Tensor gates = at::empty({keep_activations ? L * T_ : 1, B, 4 * H}, opts);
+  at::Tensor states = cpu::empty({L, T_ + 1, B, H}, opts);
+  at::Tensor layer_inputs = layer_mask.has_value() ? cpu::empty({L - 1, T_, B, H}, opts) : cpu::empty({0}, opts);
+  at::Tensor gates = cpu::empty({keep_activations ? L * T_ : 1, B, 4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_forward", [&] {
     using T = scalar_t;
-    at::Tensor x_emb = at::empty({T_, B, E}, opts);
-    at::Tensor GI = at::empty({T_, B, 3 * H}, opts);
-    at::Tensor gh = at::empty({B, 3 * H}, opts);
+    at::Tensor x_emb = cpu::empty({T_, B, E}, opts);
+    at::Tensor GI = cpu::empty({T_, B, 3 * H}, opts);
+    at::Tensor gh = cpu::empty({B, 3 * H}, opts);
     embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (T_ + 1) * B * H;
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
     }
   });
   if (!keep_activations) {
-    gates = at::empty({0}, opts);
+    gates = cpu::empty({0}, opts);
   } else {
     gates = gates.view({L, T_, B, 4 * H});
   }
@@ -182,19 +182,19 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
     layer_mask = layer_mask_in->contiguous();
   }
   auto opts = embedding.options();
-  at::Tensor d_emb = at::zeros_like(embedding);
+  at::Tensor d_emb = cpu::zeros(embedding.sizes(), opts);
   std::vector<at::Tensor> d_wih, d_whh, d_bih, d_bhh;
   for (int64_t k = 0; k < L; ++k) {
-    d_wih.push_back(at::empty({3 * H, k == 0 ? E : H}, opts));
-    d_whh.push_back(at::empty({3 * H, H}, opts));
-    d_bih.push_back(at::empty({3 * H}, opts));
-    d_bhh.push_back(at::empty({3 * H}, opts));
+    d_wih.push_back(cpu::empty({3 * H, k == 0 ? E : H}, opts));
+    d_whh.push_back(cpu::empty({3 * H, H}, opts));
+    d_bih.push_back(cpu::empty({3 * H}, opts));
+    d_bhh.push_back(cpu::empty({3 * H}, opts));
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_backward", [&] {
     using T = scalar_t;
-    at::Tensor Ggi = at::empty({T_, B, 3 * H}, opts), Ggh = at::empty({T_, B, 3 * H}, opts);
-    at::Tensor d_in = at::zeros({T_, B, std::max(E, H)}, opts);  // grad of the layer's input
-    at::Tensor dh = at::empty({B, H}, opts);
+    at::Tensor Ggi = cpu::empty({T_, B, 3 * H}, opts), Ggh = cpu::empty({T_, B, 3 * H}, opts);
+    at::Tensor d_in = cpu::zeros({T_, B, std::max(E, H)}, opts);  // grad of the layer's input
+    at::Tensor dh = cpu::empty({B, H}, opts);
     const T* st = states.data_ptr<T>();
     const T* Dp = D.data_ptr<T>();
     const int64_t state_ld = (T_ + 1) * B * H;
@@ -227,7 +227,7 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
       }
       at::Tensor x_emb;
       if (k == 0) {
-        x_emb = at::empty({T_, B, E}, opts);
+        x_emb = cpu::empty({T_, B, E}, opts);
         embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
         xin = x_emb.data_ptr<T>();
       }

@@ -360,7 +360,7 @@ PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const
     if (usable) {
       const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(M), static_cast<int>(N),
                                                      static_cast<int>(K));
-      packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float) + 16)}, at::kFloat);
+      packed_ = cpu::empty({static_cast<int64_t>(bytes / sizeof(float) + 16)}, at::TensorOptions().dtype(at::kFloat));
       cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, static_cast<int>(M),
                        static_cast<int>(N), static_cast<int>(K), 1.0f, W, static_cast<int>(ldw),
                        packed_.data_ptr<float>());

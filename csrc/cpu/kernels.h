@@ -11,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/workspace.h"
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
