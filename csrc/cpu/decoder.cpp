@@ -7,6 +7,7 @@
 // Every buffer is allocated before the loop; the loop calls BLAS and the fused row kernels only.
 #include <torch/library.h>
 
+#include <mutex>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -177,6 +178,12 @@ struct StepBuffers {
   T* gh;       // (B, 3H) scratch for non-top layers
 };
 
+// Multiply-adds x 2 of one row's decoder step: the per-step GEMMs and the attention scores.
+double step_flops_per_row(const Sizes& s) {
+  const double H = static_cast<double>(s.H);
+  return 2.0 * ((4 + 3 + 6 * (s.L - 1)) * H * H + 3.0 * static_cast<double>(s.T) * H);
+}
+
 template <typename T>
 void decoder_step(const Sizes& s, const Params<T>& P, const StepGemms<T>& G, const T* kp, const T* enc, const int64_t* lens,
                   const T* attn_drop, const T* layer_drop, int64_t layer_drop_ld, const T* state_prev,
@@ -273,7 +280,6 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
     const StepGemms<T> G(s, P);
     at::Tensor gi0_all = cpu::empty({S, B, 3 * H}, opts);
-    at::Tensor scratch = cpu::empty({B, 10 * H}, opts);
     T* x0 = inputs.data_ptr<T>();
     T* gi0 = gi0_all.data_ptr<T>();
     // Embedding part of layer 0's input GEMM (with b_ih added in the gate kernel) for all steps.
@@ -281,19 +287,27 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
       gather_rows<T>(ptr<T>(P.embedding), E, ptr<int64_t>(X) + t, B, S, x0 + t * B * (H + E) + H, H + E);
     }
     gemm<T>(false, true, S * B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
-    T* sc = scratch.data_ptr<T>();
-    StepBuffers<T> buf{sc, sc + 4 * H * B, sc + 7 * H * B};
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (S + 1) * B * H;
-    for (int64_t t = 0; t < S; ++t) {
-      decoder_step<T>(s, P, G, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
-                      attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
-                      layer_mask ? ptr<T>(*layer_mask) + t * B * H : nullptr, S * B * H, st + t * B * H,
-                      st + (t + 1) * B * H, state_ld, x0 + t * B * (H + E), gi0 + t * B * 3 * H,
-                      attention.data_ptr<T>() + t * B * T_,
-                      gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0), B * 4 * H,
-                      layer_mask ? layer_inputs.data_ptr<T>() + t * B * H : nullptr, S * B * H, buf);
-    }
+    for_row_chunks(B, S * step_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+      Sizes c = s;
+      c.B = b1 - b0;
+      const StepGemms<T> G(c, P);
+      at::Tensor scratch = cpu::empty({c.B, 10 * H}, opts);
+      T* sc = scratch.data_ptr<T>();
+      const StepBuffers<T> buf{sc, sc + 4 * H * c.B, sc + 7 * H * c.B};
+      for (int64_t t = 0; t < S; ++t) {
+        decoder_step<T>(c, P, G, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
+                        lens ? ptr<int64_t>(*lens) + b0 : nullptr,
+                        attn_mask ? ptr<T>(*attn_mask) + (t * B + b0) * T_ : nullptr,
+                        layer_mask ? ptr<T>(*layer_mask) + (t * B + b0) * H : nullptr, S * B * H,
+                        st + (t * B + b0) * H, st + ((t + 1) * B + b0) * H, state_ld,
+                        x0 + (t * B + b0) * (H + E), gi0 + (t * B + b0) * 3 * H,
+                        attention.data_ptr<T>() + (t * B + b0) * T_,
+                        gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0) + b0 * 4 * H, B * 4 * H,
+                        layer_mask ? layer_inputs.data_ptr<T>() + (t * B + b0) * H : nullptr, S * B * H, buf);
+      }
+    });
     // dense over all steps at once: logits = tops @ W^T + b.
     T* y = logits.data_ptr<T>();
     const T* bias = ptr<T>(*P.dense_b);
@@ -401,66 +415,74 @@ BackwardResult decoder_backward(
     at::Tensor Ggi = cpu::empty({L, S, B, 3 * H}, opts);
     at::Tensor Ggh = cpu::empty({std::max<int64_t>(L - 1, 0), S, B, 3 * H}, opts);
     at::Tensor Gcat = cpu::empty({S, B, 4 * H}, opts);  // [d q | d gh of the top layer]
-    at::Tensor scratch = cpu::empty({2, B, H}, opts);
     at::Tensor dwv_rows = cpu::zeros({B, H}, opts);
-    T* dctx = scratch.data_ptr<T>();
-    T* dx = dctx + B * H;
     T* dhp = dh.data_ptr<T>();
     const T* gt = ptr<T>(gates);
-    // Per-step GEMM weights, packed once: gradients of the layers' inputs and previous states.
-    std::vector<PackedWeight<T>> ih_b(L), hh_b(L);
-    for (int64_t k = 0; k < L; ++k) {
-      ih_b[k] = PackedWeight<T>(false, B, H, 3 * H, ptr<T>(wih[k]), k == 0 ? H + E : H);
-      if (k < L - 1) {
-        hh_b[k] = PackedWeight<T>(false, B, H, 3 * H, ptr<T>(whh[k]), H);
+    // Backward through time for rows [b0, b1): every per-step quantity is per row.
+    auto backward_rows = [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      at::Tensor scratch = cpu::empty({2, n, H}, opts);
+      T* dctx = scratch.data_ptr<T>();
+      T* dx = dctx + n * H;
+      // Per-step GEMM weights, packed once: gradients of the layers' inputs and previous states.
+      std::vector<PackedWeight<T>> ih_b(L), hh_b(L);
+      for (int64_t k = 0; k < L; ++k) {
+        ih_b[k] = PackedWeight<T>(false, n, H, 3 * H, ptr<T>(wih[k]), k == 0 ? H + E : H);
+        if (k < L - 1) {
+          hh_b[k] = PackedWeight<T>(false, n, H, 3 * H, ptr<T>(whh[k]), H);
+        }
       }
-    }
-    const PackedWeight<T> cat_b(false, B, H, 4 * H, ptr<T>(w_cat), H);
-    for (int64_t t = S - 1; t >= 0; --t) {
-      T* gcat_t = Gcat.data_ptr<T>() + t * B * 4 * H;
-      for (int64_t k = L - 1; k >= 0; --k) {
-        T* dhk = dhp + k * B * H;
-        const T* ext = Dp + k * state_ld + (t + 1) * B * H;
-        for (int64_t i = 0; i < B * H; ++i) {
-          dhk[i] += ext[i];
-        }
-        T* ggi = Ggi.data_ptr<T>() + (k * S + t) * B * 3 * H;
-        T* ggh;
-        int64_t ld_gh;
-        if (k == L - 1) {
-          ggh = gcat_t + H;
-          ld_gh = 4 * H;
-        } else {
-          ggh = Ggh.data_ptr<T>() + (k * S + t) * B * 3 * H;
-          ld_gh = 3 * H;
-        }
-        GatesBwd g{B, H, dhk, gt + (t * L + k) * B * 4 * H, st + k * state_ld + t * B * H, ggi, 3 * H, ggh, ld_gh};
-        gates_backward<T>(g);
-        if (k > 0) {
-          T* dh_below = dhp + (k - 1) * B * H;
-          if (layer_mask.has_value()) {
-            ih_b[k].gemm(ggi, 3 * H, T(0), dx, H);
-            const T* m = ptr<T>(*layer_mask) + ((k - 1) * S + t) * B * H;
-            for (int64_t i = 0; i < B * H; ++i) {
-              dh_below[i] += dx[i] * m[i];
+      const PackedWeight<T> cat_b(false, n, H, 4 * H, ptr<T>(w_cat), H);
+      for (int64_t t = S - 1; t >= 0; --t) {
+        const int64_t row = t * B + b0;  // first row of the chunk in (S, B, ...) buffers
+        T* gcat_t = Gcat.data_ptr<T>() + row * 4 * H;
+        for (int64_t k = L - 1; k >= 0; --k) {
+          T* dhk = dhp + (k * B + b0) * H;
+          const T* ext = Dp + k * state_ld + (row + B) * H;
+          for (int64_t i = 0; i < n * H; ++i) {
+            dhk[i] += ext[i];
+          }
+          T* ggi = Ggi.data_ptr<T>() + (k * S * B + row) * 3 * H;
+          T* ggh;
+          int64_t ld_gh;
+          if (k == L - 1) {
+            ggh = gcat_t + H;
+            ld_gh = 4 * H;
+          } else {
+            ggh = Ggh.data_ptr<T>() + (k * S * B + row) * 3 * H;
+            ld_gh = 3 * H;
+          }
+          GatesBwd g{n, H, dhk, gt + ((t * L + k) * B + b0) * 4 * H, st + k * state_ld + row * H, ggi, 3 * H,
+                     ggh, ld_gh};
+          gates_backward<T>(g);
+          if (k > 0) {
+            T* dh_below = dhp + ((k - 1) * B + b0) * H;
+            if (layer_mask.has_value()) {
+              ih_b[k].gemm(ggi, 3 * H, T(0), dx, H);
+              const T* m = ptr<T>(*layer_mask) + ((k - 1) * S * B + row) * H;
+              for (int64_t i = 0; i < n * H; ++i) {
+                dh_below[i] += dx[i] * m[i];
+              }
+            } else {
+              ih_b[k].gemm(ggi, 3 * H, T(1), dh_below, H);
             }
           } else {
-            ih_b[k].gemm(ggi, 3 * H, T(1), dh_below, H);
+            ih_b[0].gemm(ggi, 3 * H, T(0), dctx, H);
           }
-        } else {
-          ih_b[0].gemm(ggi, 3 * H, T(0), dctx, H);
+          if (k < L - 1) {
+            hh_b[k].gemm(ggh, 3 * H, T(1), dhk, H);
+          }
         }
-        if (k < L - 1) {
-          hh_b[k].gemm(ggh, 3 * H, T(1), dhk, H);
-        }
+        AttnBwd a{n, T_, H, Q.data_ptr<T>() + row * H, H, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
+                  ptr<T>(wv), lens ? ptr<int64_t>(*lens) + b0 : nullptr,
+                  attn_mask ? ptr<T>(*attn_mask) + row * T_ : nullptr, ptr<T>(attention) + row * T_,
+                  g_attn ? ptr<T>(*g_attn) + row * T_ : nullptr, dctx, d_kp.data_ptr<T>() + b0 * T_ * H,
+                  d_enc.data_ptr<T>() + b0 * T_ * H, dwv_rows.data_ptr<T>() + b0 * H, gcat_t, 4 * H};
+        attention_backward<T>(a);
+        cat_b.gemm(gcat_t, 4 * H, T(1), dhp + ((L - 1) * B + b0) * H, H);
       }
-      AttnBwd a{B, T_, H, Q.data_ptr<T>() + t * B * H, H, ptr<T>(kp), ptr<T>(enc), ptr<T>(wv),
-                opt_ptr<int64_t>(lens), attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
-                ptr<T>(attention) + t * B * T_, g_attn ? ptr<T>(*g_attn) + t * B * T_ : nullptr, dctx,
-                d_kp.data_ptr<T>(), d_enc.data_ptr<T>(), dwv_rows.data_ptr<T>(), gcat_t, 4 * H};
-      attention_backward<T>(a);
-      cat_b.gemm(gcat_t, 4 * H, T(1), dhp + (L - 1) * B * H, H);
-    }
+    };
+    for_row_chunks(B, 2 * S * step_flops_per_row(s), backward_rows);
     for (int64_t k = 0; k < L; ++k) {
       T* dhk = dhp + k * B * H;
       const T* ext = Dp + k * state_ld;
@@ -544,55 +566,76 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
   at::Tensor attn_buf = cpu::empty({return_attention ? max_len : 1, B, T_}, opts);
   at::Tensor tokens_buf = cpu::empty({B, max_len}, enc.options().dtype(at::kLong));
   int64_t steps = 0;
+  std::mutex steps_mutex;
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::greedy_decode", [&] {
     using T = scalar_t;
     Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
-    const StepGemms<T> G(s, P);
-    const PackedWeight<T> emb0(true, B, 3 * H, E, ptr<T>(P.w_ih[0]) + H, H + E);
-    const PackedWeight<T> dense(true, B, V, H, ptr<T>(P.dense_w), H);
-    at::Tensor work = cpu::empty({B, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
-    T* x0 = work.data_ptr<T>();
-    T* gi0 = x0 + B * (H + E);
-    T* gates = gi0 + B * 3 * H;
-    T* layer_inputs = gates + B * 4 * L * H;
-    T* logits = layer_inputs + B * (L - 1) * H;
-    T* sc = logits + B * V;
-    StepBuffers<T> buf{sc, sc + 4 * H * B, sc + 7 * H * B};
-    std::vector<int64_t> token(B, bos);
-    std::vector<char> finished(B, 0);
     int64_t* out = tokens_buf.data_ptr<int64_t>();
     T* st = state.data_ptr<T>();
+    T* attn = attn_buf.data_ptr<T>();
     const T* bias = ptr<T>(*P.dense_b);
-    for (int64_t t = 0; t < max_len; ++t) {
-      gather_rows<T>(ptr<T>(P.embedding), E, token.data(), B, 1, x0 + H, H + E);
-      emb0.gemm(x0 + H, H + E, T(0), gi0, 3 * H);
-      decoder_step<T>(s, P, G, ptr<T>(kp), ptr<T>(enc), opt_ptr<int64_t>(lens),
-                      attn_mask ? ptr<T>(*attn_mask) + t * B * T_ : nullptr,
-                      layer_mask ? ptr<T>(*layer_mask) + t * B * H : nullptr, max_len * B * H, st, st, B * H, x0, gi0,
-                      attn_buf.data_ptr<T>() + (return_attention ? t * B * T_ : 0), gates, B * 4 * H,
-                      layer_mask ? layer_inputs : nullptr, B * H, buf);
-      for (int64_t b = 0; b < B; ++b) {
-        std::copy(bias, bias + V, logits + b * V);
-      }
-      dense.gemm(st + (L - 1) * B * H, H, T(1), logits, V);
-      bool all_done = true;
-      for (int64_t b = 0; b < B; ++b) {
-        const T* y = logits + b * V;
-        int64_t best = 0;
-        for (int64_t v = 1; v < V; ++v) {
-          if (y[v] > y[best]) {
-            best = v;
-          }
+    // Rows [b0, b1) decoded until each of them produced eos (or max_len steps).
+    auto decode_rows = [&](int64_t b0, int64_t b1) {
+      Sizes c = s;
+      c.B = b1 - b0;
+      const int64_t n = c.B;
+      const StepGemms<T> G(c, P);
+      const PackedWeight<T> emb0(true, n, 3 * H, E, ptr<T>(P.w_ih[0]) + H, H + E);
+      const PackedWeight<T> dense(true, n, V, H, ptr<T>(P.dense_w), H);
+      at::Tensor work = cpu::empty({n, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
+      T* x0 = work.data_ptr<T>();
+      T* gi0 = x0 + n * (H + E);
+      T* gates = gi0 + n * 3 * H;
+      T* layer_inputs = gates + n * 4 * L * H;
+      T* logits = layer_inputs + n * (L - 1) * H;
+      T* sc = logits + n * V;
+      const StepBuffers<T> buf{sc, sc + 4 * H * n, sc + 7 * H * n};
+      std::vector<int64_t> token(n, bos);
+      std::vector<char> finished(n, 0);
+      int64_t ran = 0;
+      for (int64_t t = 0; t < max_len; ++t) {
+        gather_rows<T>(ptr<T>(P.embedding), E, token.data(), n, 1, x0 + H, H + E);
+        emb0.gemm(x0 + H, H + E, T(0), gi0, 3 * H);
+        decoder_step<T>(c, P, G, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
+                        lens ? ptr<int64_t>(*lens) + b0 : nullptr,
+                        attn_mask ? ptr<T>(*attn_mask) + (t * B + b0) * T_ : nullptr,
+                        layer_mask ? ptr<T>(*layer_mask) + (t * B + b0) * H : nullptr, max_len * B * H,
+                        st + b0 * H, st + b0 * H, B * H, x0, gi0,
+                        attn + ((return_attention ? t * B : 0) + b0) * T_, gates, n * 4 * H,
+                        layer_mask ? layer_inputs : nullptr, n * H, buf);
+        for (int64_t b = 0; b < n; ++b) {
+          std::copy(bias, bias + V, logits + b * V);
         }
-        token[b] = best;
-        out[b * max_len + t] = best;
-        finished[b] = finished[b] || best == eos;
-        all_done = all_done && finished[b];
+        dense.gemm(st + (L - 1) * B * H + b0 * H, H, T(1), logits, V);
+        bool all_done = true;
+        for (int64_t b = 0; b < n; ++b) {
+          const T* y = logits + b * V;
+          int64_t best = 0;
+          for (int64_t v = 1; v < V; ++v) {
+            if (y[v] > y[best]) {
+              best = v;
+            }
+          }
+          token[b] = best;
+          out[(b0 + b) * max_len + t] = best;
+          finished[b] = finished[b] || best == eos;
+          all_done = all_done && finished[b];
+        }
+        ran = t + 1;
+        if (all_done) {
+          break;
+        }
       }
-      steps = t + 1;
-      if (all_done) {
-        break;
-      }
+      std::lock_guard<std::mutex> lock(steps_mutex);
+      steps = std::max(steps, ran);
+    };
+    if (return_attention) {
+      // Every row's weights are kept for every step run, so all rows run until the last stops.
+      decode_rows(0, B);
+    } else {
+      // A chunk may stop before the others: its rows have all produced eos, and what follows
+      // a row's eos is written as eos below.
+      for_row_chunks(B, max_len * (step_flops_per_row(s) + 2.0 * H * V), decode_rows);
     }
   });
   at::Tensor tokens = tokens_buf.narrow(1, 0, steps).contiguous();

@@ -66,6 +66,11 @@ void check_layer_mask(const EncSizes& s, const c10::optional<at::Tensor>& layer_
   check_shape(*layer_mask, "layer_mask", {s.L - 1, s.T, s.B, s.H});
 }
 
+// Multiply-adds x 2 of one row's recurrence through all steps of one layer.
+double recurrence_flops_per_row(const EncSizes& s) {
+  return 2.0 * static_cast<double>(s.T) * 3.0 * static_cast<double>(s.H * s.H);
+}
+
 std::vector<at::Tensor> contiguous_list(at::TensorList list) {
   std::vector<at::Tensor> out;
   for (const auto& t : list) {
@@ -111,7 +116,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
     using T = scalar_t;
     at::Tensor x_emb = cpu::empty({T_, B, E}, opts);
     at::Tensor GI = cpu::empty({T_, B, 3 * H}, opts);
-    at::Tensor gh = cpu::empty({B, 3 * H}, opts);
     embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (T_ + 1) * B * H;
@@ -137,15 +141,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
         in = H;
       }
       gemm<T>(false, true, T_ * B, 3 * H, in, T(1), xin, in, w_ih[k].data_ptr<T>(), in, T(0), GI.data_ptr<T>(), 3 * H);
-      const PackedWeight<T> hh(true, B, 3 * H, H, w_hh[k].data_ptr<T>(), H);
-      for (int64_t t = 0; t < T_; ++t) {
-        const T* hp = sk + t * B * H;
-        hh.gemm(hp, H, T(0), gh.data_ptr<T>(), 3 * H);
-        T* save = gates.data_ptr<T>() + (keep_activations ? (k * T_ + t) * B * 4 * H : 0);
-        GatesFwd g{B, H, GI.data_ptr<T>() + t * B * 3 * H, 3 * H, gh.data_ptr<T>(), 3 * H,
-                   b_ih[k].data_ptr<T>(), b_hh[k].data_ptr<T>(), hp, sk + (t + 1) * B * H, save};
-        gates_forward<T>(g);
-      }
+      // The recurrence, rows split into independent chunks.
+      for_row_chunks(B, recurrence_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+        const int64_t n = b1 - b0;
+        const PackedWeight<T> hh(true, n, 3 * H, H, w_hh[k].data_ptr<T>(), H);
+        at::Tensor gh = cpu::empty({n, 3 * H}, opts);
+        for (int64_t t = 0; t < T_; ++t) {
+          const int64_t row = t * B + b0;
+          const T* hp = sk + row * H;
+          hh.gemm(hp, H, T(0), gh.data_ptr<T>(), 3 * H);
+          T* save = gates.data_ptr<T>() + ((keep_activations ? (k * T_ + t) * B : 0) + b0) * 4 * H;
+          GatesFwd g{n, H, GI.data_ptr<T>() + row * 3 * H, 3 * H, gh.data_ptr<T>(), 3 * H,
+                     b_ih[k].data_ptr<T>(), b_hh[k].data_ptr<T>(), hp, sk + (row + B) * H, save};
+          gates_forward<T>(g);
+        }
+      });
     }
   });
   if (!keep_activations) {
@@ -194,28 +204,32 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
     using T = scalar_t;
     at::Tensor Ggi = cpu::empty({T_, B, 3 * H}, opts), Ggh = cpu::empty({T_, B, 3 * H}, opts);
     at::Tensor d_in = cpu::zeros({T_, B, std::max(E, H)}, opts);  // grad of the layer's input
-    at::Tensor dh = cpu::empty({B, H}, opts);
     const T* st = states.data_ptr<T>();
     const T* Dp = D.data_ptr<T>();
     const int64_t state_ld = (T_ + 1) * B * H;
-    T* dhp = dh.data_ptr<T>();
     T* dinp = d_in.data_ptr<T>();
     for (int64_t k = L - 1; k >= 0; --k) {
-      std::fill(dhp, dhp + B * H, T(0));
-      const PackedWeight<T> hh(false, B, H, 3 * H, w_hh[k].data_ptr<T>(), H);
-      for (int64_t t = T_ - 1; t >= 0; --t) {
-        const T* ext = Dp + k * state_ld + (t + 1) * B * H;
-        const T* from_above = dinp + t * B * H;  // layer k + 1's input grad (masked), k < L - 1
-        for (int64_t i = 0; i < B * H; ++i) {
-          dhp[i] += ext[i] + (k < L - 1 ? from_above[i] : T(0));
+      // Backward through time, rows split into independent chunks.
+      for_row_chunks(B, 2 * recurrence_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+        const int64_t n = b1 - b0;
+        at::Tensor dh = cpu::zeros({n, H}, opts);
+        T* dhp = dh.data_ptr<T>();
+        const PackedWeight<T> hh(false, n, H, 3 * H, w_hh[k].data_ptr<T>(), H);
+        for (int64_t t = T_ - 1; t >= 0; --t) {
+          const int64_t row = t * B + b0;
+          const T* ext = Dp + k * state_ld + (row + B) * H;
+          const T* from_above = dinp + row * H;  // layer k + 1's input grad (masked), k < L - 1
+          for (int64_t i = 0; i < n * H; ++i) {
+            dhp[i] += ext[i] + (k < L - 1 ? from_above[i] : T(0));
+          }
+          T* ggi = Ggi.data_ptr<T>() + row * 3 * H;
+          T* ggh = Ggh.data_ptr<T>() + row * 3 * H;
+          GatesBwd g{n, H, dhp, gates.data_ptr<T>() + ((k * T_ + t) * B + b0) * 4 * H, st + k * state_ld + row * H,
+                     ggi, 3 * H, ggh, 3 * H};
+          gates_backward<T>(g);
+          hh.gemm(ggh, 3 * H, T(1), dhp, H);
         }
-        T* ggi = Ggi.data_ptr<T>() + t * B * 3 * H;
-        T* ggh = Ggh.data_ptr<T>() + t * B * 3 * H;
-        GatesBwd g{B, H, dhp, gates.data_ptr<T>() + (k * T_ + t) * B * 4 * H, st + k * state_ld + t * B * H,
-                   ggi, 3 * H, ggh, 3 * H};
-        gates_backward<T>(g);
-        hh.gemm(ggh, 3 * H, T(1), dhp, H);
-      }
+      });
       const T* xin;
       int64_t in = k == 0 ? E : H;
       if (k == 0) {

@@ -219,6 +219,20 @@ inline int64_t grain_rows(int64_t per_row, int64_t work = 131072) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, per_row));
 }
 
+// Runs f(b0, b1) over contiguous chunks of the rows [0, B), one chunk per thread, each a whole
+// step loop whose BLAS calls run single-threaded (MKL does inside a parallel region). Rows of a
+// recurrence never meet, so this split needs no synchronization per step, where threading each
+// step's small GEMMs forks and joins at every call. Splits only when each chunk gets at least
+// `kChunkFlops` of work and 8 rows; otherwise f(0, B) runs on the calling thread.
+template <typename F>
+void for_row_chunks(int64_t B, double flops_per_row, const F& f) {
+  constexpr double kChunkFlops = 2e6;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / std::max(flops_per_row, 1.0)));
+  const int64_t even = (B + threads - 1) / threads;
+  at::parallel_for(0, B, std::max<int64_t>({8, by_work, even}), f);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks shared by the ops: every message names the argument.
 void check_cpu_float(const at::Tensor& t, const char* name, at::ScalarType dtype);
