@@ -4,9 +4,10 @@ The ops ``torch.ops.seq2seq_fast.{decoder_forward, decoder_backward, greedy_deco
 encoder_forward, encoder_backward}`` are defined in ``csrc/ops.cpp`` and implemented for CPU in
 ``csrc/cpu``: preallocated buffers, BLAS GEMMs (the non-recurrent ones batched over all steps),
 fused and vectorized attention and GRU-gate loops, and a hand-written backward through time.
-This module registers their fake (meta) implementations and their autograd formulas with
-``torch.library`` (so ``torch.compile(fullgraph=True)`` traces them and ``opcheck`` passes),
-draws the dropout masks from torch's generator, and adapts d2l's modules to the ops.
+Their autograd is registered in C++ (``csrc/autograd.cpp``); this module registers their fake
+(meta) implementations with ``torch.library`` (so ``torch.compile(fullgraph=True)`` traces them
+and ``opcheck`` passes), draws the dropout masks from torch's generator, and adapts d2l's
+modules to the ops.
 """
 import torch
 
@@ -251,59 +252,6 @@ def _encoder_backward_fake(grad_states, X, embedding, w_ih, w_hh, layer_mask, st
     )
 
 
-def _decoder_setup_context(ctx, inputs, output):
-    (X, enc, _hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, _b_ih, _b_hh, dense_w, _dense_b, attn_mask,
-     layer_mask, keep) = inputs
-    _, attention, states, x_in, layer_inputs, gates = output
-    ctx.set_materialize_grads(False)  # unused outputs: None, not zero-filled tensors
-    ctx.keep = keep
-    ctx.num_layers = len(w_ih)
-    if keep:
-        ctx.save_for_backward(X, enc, lens, kp, emb, W_q, w_v, dense_w, attn_mask, layer_mask, attention,
-                              states, x_in, layer_inputs, gates, *w_ih, *w_hh)
-
-
-def _decoder_backward(ctx, grad_logits, grad_attention, grad_states, *_unused):
-    if not ctx.keep:
-        raise RuntimeError(
-            "seq2seq_fast::decoder_forward was run with keep_activations=False; "
-            "run it with keep_activations=True to differentiate it")
-    L = ctx.num_layers
-    (X, enc, lens, kp, emb, W_q, w_v, dense_w, attn_mask, layer_mask, attention, states, x_in, layer_inputs,
-     gates, *weights) = ctx.saved_tensors
-    w_ih, w_hh = weights[:L], weights[L:]
-    (d_enc, d_hidden, d_kp, d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh, d_dw,
-     d_db) = torch.ops.seq2seq_fast.decoder_backward(
-        grad_logits, grad_attention, grad_states, X, enc, lens, kp, emb, W_q, w_v, w_ih, w_hh, dense_w,
-        attn_mask, layer_mask, attention, states, x_in, layer_inputs, gates)
-    return (None, d_enc, d_hidden, None, d_kp, d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh, d_dw, d_db,
-            None, None, None)
-
-
-def _encoder_setup_context(ctx, inputs, output):
-    X, emb, w_ih, w_hh, _b_ih, _b_hh, layer_mask, keep = inputs
-    states, layer_inputs, gates = output
-    ctx.set_materialize_grads(False)
-    ctx.keep = keep
-    ctx.num_layers = len(w_ih)
-    if keep:
-        ctx.save_for_backward(X, emb, layer_mask, states, layer_inputs, gates, *w_ih, *w_hh)
-
-
-def _encoder_backward(ctx, grad_states, *_unused):
-    if not ctx.keep:
-        raise RuntimeError(
-            "seq2seq_fast::encoder_forward was run with keep_activations=False; "
-            "run it with keep_activations=True to differentiate it")
-    L = ctx.num_layers
-    X, emb, layer_mask, states, layer_inputs, gates, *weights = ctx.saved_tensors
-    if grad_states is None:
-        grad_states = torch.zeros_like(states)
-    d_emb, d_wih, d_whh, d_bih, d_bhh = torch.ops.seq2seq_fast.encoder_backward(
-        grad_states, X, emb, weights[:L], weights[L:], layer_mask, states, layer_inputs, gates)
-    return None, d_emb, d_wih, d_whh, d_bih, d_bhh, None, None
-
-
 _EXTENSION_ERROR = extension_error()
 
 
@@ -316,10 +264,6 @@ def _register():
     torch.library.register_fake(lib + "greedy_decode", _greedy_fake)
     torch.library.register_fake(lib + "encoder_forward", _encoder_forward_fake)
     torch.library.register_fake(lib + "encoder_backward", _encoder_backward_fake)
-    torch.library.register_autograd(lib + "decoder_forward", _decoder_backward,
-                                    setup_context=_decoder_setup_context)
-    torch.library.register_autograd(lib + "encoder_forward", _encoder_backward,
-                                    setup_context=_encoder_setup_context)
 
 
 _register()
