@@ -50,6 +50,15 @@ TORCH_LIBRARY(seq2seq_fast, m) {
       "Tensor embedding, Tensor W_q, Tensor w_v, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, "
       "Tensor dense_weight, Tensor dense_bias, Tensor? attn_mask, Tensor? layer_mask, int bos, int eos, "
       "int max_len, bool return_attention) -> (Tensor tokens, Tensor lengths, Tensor attention)");
+  // d2l's MaskedSoftmaxCELoss: pred (B, S, V) logits, label (B, S) int64, valid_len (B,) int64.
+  // Returns loss (B,) = mean over the S steps of the cross-entropy, steps >= valid_len weighted 0,
+  // and the log-sum-exp (B, S) of every row, which the backward reads.
+  m.def("masked_ce_loss(Tensor pred, Tensor label, Tensor valid_len) -> (Tensor loss, Tensor lse)");
+  // Gradient of masked_ce_loss w.r.t. pred, laid out as pred's memory when pred is a (B, S, V)
+  // view of step-major (S, B, V) logits, else contiguous.
+  m.def(
+      "masked_ce_loss_backward(Tensor grad_loss, Tensor pred, Tensor label, Tensor valid_len, Tensor lse) "
+      "-> Tensor grad_pred");
   // d2l's Seq2SeqEncoder: embedding of X (B, T) then a multi-layer GRU from a zero state; layer_mask
   // (L - 1, T, B, H) is the scaled inter-layer dropout keep-mask. Returns states (L, T + 1, B, H)
   // (output = states[L - 1, 1:], final state = states[:, T]), layer_inputs (L - 1, T, B, H) or (0,),

@@ -193,7 +193,38 @@ def encoder_forward(encoder, X):
     return states[L - 1, 1:], states[:, T].contiguous()
 
 
+def loss_unsupported_reason(pred, loss_module):
+    """``None`` if the fused CPU op can compute ``loss_module``'s loss of ``pred``, else why not."""
+    error = extension_error()
+    if error is not None:
+        return error
+    if pred.device.type != "cpu" or not has_kernel("masked_ce_loss", "cpu"):
+        return "the fused loss runs on CPU only"
+    if pred.dtype not in _FLOATS:
+        return f"the fused loss runs in float32 and float64, not {pred.dtype}"
+    if loss_module.weight is not None or loss_module.label_smoothing != 0 or loss_module.ignore_index >= 0:
+        return "the fused loss has no class weights, label smoothing or ignored class"
+    return None
+
+
+def masked_ce_loss(pred, label, valid_len):
+    """d2l's masked softmax cross-entropy (B,) of logits ``pred`` (B, S, V), ``label`` (B, S)
+    and ``valid_len`` int64 (B,), fused in one pass (differentiable w.r.t. ``pred``)."""
+    return _ops().masked_ce_loss(pred, label, valid_len)[0]
+
+
 # ---- torch.library registrations ---------------------------------------------------------------------
+
+
+def _loss_fake(pred, label, valid_len):
+    return pred.new_empty(pred.shape[:1]), pred.new_empty(pred.shape[:2])
+
+
+def _loss_backward_fake(grad_loss, pred, label, valid_len, lse):
+    B, S, V = pred.shape
+    if pred.transpose(0, 1).is_contiguous():  # step-major logits keep their layout
+        return pred.new_empty((S, B, V)).transpose(0, 1)
+    return pred.new_empty((B, S, V))
 
 
 def _decoder_forward_fake(X, enc_outputs, hidden, valid_lens, key_proj, embedding, W_q, w_v, w_ih, w_hh,
@@ -264,6 +295,8 @@ def _register():
     torch.library.register_fake(lib + "greedy_decode", _greedy_fake)
     torch.library.register_fake(lib + "encoder_forward", _encoder_forward_fake)
     torch.library.register_fake(lib + "encoder_backward", _encoder_backward_fake)
+    torch.library.register_fake(lib + "masked_ce_loss", _loss_fake)
+    torch.library.register_fake(lib + "masked_ce_loss_backward", _loss_backward_fake)
 
 
 _register()

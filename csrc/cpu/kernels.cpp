@@ -291,6 +291,45 @@ SEQ2SEQ_FAST_INLINE void attention_backward_rows(const AttnBwd& p, int64_t b0, i
   }
 }
 
+// Rows [r0, r1) of the B * S rows, row r = (b, s) = (r / S, r % S).
+template <typename T>
+SEQ2SEQ_FAST_INLINE void cross_entropy_forward_rows(const CeFwd& p, int64_t r0, int64_t r1) {
+  const int64_t V = p.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* x = static_cast<const T*>(p.x) + (r / p.S) * p.stride_b + (r % p.S) * p.stride_s;
+    T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      m = std::max(m, x[v]);
+    }
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t v = 0; v < V; ++v) {
+      sum += exp_t<T>(x[v] - m);
+    }
+    const T lse = m + std::log(sum);
+    static_cast<T*>(p.lse)[r] = lse;
+    static_cast<T*>(p.nll)[r] = lse - x[p.label[r]];
+  }
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE void cross_entropy_backward_rows(const CeBwd& p, int64_t r0, int64_t r1) {
+  const int64_t V = p.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t offset = (r / p.S) * p.stride_b + (r % p.S) * p.stride_s;
+    const T* x = static_cast<const T*>(p.x) + offset;
+    T* g = static_cast<T*>(p.grad) + offset;
+    const T lse = static_cast<const T*>(p.lse)[r];
+    const T scale = static_cast<const T*>(p.scale)[r];
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      g[v] = scale * exp_t<T>(x[v] - lse);
+    }
+    g[p.label[r]] -= scale;
+  }
+}
+
 template <typename T>
 SEQ2SEQ_FAST_INLINE void column_sums_impl(const T* G, int64_t rows, int64_t cols, int64_t ld, T* out,
                                           bool accumulate) {
@@ -324,6 +363,13 @@ SEQ2SEQ_FAST_CLONES void attention_backward_f32(const AttnBwd& p, int64_t b0, in
 SEQ2SEQ_FAST_CLONES void column_sums_f32(const float* G, int64_t rows, int64_t cols, int64_t ld, float* out,
                                          bool accumulate) {
   column_sums_impl<float>(G, rows, cols, ld, out, accumulate);
+}
+
+SEQ2SEQ_FAST_CLONES void cross_entropy_forward_f32(const CeFwd& p, int64_t r0, int64_t r1) {
+  cross_entropy_forward_rows<float>(p, r0, r1);
+}
+SEQ2SEQ_FAST_CLONES void cross_entropy_backward_f32(const CeBwd& p, int64_t r0, int64_t r1) {
+  cross_entropy_backward_rows<float>(p, r0, r1);
 }
 
 template <typename T, typename P, typename F32, typename F64>
@@ -449,6 +495,19 @@ void attention_backward(const AttnBwd& p) {
   run_rows<T>(p, p.B, 30 * p.T * p.H, attention_backward_f32, attention_backward_rows<double>);
 }
 
+template <typename T>
+void cross_entropy_forward(const CeFwd& p) {
+  run_rows<T>(p, p.B * p.S, 30 * p.V, cross_entropy_forward_f32, cross_entropy_forward_rows<double>);
+}
+template <typename T>
+void cross_entropy_backward(const CeBwd& p) {
+  run_rows<T>(p, p.B * p.S, 20 * p.V, cross_entropy_backward_f32, cross_entropy_backward_rows<double>);
+}
+
+template void cross_entropy_forward<float>(const CeFwd&);
+template void cross_entropy_forward<double>(const CeFwd&);
+template void cross_entropy_backward<float>(const CeBwd&);
+template void cross_entropy_backward<double>(const CeBwd&);
 template void gates_forward<float>(const GatesFwd&);
 template void gates_forward<double>(const GatesFwd&);
 template void gates_backward<float>(const GatesBwd&);

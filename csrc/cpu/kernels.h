@@ -204,6 +204,26 @@ struct AttnBwd {
   int64_t ld_dq;
 };
 
+// Softmax cross-entropy of rows (b, s) of logits x with row (b, s) at x + b * stride_b +
+// s * stride_s (V contiguous values): lse = log sum exp x, nll = lse - x[label].
+struct CeFwd {
+  int64_t B, S, V, stride_b, stride_s;
+  const void* x;
+  const int64_t* label;  // (B, S)
+  void* lse;             // (B, S) out
+  void* nll;             // (B, S) out
+};
+
+// Its gradient: g[b, s, v] = scale[b, s] * (softmax(x)[v] - [v == label]), g strided as x.
+struct CeBwd {
+  int64_t B, S, V, stride_b, stride_s;
+  const void* x;
+  const int64_t* label;
+  const void* lse;
+  const void* scale;  // (B, S)
+  void* grad;
+};
+
 template <typename T>
 void gates_forward(const GatesFwd& p);
 template <typename T>
@@ -212,6 +232,10 @@ template <typename T>
 void attention_forward(const AttnFwd& p);
 template <typename T>
 void attention_backward(const AttnBwd& p);
+template <typename T>
+void cross_entropy_forward(const CeFwd& p);
+template <typename T>
+void cross_entropy_backward(const CeBwd& p);
 
 // Rows per parallel chunk so that each chunk does at least `work` element operations: a
 // d2l-sized step (B = 64, H = 32) stays on one thread, where a fork/join costs more than it saves.

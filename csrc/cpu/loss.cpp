@@ -1,0 +1,94 @@
+// d2l's MaskedSoftmaxCELoss on CPU in one pass over the logits: log-sum-exp and the picked
+// logit per (b, s), then loss[b] = sum over s < valid_len[b] of (lse - x[label]) / S. The
+// backward writes softmax - one_hot, scaled, in the logits' own memory order: the decoder hands
+// out (B, S, V) views of step-major (S, B, V) logits, and its backward wants them that way.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace seq2seq_fast::cpu {
+namespace {
+
+struct LossSizes {
+  int64_t B, S, V;
+};
+
+LossSizes check_loss(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len) {
+  TORCH_CHECK_TYPE(pred.scalar_type() == at::kFloat || pred.scalar_type() == at::kDouble,
+                   "seq2seq_fast: pred must be float32 or float64, got ", pred.scalar_type());
+  TORCH_CHECK_VALUE(pred.device().is_cpu(), "seq2seq_fast: pred must be a CPU tensor, got device ", pred.device());
+  TORCH_CHECK_VALUE(pred.dim() == 3 && pred.size(2) >= 1, "seq2seq_fast: pred must have shape (B, S, V >= 1), got ",
+                    pred.sizes());
+  const LossSizes s{pred.size(0), pred.size(1), pred.size(2)};
+  check_tokens(label, "label", s.V);
+  check_shape(label, "label", {s.B, s.S});
+  check_valid_lens(valid_len, s.B);
+  return s;
+}
+
+// Step-major logits (a (B, S, V) view of (S, B, V) memory) stay as they are; anything else is
+// made contiguous. Rows keep V contiguous values either way.
+at::Tensor rows_view(const at::Tensor& pred) {
+  return pred.transpose(0, 1).is_contiguous() ? pred : pred.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_ce_loss(const at::Tensor& pred_in, const at::Tensor& label_in,
+                                                  const at::Tensor& valid_len_in) {
+  const LossSizes s = check_loss(pred_in, label_in, valid_len_in);
+  const at::Tensor pred = rows_view(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
+  const auto opts = pred.options();
+  at::Tensor lse = cpu::empty({s.B, s.S}, opts), nll = cpu::empty({s.B, s.S}, opts);
+  at::Tensor loss = cpu::empty({s.B}, opts);
+  AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "seq2seq_fast::masked_ce_loss", [&] {
+    using T = scalar_t;
+    cross_entropy_forward<T>(CeFwd{s.B, s.S, s.V, pred.stride(0), pred.stride(1), pred.data_ptr<T>(),
+                                   label.data_ptr<int64_t>(), lse.data_ptr<T>(), nll.data_ptr<T>()});
+    const T* n = nll.data_ptr<T>();
+    const int64_t* len = lens.data_ptr<int64_t>();
+    T* out = loss.data_ptr<T>();
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t kept = std::min(len[b], s.S);
+      T sum = 0;
+      for (int64_t t = 0; t < kept; ++t) {
+        sum += n[b * s.S + t];
+      }
+      out[b] = sum / static_cast<T>(s.S);  // S = 0: 0 / 0, NaN, as d2l's mean of nothing
+    }
+  });
+  return {loss, lse};
+}
+
+at::Tensor masked_ce_loss_backward(const at::Tensor& grad_loss, const at::Tensor& pred_in, const at::Tensor& label_in,
+                                   const at::Tensor& valid_len_in, const at::Tensor& lse_in) {
+  const LossSizes s = check_loss(pred_in, label_in, valid_len_in);
+  check_shape(grad_loss, "grad_loss", {s.B});
+  check_shape(lse_in, "lse", {s.B, s.S});
+  const at::Tensor pred = rows_view(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous(), g = grad_loss.contiguous();
+  const auto opts = pred.options();
+  const bool step_major = !pred.is_contiguous();
+  at::Tensor grad = step_major ? cpu::empty({s.S, s.B, s.V}, opts).transpose(0, 1) : cpu::empty({s.B, s.S, s.V}, opts);
+  AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "seq2seq_fast::masked_ce_loss_backward", [&] {
+    using T = scalar_t;
+    at::Tensor scale = cpu::empty({s.B, s.S}, opts);
+    T* sc = scale.data_ptr<T>();
+    const T* gl = g.data_ptr<T>();
+    const int64_t* len = lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t t = 0; t < s.S; ++t) {
+        sc[b * s.S + t] = t < len[b] ? gl[b] / static_cast<T>(s.S) : T(0);
+      }
+    }
+    cross_entropy_backward<T>(CeBwd{s.B, s.S, s.V, pred.stride(0), pred.stride(1), pred.data_ptr<T>(),
+                                    label.data_ptr<int64_t>(), lse.data_ptr<T>(), sc, grad.data_ptr<T>()});
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace seq2seq_fast::cpu
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CPU, m) {
+  m.impl("masked_ce_loss", &seq2seq_fast::cpu::masked_ce_loss);
+  m.impl("masked_ce_loss_backward", &seq2seq_fast::cpu::masked_ce_loss_backward);
+}
