@@ -50,6 +50,9 @@ TORCH_LIBRARY(seq2seq_fast, m) {
       "Tensor embedding, Tensor W_q, Tensor w_v, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, "
       "Tensor dense_weight, Tensor dense_bias, Tensor? attn_mask, Tensor? layer_mask, int bos, int eos, "
       "int max_len, bool return_attention) -> (Tensor tokens, Tensor lengths, Tensor attention)");
+  // A dropout keep-mask of shape `size` with like's dtype and device: 1 / (1 - p) with
+  // probability 1 - p, else 0, from a seed drawn from torch's default generator.
+  m.def("keep_mask(Tensor like, SymInt[] size, float p) -> Tensor");
   // d2l's MaskedSoftmaxCELoss: pred (B, S, V) logits, label (B, S) int64, valid_len (B,) int64.
   // Returns loss (B,) = mean over the S steps of the cross-entropy, steps >= valid_len weighted 0,
   // and the log-sum-exp (B, S) of every row, which the backward reads.

@@ -69,7 +69,10 @@ def _gru_weights(rnn):
 
 
 def _keep_mask(shape, p, like):
-    """nn.Dropout's scaled keep-mask: 1/(1-p) with probability 1-p, else 0."""
+    """nn.Dropout's scaled keep-mask: 1/(1-p) with probability 1-p, else 0 (on CPU the
+    extension's counter-based op, seeded from torch's generator; elsewhere bernoulli_)."""
+    if like.device.type == "cpu" and like.dtype in _FLOATS and _EXTENSION_ERROR is None:
+        return _ops().keep_mask(like, shape, p)
     if p >= 1:
         return like.new_zeros(shape)
     return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
@@ -216,6 +219,10 @@ def masked_ce_loss(pred, label, valid_len):
 # ---- torch.library registrations ---------------------------------------------------------------------
 
 
+def _keep_mask_fake(like, size, p):
+    return like.new_empty(size)
+
+
 def _loss_fake(pred, label, valid_len):
     return pred.new_empty(pred.shape[:1]), pred.new_empty(pred.shape[:2])
 
@@ -295,6 +302,7 @@ def _register():
     torch.library.register_fake(lib + "greedy_decode", _greedy_fake)
     torch.library.register_fake(lib + "encoder_forward", _encoder_forward_fake)
     torch.library.register_fake(lib + "encoder_backward", _encoder_backward_fake)
+    torch.library.register_fake(lib + "keep_mask", _keep_mask_fake)
     torch.library.register_fake(lib + "masked_ce_loss", _loss_fake)
     torch.library.register_fake(lib + "masked_ce_loss_backward", _loss_backward_fake)
 
