@@ -4,6 +4,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from seq2seq_fast import validation as V
+from seq2seq_fast.modules import Seq2SeqAttentionDecoder
 
 
 class DecodeResult(NamedTuple):
@@ -69,8 +70,6 @@ def greedy_decode(model, src, src_valid_len, *, bos, eos, max_len, return_attent
     >>> out = greedy_decode(net.eval(), src, src_len, bos=1, eos=2, max_len=10)
     >>> out.tokens.shape, out.lengths
     """
-    from seq2seq_fast.modules import Seq2SeqAttentionDecoder
-
     check_decode_args(model, src, bos, eos, max_len)
     kwargs = dict(bos=bos, eos=eos, max_len=max_len, return_attention=return_attention)
     with torch.no_grad():

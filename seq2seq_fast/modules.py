@@ -67,8 +67,9 @@ class Seq2SeqEncoder(Encoder):
         self.rnn = nn.GRU(embed_size, num_hiddens, num_layers, dropout=dropout)
 
     def forward(self, X, *args):
-        V.check_tokens(X, "X", self.embedding.num_embeddings)
-        weight = self.embedding.weight
+        embedding = self._modules["embedding"]  # = self.embedding, without nn.Module.__getattr__
+        V.check_tokens(X, "X", embedding.num_embeddings)
+        weight = embedding.weight
         V.check_same_device("embedding.weight", weight, "X", X)
         backend = select_backend(self.backend, "encoder_forward", weight, wants_grad(module=self))
         return backend.encoder_forward(self, X)
@@ -122,7 +123,9 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
                 f"got {type(state).__name__}" + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else "")
             )
         enc_outputs, hidden, valid_lens = state
-        H, L = self.rnn.hidden_size, self.rnn.num_layers
+        # Submodules straight from _modules: self.rnn goes through nn.Module.__getattr__ (0.8 µs).
+        rnn = self._modules["rnn"]
+        H, L = rnn.hidden_size, rnn.num_layers
         V.check_floating(enc_outputs, "enc_outputs (state[0])", ndim=3)
         V.check_floating(hidden, "hidden_state (state[1])", ndim=3)
         B, T, He = enc_outputs.shape
@@ -130,13 +133,13 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
             raise ValueError(
                 f"enc_outputs (state[0]) must have shape (B >= 1, T >= 1, {H}), got {tuple(enc_outputs.shape)}"
             )
-        if tuple(hidden.shape) != (L, B, H):
+        if hidden.shape != (L, B, H):
             raise ValueError(
                 f"hidden_state (state[1]) must have shape (num_layers={L}, B={B}, {H}), got {tuple(hidden.shape)}"
             )
         if batch is not None and batch != B:
             raise ValueError(f"X must have the state's batch size {B}, got {batch} rows")
-        weight = self.dense.weight
+        weight = self._modules["dense"].weight
         for name, tensor in (("enc_outputs (state[0])", enc_outputs), ("hidden_state (state[1])", hidden)):
             V.check_same_device("the decoder's parameters", weight, name, tensor)
             if tensor.dtype != weight.dtype:
@@ -144,18 +147,22 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
         lens = V.normalize_valid_lens(valid_lens, "enc_valid_lens (state[2])", B, queries=1)
         if lens is not None:
             V.check_same_device("enc_outputs (state[0])", enc_outputs, "enc_valid_lens (state[2])", lens)
-            lens = lens.reshape(B)
+            if lens.dim() != 1:
+                lens = lens.reshape(B)
         return enc_outputs, hidden, lens
 
     def prepare(self, X, state):
-        """Checks one call and picks its backend: ``(backend, enc_outputs, hidden, valid_lens, key_proj, cache)``."""
-        V.check_tokens(X, "X", self.embedding.num_embeddings)
+        """Checks one call and picks its backend: ``(backend, values, hidden, valid_lens, key_proj,
+        cache)``, where ``values`` is ``state[0]`` laid out contiguously as (B, T, H) (what the
+        backends read) and ``key_proj = W_k(values)``."""
+        submodules = self._modules  # self.embedding etc. without nn.Module.__getattr__
+        V.check_tokens(X, "X", submodules["embedding"].num_embeddings)
         enc_outputs, hidden, lens = self.check_state(state, batch=X.shape[0])
         V.check_same_device("enc_outputs (state[0])", enc_outputs, "X", X)
         needs_grad = wants_grad(enc_outputs, hidden, module=self)
         backend = select_backend(self.backend, "decoder_forward", enc_outputs, needs_grad)
-        key_proj, cache = projected_keys(state, enc_outputs, self.attention.W_k)
-        return backend, enc_outputs, hidden, lens, key_proj, cache
+        values, key_proj, cache = projected_keys(state, enc_outputs, submodules["attention"]._modules["W_k"])
+        return backend, values, hidden, lens, key_proj, cache
 
     def forward(self, X, state):
         if self.capture_cuda_graph and self._graphable(X, state):
@@ -190,10 +197,10 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
 
     def forward_eager(self, X, state):
         """``forward`` without CUDA-graph replay (what a captured graph records)."""
-        backend, enc_outputs, hidden, lens, key_proj, cache = self.prepare(X, state)
-        Y, hidden_n, attention = backend.decoder_forward(self, X, enc_outputs, hidden, lens, key_proj)
+        backend, values, hidden, lens, key_proj, cache = self.prepare(X, state)
+        Y, hidden_n, attention = backend.decoder_forward(self, X, values, hidden, lens, key_proj)
         self._attention_weights = list(attention.unsqueeze(2).unbind(1))
-        return Y, DecoderState([enc_outputs, hidden_n, state[2]], cache)
+        return Y, DecoderState([state[0], hidden_n, state[2]], cache)
 
     @property
     def attention_weights(self):

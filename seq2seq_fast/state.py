@@ -26,14 +26,16 @@ class DecoderState(list):
 
 
 class KeyCache:
-    """Projected keys valid for one (enc_outputs, W_k weight) pair at given tensor versions."""
+    """Projected keys valid for one (enc_outputs, W_k weight) pair at given tensor versions, with
+    ``values``: enc_outputs laid out contiguously (B, T, H), the tensor the backends read."""
 
-    def __init__(self, enc_outputs, weight, key_proj):
+    def __init__(self, enc_outputs, weight, key_proj, values=None):
         self.enc_outputs = enc_outputs
         self.enc_version = enc_outputs._version
         self.weight = weight
         self.weight_version = weight._version
         self.key_proj = key_proj
+        self.values = enc_outputs.contiguous() if values is None else values
 
     def matches(self, enc_outputs, weight):
         return (
@@ -45,17 +47,23 @@ class KeyCache:
 
 
 def projected_keys(state, enc_outputs, W_k):
-    """``W_k(enc_outputs)``, taken from ``state``'s cache when it still holds, and the cache to
-    hand on (None when a gradient is needed: a graph must not outlive one backward)."""
+    """``(values, key_proj, cache)``: ``enc_outputs`` (B, T, H) laid out contiguously (the
+    encoder's outputs arrive as a permuted view of (T, B, H), which the compiled ops would
+    otherwise copy on every call, forward and backward), ``W_k(values)``, both taken from
+    ``state``'s cache when it still holds, and the cache to hand on (None when a gradient is
+    needed: a graph must not outlive one backward)."""
     weight = W_k.weight
-    cache = getattr(state, "key_cache", None)
-    needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
-        return W_k(enc_outputs), None
-    if not needs_grad and cache is not None and cache.matches(enc_outputs, weight):
-        return cache.key_proj, cache
-    key_proj = W_k(enc_outputs)
-    return key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj)
+        values = enc_outputs.contiguous()
+        return values, W_k(values), None
+    needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
+    if not needs_grad and isinstance(state, DecoderState):
+        cache = state.key_cache
+        if cache is not None and cache.matches(enc_outputs, weight):
+            return cache.values, cache.key_proj, cache
+    values = enc_outputs.contiguous()
+    key_proj = W_k(values)
+    return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values)
 
 
 def reindex_state(state, index):
