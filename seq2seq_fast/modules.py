@@ -222,6 +222,23 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
         return {**state, "_attention_weights": [], "_attention": None, "_graphs": {}}  # graphs hold device memory
 
 
+_POSITIONS = {}  # (steps, device) -> arange(steps), made once rather than on every loss call
+
+
+def _positions(steps, device):
+    """``torch.arange(steps, device=device)`` (int64), cached except while torch.compile traces or
+    a CUDA graph is captured (a captured arange holds its values only once the graph replays)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.arange(steps, device=device)
+    key = (steps, device)
+    positions = _POSITIONS.get(key)
+    if positions is None:
+        if len(_POSITIONS) >= 64:  # many distinct lengths: keep the cache small
+            _POSITIONS.clear()
+        positions = _POSITIONS[key] = torch.arange(steps, device=device)
+    return positions
+
+
 class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
     """Softmax cross-entropy per sequence, averaged over all S steps with the steps past
     ``valid_len`` weighted 0, as d2l: ``forward(pred (B, S, V), label (B, S), valid_len (B,))``
@@ -240,7 +257,7 @@ class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
         lens = V.normalize_valid_lens(valid_len, "valid_len", B)
         V.check_same_device("pred", pred, "label", label)
         V.check_same_device("pred", pred, "valid_len", lens)
-        kept = torch.arange(S, device=pred.device) < lens.unsqueeze(1)
+        kept = _positions(S, pred.device) < lens.unsqueeze(1)
         # Softmax over contiguous rows of V (d2l's (B, V, S) layout strides every row): take
         # the rows in the order pred is stored, step-major when it is a view of (S, B, V).
         step_major = not pred.is_contiguous() and pred.transpose(0, 1).is_contiguous()
