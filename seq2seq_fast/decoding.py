@@ -72,10 +72,9 @@ def greedy_decode(model, src, src_valid_len, *, bos, eos, max_len, return_attent
     """
     check_decode_args(model, src, bos, eos, max_len)
     kwargs = dict(bos=bos, eos=eos, max_len=max_len, return_attention=return_attention)
+    encoder, decoder = model.encoder, model.decoder
     with torch.no_grad():
-        enc_outputs = model.encoder(src, src_valid_len)
-        state = model.decoder.init_state(enc_outputs, src_valid_len)
-        decoder = model.decoder
+        state = decoder.init_state(encoder(src, src_valid_len), src_valid_len)
         batch, device = src.shape[0], src.device
         if not isinstance(decoder, Seq2SeqAttentionDecoder):
             return _argmax_loop(_public_step(decoder, state), batch, device, **kwargs)
