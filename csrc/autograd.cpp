@@ -213,4 +213,5 @@ TORCH_LIBRARY_IMPL(seq2seq_fast, Autograd, m) {
   m.impl("decoder_forward", &seq2seq_fast::decoder_forward_autograd);
   m.impl("encoder_forward", &seq2seq_fast::encoder_forward_autograd);
   m.impl("masked_ce_loss", &seq2seq_fast::masked_ce_loss_autograd);
+  m.impl("keep_mask", torch::CppFunction::makeFallthrough());  // a constant: no gradient
 }

@@ -239,6 +239,32 @@ void gather_rows(const T* table, int64_t width, const int64_t* ids, int64_t coun
   }
 }
 
+// Layer 0's input gates from the embedding, W_ih0[:, H:] e(x) (b_ih is added in the gate
+// kernel), for many tokens: when the vocabulary has fewer rows than there are tokens, through a
+// (V, 3H) table of every row's product, one GEMM of V rows; else the caller's GEMM over the
+// gathered embeddings. (d2l's zh setting: V = 201 rows against 640 tokens a call.)
+template <typename T>
+class EmbeddingGates {
+ public:
+  EmbeddingGates(const Params<T>& P, int64_t H, int64_t tokens) : H_(H) {
+    const int64_t V = P.embedding.size(0), E = P.embedding.size(1);
+    if (V < tokens) {
+      table_ = cpu::empty({V, 3 * H}, P.embedding.options());
+      gemm<T>(false, true, V, 3 * H, E, T(1), ptr<T>(P.embedding), E, ptr<T>(P.w_ih[0]) + H, H + E, T(0),
+              table_.data_ptr<T>(), 3 * H);
+    }
+  }
+  bool tabled() const { return table_.defined(); }
+  // gi[i] = table[ids[i * id_stride]], rows of 3H with leading dimension 3H.
+  void lookup(const int64_t* ids, int64_t count, int64_t id_stride, T* gi) const {
+    gather_rows<T>(table_.data_ptr<T>(), 3 * H_, ids, count, id_stride, gi, 3 * H_);
+  }
+
+ private:
+  int64_t H_;
+  at::Tensor table_;
+};
+
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, const at::Tensor& hidden_in,
@@ -282,11 +308,18 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     at::Tensor gi0_all = cpu::empty({S, B, 3 * H}, opts);
     T* x0 = inputs.data_ptr<T>();
     T* gi0 = gi0_all.data_ptr<T>();
-    // Embedding part of layer 0's input GEMM (with b_ih added in the gate kernel) for all steps.
+    // Embedding part of layer 0's input gates for all steps (the embeddings are kept in `inputs`
+    // for the backward).
+    const EmbeddingGates<T> emb_gates(P, H, S * B);
     for (int64_t t = 0; t < S; ++t) {
       gather_rows<T>(ptr<T>(P.embedding), E, ptr<int64_t>(X) + t, B, S, x0 + t * B * (H + E) + H, H + E);
+      if (emb_gates.tabled()) {
+        emb_gates.lookup(ptr<int64_t>(X) + t, B, S, gi0 + t * B * 3 * H);
+      }
     }
-    gemm<T>(false, true, S * B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
+    if (!emb_gates.tabled()) {
+      gemm<T>(false, true, S * B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
+    }
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (S + 1) * B * H;
     for_row_chunks(B, S * step_flops_per_row(s), [&](int64_t b0, int64_t b1) {
@@ -574,13 +607,17 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     T* st = state.data_ptr<T>();
     T* attn = attn_buf.data_ptr<T>();
     const T* bias = ptr<T>(*P.dense_b);
+    const EmbeddingGates<T> emb_gates(P, H, max_len * B);
     // Rows [b0, b1) decoded until each of them produced eos (or max_len steps).
     auto decode_rows = [&](int64_t b0, int64_t b1) {
       Sizes c = s;
       c.B = b1 - b0;
       const int64_t n = c.B;
       const StepGemms<T> G(c, P);
-      const PackedWeight<T> emb0(true, n, 3 * H, E, ptr<T>(P.w_ih[0]) + H, H + E);
+      PackedWeight<T> emb0;
+      if (!emb_gates.tabled()) {
+        emb0 = PackedWeight<T>(true, n, 3 * H, E, ptr<T>(P.w_ih[0]) + H, H + E);
+      }
       const PackedWeight<T> dense(true, n, V, H, ptr<T>(P.dense_w), H);
       at::Tensor work = cpu::empty({n, (H + E) + 3 * H + 4 * L * H + (L - 1) * H + V + 10 * H}, opts);
       T* x0 = work.data_ptr<T>();
@@ -594,8 +631,12 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
       std::vector<char> finished(n, 0);
       int64_t ran = 0;
       for (int64_t t = 0; t < max_len; ++t) {
-        gather_rows<T>(ptr<T>(P.embedding), E, token.data(), n, 1, x0 + H, H + E);
-        emb0.gemm(x0 + H, H + E, T(0), gi0, 3 * H);
+        if (emb_gates.tabled()) {
+          emb_gates.lookup(token.data(), n, 1, gi0);
+        } else {
+          gather_rows<T>(ptr<T>(P.embedding), E, token.data(), n, 1, x0 + H, H + E);
+          emb0.gemm(x0 + H, H + E, T(0), gi0, 3 * H);
+        }
         decoder_step<T>(c, P, G, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
                         lens ? ptr<int64_t>(*lens) + b0 : nullptr,
                         attn_mask ? ptr<T>(*attn_mask) + (t * B + b0) * T_ : nullptr,
@@ -607,16 +648,10 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
           std::copy(bias, bias + V, logits + b * V);
         }
         dense.gemm(st + (L - 1) * B * H + b0 * H, H, T(1), logits, V);
+        argmax_rows<T>(logits, n, V, token.data());
         bool all_done = true;
         for (int64_t b = 0; b < n; ++b) {
-          const T* y = logits + b * V;
-          int64_t best = 0;
-          for (int64_t v = 1; v < V; ++v) {
-            if (y[v] > y[best]) {
-              best = v;
-            }
-          }
-          token[b] = best;
+          const int64_t best = token[b];
           out[(b0 + b) * max_len + t] = best;
           finished[b] = finished[b] || best == eos;
           all_done = all_done && finished[b];

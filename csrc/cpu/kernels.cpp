@@ -291,6 +291,26 @@ SEQ2SEQ_FAST_INLINE void attention_backward_rows(const AttnBwd& p, int64_t b0, i
   }
 }
 
+template <typename T>
+SEQ2SEQ_FAST_INLINE void argmax_rows_impl(const T* Y, int64_t rows, int64_t V, int64_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* y = Y + r * V;
+    T m = y[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      m = std::max(m, y[v]);
+    }
+    int64_t best = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      if (y[v] == m) {
+        best = v;
+        break;
+      }
+    }
+    out[r] = best;
+  }
+}
+
 // Rows [r0, r1) of the B * S rows, row r = (b, s) = (r / S, r % S).
 template <typename T>
 SEQ2SEQ_FAST_INLINE void cross_entropy_forward_rows(const CeFwd& p, int64_t r0, int64_t r1) {
@@ -365,6 +385,9 @@ SEQ2SEQ_FAST_CLONES void column_sums_f32(const float* G, int64_t rows, int64_t c
   column_sums_impl<float>(G, rows, cols, ld, out, accumulate);
 }
 
+SEQ2SEQ_FAST_CLONES void argmax_rows_f32(const float* Y, int64_t rows, int64_t V, int64_t* out) {
+  argmax_rows_impl<float>(Y, rows, V, out);
+}
 SEQ2SEQ_FAST_CLONES void cross_entropy_forward_f32(const CeFwd& p, int64_t r0, int64_t r1) {
   cross_entropy_forward_rows<float>(p, r0, r1);
 }
@@ -468,6 +491,15 @@ void copy_contiguous(const at::Tensor& src, T* out) {
 
 template void copy_contiguous<float>(const at::Tensor&, float*);
 template void copy_contiguous<double>(const at::Tensor&, double*);
+
+template <>
+void argmax_rows<float>(const float* Y, int64_t rows, int64_t V, int64_t* out) {
+  argmax_rows_f32(Y, rows, V, out);
+}
+template <>
+void argmax_rows<double>(const double* Y, int64_t rows, int64_t V, int64_t* out) {
+  argmax_rows_impl<double>(Y, rows, V, out);
+}
 
 template <>
 void column_sums<float>(const float* G, int64_t rows, int64_t cols, int64_t ld, float* out, bool accumulate) {

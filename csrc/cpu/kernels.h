@@ -67,13 +67,18 @@ class PackedWeight {
 template <typename T>
 void copy_contiguous(const at::Tensor& src, T* out);
 
+// out[r] = index of the first largest of Y[r * V, (r + 1) * V), r < rows (torch.argmax's choice
+// among ties).
+template <typename T>
+void argmax_rows(const T* Y, int64_t rows, int64_t V, int64_t* out);
+
 // out[c] (+)= sum over rows r of G[r * ld + c], c < cols.
 template <typename T>
 void column_sums(const T* G, int64_t rows, int64_t cols, int64_t ld, T* out, bool accumulate);
 
 // ---------------------------------------------------------------------------------------------
-// Element math. Float uses Cephes-style polynomials (about 2 ulp) that vectorize; double uses
-// the C library (gradcheck precision).
+// Element math. Float uses polynomial approximations (exp: Cephes-style, about 2 ulp; tanh:
+// rational, at most 5 ulp) that vectorize; double uses the C library (gradcheck precision).
 SEQ2SEQ_FAST_INLINE float exp_f(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
   float fx = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -93,19 +98,24 @@ SEQ2SEQ_FAST_INLINE float exp_f(float x) {
 
 SEQ2SEQ_FAST_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 
+// tanh as x P(x^2) / Q(x^2) on |x| <= 9 (beyond, tanh rounds to +-1 in float): a rational
+// fit of relative error 2e-8 (this package's own, by iterated weighted least squares), at most
+// 5 ulp in float arithmetic; one division and ten FMAs, no exp and no branch to select.
 SEQ2SEQ_FAST_INLINE float tanh_f(float x) {
-  float a = std::fabs(x);
-  // Small |x|: odd polynomial (no cancellation); large: 1 - 2 / (exp(2|x|) + 1).
-  float z = x * x;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  float small = x + x * z * p;
-  float big = 1.0f - 2.0f / (exp_f(2.0f * a) + 1.0f);
-  big = std::copysign(big, x);
-  return a < 0.625f ? small : big;
+  x = std::min(std::max(x, -9.0f), 9.0f);
+  const float z = x * x;
+  float p = -8.8569072906e-14f;
+  p = p * z + 5.4198247325e-11f;
+  p = p * z - 2.0516942012e-08f;
+  p = p * z + 1.1225655532e-05f;
+  p = p * z + 3.1107486122e-03f;
+  p = p * z + 1.3090084144e-01f;
+  p = p * z + 9.9999999551e-01f;
+  float q = 2.5560526873e-04f;
+  q = q * z + 2.4522205154e-02f;
+  q = q * z + 4.6423412482e-01f;
+  q = q * z + 1.0f;
+  return std::min(std::max(x * p / q, -1.0f), 1.0f);
 }
 
 template <typename T>
