@@ -198,16 +198,13 @@ def encoder_forward(encoder, X):
 
 def loss_unsupported_reason(pred, loss_module):
     """``None`` if the fused CPU op can compute ``loss_module``'s loss of ``pred``, else why not."""
-    error = extension_error()
-    if error is not None:
-        return error
-    if pred.device.type != "cpu" or not has_kernel("masked_ce_loss", "cpu"):
+    if pred.device.type != "cpu":
         return "the fused loss runs on CPU only"
     if pred.dtype not in _FLOATS:
         return f"the fused loss runs in float32 and float64, not {pred.dtype}"
     if loss_module.weight is not None or loss_module.label_smoothing != 0 or loss_module.ignore_index >= 0:
         return "the fused loss has no class weights, label smoothing or ignored class"
-    return None
+    return _LOSS_KERNEL_MISSING
 
 
 def masked_ce_loss(pred, label, valid_len):
@@ -291,6 +288,9 @@ def _encoder_backward_fake(grad_states, X, embedding, w_ih, w_hh, layer_mask, st
 
 
 _EXTENSION_ERROR = extension_error()
+# Why the fused loss cannot run (None: it can), decided once: a constant to torch.compile.
+_LOSS_KERNEL_MISSING = _EXTENSION_ERROR or (
+    None if has_kernel("masked_ce_loss", "cpu") else "the C++ extension has no fused loss kernel")
 
 
 def _register():

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq_fast import backend_cpp
 from seq2seq_fast import validation as V
 from seq2seq_fast.attention import AdditiveAttention
 from seq2seq_fast.backends import check_backend_name, select_backend, wants_grad
@@ -255,6 +256,8 @@ class MaskedSoftmaxCELoss(nn.CrossEntropyLoss):
         lens = V.normalize_valid_lens(valid_len, "valid_len", B)
         V.check_same_device("pred", pred, "label", label)
         V.check_same_device("pred", pred, "valid_len", lens)
+        if backend_cpp.loss_unsupported_reason(pred, self) is None:  # one fused pass on CPU
+            return backend_cpp.masked_ce_loss(pred, label.long(), lens)
         kept = _positions(S, pred.device) < lens.unsqueeze(1)
         # Softmax over contiguous rows of V (d2l's (B, V, S) layout strides every row): take
         # the rows in the order pred is stored, step-major when it is a view of (S, B, V).
