@@ -227,44 +227,6 @@ void decoder_step(const Sizes& s, const Params<T>& P, const StepGemms<T>& G, con
   }
 }
 
-template <typename T>
-void gather_rows(const T* table, int64_t width, const int64_t* ids, int64_t count, int64_t id_stride, T* out,
-                 int64_t out_ld) {
-  for (int64_t i = 0; i < count; ++i) {
-    const T* src = table + ids[i * id_stride] * width;
-    T* dst = out + i * out_ld;
-    for (int64_t c = 0; c < width; ++c) {
-      dst[c] = src[c];
-    }
-  }
-}
-
-// Layer 0's input gates from the embedding, W_ih0[:, H:] e(x) (b_ih is added in the gate
-// kernel), for many tokens: when the vocabulary has fewer rows than there are tokens, through a
-// (V, 3H) table of every row's product, one GEMM of V rows; else the caller's GEMM over the
-// gathered embeddings. (d2l's zh setting: V = 201 rows against 640 tokens a call.)
-template <typename T>
-class EmbeddingGates {
- public:
-  EmbeddingGates(const Params<T>& P, int64_t H, int64_t tokens) : H_(H) {
-    const int64_t V = P.embedding.size(0), E = P.embedding.size(1);
-    if (V < tokens) {
-      table_ = cpu::empty({V, 3 * H}, P.embedding.options());
-      gemm<T>(false, true, V, 3 * H, E, T(1), ptr<T>(P.embedding), E, ptr<T>(P.w_ih[0]) + H, H + E, T(0),
-              table_.data_ptr<T>(), 3 * H);
-    }
-  }
-  bool tabled() const { return table_.defined(); }
-  // gi[i] = table[ids[i * id_stride]], rows of 3H with leading dimension 3H.
-  void lookup(const int64_t* ids, int64_t count, int64_t id_stride, T* gi) const {
-    gather_rows<T>(table_.data_ptr<T>(), 3 * H_, ids, count, id_stride, gi, 3 * H_);
-  }
-
- private:
-  int64_t H_;
-  at::Tensor table_;
-};
-
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, const at::Tensor& hidden_in,
@@ -304,50 +266,48 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::decoder_forward", [&] {
     using T = scalar_t;
     Params<T> P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
-    const StepGemms<T> G(s, P);
-    at::Tensor gi0_all = cpu::empty({S, B, 3 * H}, opts);
+    const EmbeddingGates<T> emb_gates(P.embedding, ptr<T>(P.w_ih[0]) + H, H + E, H, S * B);
     T* x0 = inputs.data_ptr<T>();
-    T* gi0 = gi0_all.data_ptr<T>();
-    // Embedding part of layer 0's input gates for all steps (the embeddings are kept in `inputs`
-    // for the backward).
-    const EmbeddingGates<T> emb_gates(P, H, S * B);
-    for (int64_t t = 0; t < S; ++t) {
-      gather_rows<T>(ptr<T>(P.embedding), E, ptr<int64_t>(X) + t, B, S, x0 + t * B * (H + E) + H, H + E);
-      if (emb_gates.tabled()) {
-        emb_gates.lookup(ptr<int64_t>(X) + t, B, S, gi0 + t * B * 3 * H);
-      }
-    }
-    if (!emb_gates.tabled()) {
-      gemm<T>(false, true, S * B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
-    }
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (S + 1) * B * H;
-    for_row_chunks(B, S * step_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+    const T* bias = ptr<T>(*P.dense_b);
+    // Each chunk of rows runs every step: layer 0's embedding gates, the step, then dense for
+    // its rows, so no GEMM waits for the other threads.
+    for_row_chunks(B, S * (step_flops_per_row(s) + 2.0 * H * V), [&](int64_t b0, int64_t b1) {
       Sizes c = s;
       c.B = b1 - b0;
+      const int64_t n = c.B;
       const StepGemms<T> G(c, P);
-      at::Tensor scratch = cpu::empty({c.B, 10 * H}, opts);
+      at::Tensor scratch = cpu::empty({n, 13 * H}, opts);
       T* sc = scratch.data_ptr<T>();
-      const StepBuffers<T> buf{sc, sc + 4 * H * c.B, sc + 7 * H * c.B};
+      const StepBuffers<T> buf{sc, sc + 4 * H * n, sc + 7 * H * n};
+      T* gi0 = sc + 10 * H * n;  // (n, 3H)
       for (int64_t t = 0; t < S; ++t) {
+        const int64_t row = t * B + b0;  // first row of the chunk in (S, B, ...) buffers
+        const int64_t* ids = ptr<int64_t>(X) + b0 * S + t;
+        T* x0_t = x0 + row * (H + E);
+        gather_rows<T>(ptr<T>(P.embedding), E, ids, n, S, x0_t + H, H + E);  // kept for the backward
+        if (emb_gates.tabled()) {
+          emb_gates.lookup(ids, n, S, gi0);
+        } else {
+          gemm<T>(false, true, n, 3 * H, E, T(1), x0_t + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
+        }
         decoder_step<T>(c, P, G, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
                         lens ? ptr<int64_t>(*lens) + b0 : nullptr,
-                        attn_mask ? ptr<T>(*attn_mask) + (t * B + b0) * T_ : nullptr,
-                        layer_mask ? ptr<T>(*layer_mask) + (t * B + b0) * H : nullptr, S * B * H,
-                        st + (t * B + b0) * H, st + ((t + 1) * B + b0) * H, state_ld,
-                        x0 + (t * B + b0) * (H + E), gi0 + (t * B + b0) * 3 * H,
-                        attention.data_ptr<T>() + (t * B + b0) * T_,
+                        attn_mask ? ptr<T>(*attn_mask) + row * T_ : nullptr,
+                        layer_mask ? ptr<T>(*layer_mask) + row * H : nullptr, S * B * H, st + row * H,
+                        st + (row + B) * H, state_ld, x0_t, gi0, attention.data_ptr<T>() + row * T_,
                         gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0) + b0 * 4 * H, B * 4 * H,
-                        layer_mask ? layer_inputs.data_ptr<T>() + (t * B + b0) * H : nullptr, S * B * H, buf);
+                        layer_mask ? layer_inputs.data_ptr<T>() + row * H : nullptr, S * B * H, buf);
+        // dense: logits = top state @ W^T + b.
+        T* y = logits.data_ptr<T>() + row * V;
+        for (int64_t r = 0; r < n; ++r) {
+          std::copy(bias, bias + V, y + r * V);
+        }
+        gemm<T>(false, true, n, V, H, T(1), st + (L - 1) * state_ld + (row + B) * H, H, ptr<T>(P.dense_w), H, T(1),
+                y, V);
       }
     });
-    // dense over all steps at once: logits = tops @ W^T + b.
-    T* y = logits.data_ptr<T>();
-    const T* bias = ptr<T>(*P.dense_b);
-    for (int64_t r = 0; r < S * B; ++r) {
-      std::copy(bias, bias + V, y + r * V);
-    }
-    gemm<T>(false, true, S * B, V, H, T(1), st + (L - 1) * state_ld + B * H, H, ptr<T>(P.dense_w), H, T(1), y, V);
   });
   if (!keep_activations) {
     gates = cpu::empty({0}, opts);
@@ -607,7 +567,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     T* st = state.data_ptr<T>();
     T* attn = attn_buf.data_ptr<T>();
     const T* bias = ptr<T>(*P.dense_b);
-    const EmbeddingGates<T> emb_gates(P, H, max_len * B);
+    const EmbeddingGates<T> emb_gates(P.embedding, ptr<T>(P.w_ih[0]) + H, H + E, H, max_len * B);
     // Rows [b0, b1) decoded until each of them produced eos (or max_len steps).
     auto decode_rows = [&](int64_t b0, int64_t b1) {
       Sizes c = s;

@@ -1,6 +1,7 @@
 // d2l's Seq2SeqEncoder on CPU: embedding + multi-layer GRU (zero initial state, dropout between
-// layers in training), forward and hand-written backward through time. Layer by layer, so each
-// layer's input GEMM runs once over all steps. Layouts (row-major, contiguous):
+// layers in training), forward and hand-written backward through time. The forward runs step by
+// step through all layers in one chunk of rows per thread; the backward layer by layer, so each
+// layer's input-gradient GEMM runs once over all steps. Layouts (row-major, contiguous):
 //   states (L, T + 1, B, H), states[:, 0] = 0; output = states[L - 1, 1:], final state = states[:, T];
 //   layer_inputs (L - 1, T, B, H) = dropped-out inputs of layers 1.. (when layer_mask is given);
 //   gates (L, T, B, 4H) = [r | z | n | W_hn h + b_hn] (kept for backward).
@@ -114,49 +115,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
   at::Tensor gates = cpu::empty({keep_activations ? L * T_ : 1, B, 4 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_forward", [&] {
     using T = scalar_t;
-    at::Tensor x_emb = cpu::empty({T_, B, E}, opts);
-    at::Tensor GI = cpu::empty({T_, B, 3 * H}, opts);
-    embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
+    const EmbeddingGates<T> emb_gates(embedding, w_ih[0].data_ptr<T>(), E, H, T_ * B);
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (T_ + 1) * B * H;
-    for (int64_t k = 0; k < L; ++k) {
-      T* sk = st + k * state_ld;
-      std::fill(sk, sk + B * H, T(0));
-      const T* xin;
-      int64_t in;
-      if (k == 0) {
-        xin = x_emb.data_ptr<T>();
-        in = E;
-      } else if (layer_mask.has_value()) {
-        T* xo = layer_inputs.data_ptr<T>() + (k - 1) * T_ * B * H;
-        const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
-        const T* h = st + (k - 1) * state_ld + B * H;
-        for (int64_t i = 0; i < T_ * B * H; ++i) {
-          xo[i] = h[i] * m[i];
-        }
-        xin = xo;
-        in = H;
-      } else {
-        xin = st + (k - 1) * state_ld + B * H;
-        in = H;
+    // Each chunk of rows runs every step through every layer (layer k at step t needs layer
+    // k - 1 at t and itself at t - 1), so the whole encoder is one parallel region.
+    for_row_chunks(B, L * recurrence_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+      const int64_t n = b1 - b0;
+      std::vector<PackedWeight<T>> hh(L);
+      for (int64_t k = 0; k < L; ++k) {
+        hh[k] = PackedWeight<T>(true, n, 3 * H, H, w_hh[k].data_ptr<T>(), H);
+        std::fill(st + k * state_ld + b0 * H, st + k * state_ld + b1 * H, T(0));
       }
-      gemm<T>(false, true, T_ * B, 3 * H, in, T(1), xin, in, w_ih[k].data_ptr<T>(), in, T(0), GI.data_ptr<T>(), 3 * H);
-      // The recurrence, rows split into independent chunks.
-      for_row_chunks(B, recurrence_flops_per_row(s), [&](int64_t b0, int64_t b1) {
-        const int64_t n = b1 - b0;
-        const PackedWeight<T> hh(true, n, 3 * H, H, w_hh[k].data_ptr<T>(), H);
-        at::Tensor gh = cpu::empty({n, 3 * H}, opts);
-        for (int64_t t = 0; t < T_; ++t) {
-          const int64_t row = t * B + b0;
+      at::Tensor scratch = cpu::empty({n, 6 * H + E}, opts);
+      T* gi = scratch.data_ptr<T>();
+      T* gh = gi + n * 3 * H;
+      T* x_emb = gh + n * 3 * H;
+      const int64_t* ids = X.data_ptr<int64_t>() + b0 * T_;
+      for (int64_t t = 0; t < T_; ++t) {
+        const int64_t row = t * B + b0;  // first row of the chunk in (T, B, ...) buffers
+        for (int64_t k = 0; k < L; ++k) {
+          T* sk = st + k * state_ld;
+          if (k == 0 && emb_gates.tabled()) {
+            emb_gates.lookup(ids + t, n, T_, gi);
+          } else if (k == 0) {
+            gather_rows<T>(embedding.data_ptr<T>(), E, ids + t, n, T_, x_emb, E);
+            gemm<T>(false, true, n, 3 * H, E, T(1), x_emb, E, w_ih[0].data_ptr<T>(), E, T(0), gi, 3 * H);
+          } else {
+            const T* below = st + (k - 1) * state_ld + (row + B) * H;  // layer k - 1's output at t
+            if (layer_mask.has_value()) {
+              T* xo = layer_inputs.data_ptr<T>() + ((k - 1) * T_ * B + row) * H;
+              const T* m = layer_mask->data_ptr<T>() + ((k - 1) * T_ * B + row) * H;
+              for (int64_t i = 0; i < n * H; ++i) {
+                xo[i] = below[i] * m[i];
+              }
+              below = xo;
+            }
+            gemm<T>(false, true, n, 3 * H, H, T(1), below, H, w_ih[k].data_ptr<T>(), H, T(0), gi, 3 * H);
+          }
           const T* hp = sk + row * H;
-          hh.gemm(hp, H, T(0), gh.data_ptr<T>(), 3 * H);
+          hh[k].gemm(hp, H, T(0), gh, 3 * H);
           T* save = gates.data_ptr<T>() + ((keep_activations ? (k * T_ + t) * B : 0) + b0) * 4 * H;
-          GatesFwd g{n, H, GI.data_ptr<T>() + row * 3 * H, 3 * H, gh.data_ptr<T>(), 3 * H,
-                     b_ih[k].data_ptr<T>(), b_hh[k].data_ptr<T>(), hp, sk + (row + B) * H, save};
+          GatesFwd g{n, H, gi, 3 * H, gh, 3 * H, b_ih[k].data_ptr<T>(), b_hh[k].data_ptr<T>(), hp,
+                     sk + (row + B) * H, save};
           gates_forward<T>(g);
         }
-      });
-    }
+      }
+    });
   });
   if (!keep_activations) {
     gates = cpu::empty({0}, opts);

@@ -253,6 +253,43 @@ inline int64_t grain_rows(int64_t per_row, int64_t work = 131072) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, per_row));
 }
 
+// out[i] = table row ids[i * id_stride] (width values), rows of out `out_ld` apart.
+template <typename T>
+void gather_rows(const T* table, int64_t width, const int64_t* ids, int64_t count, int64_t id_stride, T* out,
+                 int64_t out_ld) {
+  for (int64_t i = 0; i < count; ++i) {
+    std::copy(table + ids[i * id_stride] * width, table + (ids[i * id_stride] + 1) * width, out + i * out_ld);
+  }
+}
+
+// A GRU's first-layer input gates from an embedding, W e(x) with W the (3H, E) block of W_ih
+// that reads the embedding (the bias is added in the gate kernel), for many tokens: when the
+// vocabulary has fewer rows than there are tokens, through a (V, 3H) table of every row's
+// product, one GEMM of V rows; else the caller runs the GEMM over the gathered embeddings.
+// (d2l's zh setting: V = 201 rows against 640 tokens a call.)
+template <typename T>
+class EmbeddingGates {
+ public:
+  // w: W's first element, ld_w its row stride; tokens: how many tokens the call projects.
+  EmbeddingGates(const at::Tensor& embedding, const T* w, int64_t ld_w, int64_t H, int64_t tokens) : H_(H) {
+    const int64_t V = embedding.size(0), E = embedding.size(1);
+    if (V < tokens) {
+      table_ = cpu::empty({V, 3 * H}, embedding.options());
+      gemm<T>(false, true, V, 3 * H, E, T(1), embedding.data_ptr<T>(), E, w, ld_w, T(0), table_.data_ptr<T>(),
+              3 * H);
+    }
+  }
+  bool tabled() const { return table_.defined(); }
+  // gi[i] = table[ids[i * id_stride]], rows of 3H with leading dimension 3H.
+  void lookup(const int64_t* ids, int64_t count, int64_t id_stride, T* gi) const {
+    gather_rows<T>(table_.data_ptr<T>(), 3 * H_, ids, count, id_stride, gi, 3 * H_);
+  }
+
+ private:
+  int64_t H_;
+  at::Tensor table_;
+};
+
 // Runs f(b0, b1) over contiguous chunks of the rows [0, B), one chunk per thread, each a whole
 // step loop whose BLAS calls run single-threaded (MKL does inside a parallel region). Rows of a
 // recurrence never meet, so this split needs no synchronization per step, where threading each
