@@ -357,3 +357,42 @@ def test_unsupported_reason():
     assert backend_cpp.unsupported_reason("cpu", torch.float64, False) is None
     assert "float16" in backend_cpp.unsupported_reason("cpu", torch.float16, False)
     assert backend_cpp.unsupported_reason("meta", torch.float32, False) is not None
+
+
+def test_panel_gemm_and_blas_paths_agree():
+    """Float32 step GEMMs run on the panel kernel on AVX-512 CPUs, else on the BLAS;
+    SEQ2SEQ_FAST_PANEL_GEMM=0 forces the BLAS: both give the reference's numbers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_cpp_decoder import paired, inputs, run_cpp, outputs_and_grads\n"
+        "ref, fast = paired(33, 2, torch.float32)\n"
+        "X, enc, hidden, lens = inputs(8, 7, 5, 33, 2, torch.float32, 'ragged')\n"
+        "g = torch.Generator().manual_seed(2)\n"
+        "outs = [torch.randn(8, 5, 13, generator=g), torch.randn(2, 8, 33, generator=g), torch.randn(8, 5, 7, generator=g)]\n"
+        "o, grads = outputs_and_grads(fast, run_cpp, X, enc, hidden, lens, outs)\n"
+        "torch.save((o, grads), sys.argv[2])\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    results = []
+    for flag in ("1", "0"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"seq2seq_fast_panel_{flag}_{os.getpid()}.pt")
+        done = subprocess.run([sys.executable, "-c", code, here, path], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "SEQ2SEQ_FAST_PANEL_GEMM": flag})
+        assert done.returncode == 0, done.stderr
+        results.append(torch.load(path))
+        os.remove(path)
+    ref, _ = paired(33, 2, torch.float32)
+    X, enc, hidden, lens = inputs(8, 7, 5, 33, 2, torch.float32, "ragged")
+    g = torch.Generator().manual_seed(2)
+    outs = [torch.randn(8, 5, 13, generator=g), torch.randn(2, 8, 33, generator=g), torch.randn(8, 5, 7, generator=g)]
+    expected, expected_grads = outputs_and_grads(ref, run_reference, X, enc, hidden, lens, outs)
+    for o, grads in results:
+        for a, e in zip(o, expected):
+            assert_close(a, e, "output", torch.float32)
+        for name, grad in expected_grads.items():
+            assert_close(grads[name], grad, f"grad {name}", torch.float32)

@@ -184,6 +184,12 @@ double step_flops_per_row(const Sizes& s) {
   return 2.0 * ((4 + 3 + 6 * (s.L - 1)) * H * H + 3.0 * static_cast<double>(s.T) * H);
 }
 
+// Values of the weights a decoder step reads in its GEMMs ([W_q ; W_hh top], W_ih0's context
+// block, the other layers' W_ih and W_hh), plus `extra` (dense, embedding gates).
+int64_t step_weight_values(const Sizes& s, int64_t extra) {
+  return (7 + 6 * (s.L - 1)) * s.H * s.H + extra;
+}
+
 template <typename T>
 void decoder_step(const Sizes& s, const Params<T>& P, const StepGemms<T>& G, const T* kp, const T* enc, const int64_t* lens,
                   const T* attn_drop, const T* layer_drop, int64_t layer_drop_ld, const T* state_prev,
@@ -271,9 +277,32 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     T* st = states.data_ptr<T>();
     const int64_t state_ld = (S + 1) * B * H;
     const T* bias = ptr<T>(*P.dense_b);
-    // Each chunk of rows runs every step: layer 0's embedding gates, the step, then dense for
-    // its rows, so no GEMM waits for the other threads.
-    for_row_chunks(B, S * (step_flops_per_row(s) + 2.0 * H * V), [&](int64_t b0, int64_t b1) {
+    // Embeddings of every step (kept in `inputs` for the backward); without a vocabulary table,
+    // layer 0's embedding gates for all steps in one GEMM.
+    for (int64_t t = 0; t < S; ++t) {
+      gather_rows<T>(ptr<T>(P.embedding), E, ptr<int64_t>(X) + t, B, S, x0 + t * B * (H + E) + H, H + E);
+    }
+    at::Tensor gi0_all;
+    if (!emb_gates.tabled()) {
+      gi0_all = cpu::empty({S, B, 3 * H}, opts);
+      gemm<T>(false, true, S * B, 3 * H, E, T(1), x0 + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0),
+              gi0_all.data_ptr<T>(), 3 * H);
+    }
+    // A small dense layer runs inside the chunks after each step (no other parallel region); a
+    // large one (its weight would evict the step weights from cache at every step) once after.
+    const bool dense_per_step = V * H <= kSmallWeightValues;
+    auto dense_rows = [&](int64_t row, int64_t rows) {
+      T* y = logits.data_ptr<T>() + row * V;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::copy(bias, bias + V, y + r * V);
+      }
+      gemm<T>(false, true, rows, V, H, T(1), st + (L - 1) * state_ld + (row + B) * H, H, ptr<T>(P.dense_w), H,
+              T(1), y, V);
+    };
+    const double dense_flops = dense_per_step ? 2.0 * H * V : 0.0;
+    const int64_t extra = (dense_per_step ? V * H : 0) + (emb_gates.tabled() ? 0 : 3 * H * E);
+    for_row_chunks(B, S * (step_flops_per_row(s) + dense_flops), step_weight_values(s, extra),
+                   [&](int64_t b0, int64_t b1) {
       Sizes c = s;
       c.B = b1 - b0;
       const int64_t n = c.B;
@@ -281,33 +310,29 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
       at::Tensor scratch = cpu::empty({n, 13 * H}, opts);
       T* sc = scratch.data_ptr<T>();
       const StepBuffers<T> buf{sc, sc + 4 * H * n, sc + 7 * H * n};
-      T* gi0 = sc + 10 * H * n;  // (n, 3H)
       for (int64_t t = 0; t < S; ++t) {
         const int64_t row = t * B + b0;  // first row of the chunk in (S, B, ...) buffers
-        const int64_t* ids = ptr<int64_t>(X) + b0 * S + t;
-        T* x0_t = x0 + row * (H + E);
-        gather_rows<T>(ptr<T>(P.embedding), E, ids, n, S, x0_t + H, H + E);  // kept for the backward
+        T* gi0 = sc + 10 * H * n;       // (n, 3H)
         if (emb_gates.tabled()) {
-          emb_gates.lookup(ids, n, S, gi0);
+          emb_gates.lookup(ptr<int64_t>(X) + b0 * S + t, n, S, gi0);
         } else {
-          gemm<T>(false, true, n, 3 * H, E, T(1), x0_t + H, H + E, ptr<T>(P.w_ih[0]) + H, H + E, T(0), gi0, 3 * H);
+          gi0 = gi0_all.data_ptr<T>() + row * 3 * H;
         }
         decoder_step<T>(c, P, G, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
                         lens ? ptr<int64_t>(*lens) + b0 : nullptr,
                         attn_mask ? ptr<T>(*attn_mask) + row * T_ : nullptr,
                         layer_mask ? ptr<T>(*layer_mask) + row * H : nullptr, S * B * H, st + row * H,
-                        st + (row + B) * H, state_ld, x0_t, gi0, attention.data_ptr<T>() + row * T_,
+                        st + (row + B) * H, state_ld, x0 + row * (H + E), gi0, attention.data_ptr<T>() + row * T_,
                         gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0) + b0 * 4 * H, B * 4 * H,
                         layer_mask ? layer_inputs.data_ptr<T>() + row * H : nullptr, S * B * H, buf);
-        // dense: logits = top state @ W^T + b.
-        T* y = logits.data_ptr<T>() + row * V;
-        for (int64_t r = 0; r < n; ++r) {
-          std::copy(bias, bias + V, y + r * V);
+        if (dense_per_step) {
+          dense_rows(row, n);
         }
-        gemm<T>(false, true, n, V, H, T(1), st + (L - 1) * state_ld + (row + B) * H, H, ptr<T>(P.dense_w), H, T(1),
-                y, V);
       }
     });
+    if (!dense_per_step) {
+      dense_rows(0, S * B);
+    }
   });
   if (!keep_activations) {
     gates = cpu::empty({0}, opts);
@@ -475,7 +500,7 @@ BackwardResult decoder_backward(
         cat_b.gemm(gcat_t, 4 * H, T(1), dhp + ((L - 1) * B + b0) * H, H);
       }
     };
-    for_row_chunks(B, 2 * S * step_flops_per_row(s), backward_rows);
+    for_row_chunks(B, 2 * S * step_flops_per_row(s), step_weight_values(s, 0), backward_rows);
     for (int64_t k = 0; k < L; ++k) {
       T* dhk = dhp + k * B * H;
       const T* ext = Dp + k * state_ld;
@@ -630,7 +655,8 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     } else {
       // A chunk may stop before the others: its rows have all produced eos, and what follows
       // a row's eos is written as eos below.
-      for_row_chunks(B, max_len * (step_flops_per_row(s) + 2.0 * H * V), decode_rows);
+      const int64_t extra = V * H + (emb_gates.tabled() ? 0 : 3 * H * E);
+      for_row_chunks(B, max_len * (step_flops_per_row(s) + 2.0 * H * V), step_weight_values(s, extra), decode_rows);
     }
   });
   at::Tensor tokens = tokens_buf.narrow(1, 0, steps).contiguous();

@@ -72,6 +72,9 @@ double recurrence_flops_per_row(const EncSizes& s) {
   return 2.0 * static_cast<double>(s.T) * 3.0 * static_cast<double>(s.H * s.H);
 }
 
+// Values of the recurrent weights W_hh of all layers.
+int64_t recurrent_weight_values(const EncSizes& s) { return s.L * 3 * s.H * s.H; }
+
 std::vector<at::Tensor> contiguous_list(at::TensorList list) {
   std::vector<at::Tensor> out;
   for (const auto& t : list) {
@@ -120,7 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
     const int64_t state_ld = (T_ + 1) * B * H;
     // Each chunk of rows runs every step through every layer (layer k at step t needs layer
     // k - 1 at t and itself at t - 1), so the whole encoder is one parallel region.
-    for_row_chunks(B, L * recurrence_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+    // A step reads every layer's W_hh and its input weights (not layer 0's with a table).
+    const int64_t step_weights = recurrent_weight_values(s) + 3 * H * H * (L - 1) + (emb_gates.tabled() ? 0 : 3 * H * E);
+    for_row_chunks(B, L * recurrence_flops_per_row(s), step_weights, [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       std::vector<PackedWeight<T>> hh(L);
       for (int64_t k = 0; k < L; ++k) {
@@ -215,7 +220,7 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
     T* dinp = d_in.data_ptr<T>();
     for (int64_t k = L - 1; k >= 0; --k) {
       // Backward through time, rows split into independent chunks.
-      for_row_chunks(B, 2 * recurrence_flops_per_row(s), [&](int64_t b0, int64_t b1) {
+      for_row_chunks(B, 2 * recurrence_flops_per_row(s), 3 * H * H, [&](int64_t b0, int64_t b1) {
         const int64_t n = b1 - b0;
         at::Tensor dh = cpu::zeros({n, H}, opts);
         T* dhp = dh.data_ptr<T>();

@@ -10,8 +10,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <limits>
 #include <sstream>
+#include <string>
 
 // The Fortran BLAS symbols that libtorch_cpu exports on x86-64 builds (MKL, LP64). Weak, so a
 // build of torch without them falls back to at::addmm.
@@ -22,18 +24,8 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's packed GEMM (CBLAS, LP64); enum arguments as int.
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
-                      int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
-namespace {
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151;
-constexpr int kCblasBMatrix = 162;
-}  // namespace
 
 namespace seq2seq_fast::cpu {
 namespace {
@@ -367,6 +359,105 @@ SEQ2SEQ_FAST_INLINE void column_sums_impl(const T* G, int64_t rows, int64_t cols
   }
 }
 
+// ---- the panel GEMM ------------------------------------------------------------------------
+// C[M, N] (+)= A[M, K] @ B[K, N], B packed as panels of 16 columns (panel p holds
+// B[k][16p, 16p + 16) for every k, zero past N). A block of R <= 4 rows by NP <= 4 panels of C
+// stays in registers over the whole K loop: per k, R broadcasts of A, NP panel loads and R * NP
+// FMAs (16 zmm accumulators at most). Built only into the AVX-512 clone's caller (see
+// panel_kernel_available); GCC vector types keep it free of intrinsics.
+constexpr int64_t kPanel = 16;
+constexpr int64_t kPanelMaxValues = int64_t(1) << 16;
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+template <int R, int NP>
+SEQ2SEQ_FAST_INLINE void panel_block(int64_t K, const float* A, int64_t lda, const float* panels, float* C,
+                                     int64_t ldc, int64_t cols, bool accumulate) {
+  v16 acc[R][NP];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NP; ++c) {
+      acc[r][c] = v16{};
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    v16 w[NP];
+    for (int c = 0; c < NP; ++c) {
+      w[c] = *reinterpret_cast<const v16*>(panels + (c * K + k) * kPanel);
+    }
+    for (int r = 0; r < R; ++r) {
+      const v16 a = v16{} + A[r * lda + k];
+      for (int c = 0; c < NP; ++c) {
+        acc[r][c] += a * w[c];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NP; ++c) {
+      float* dst = C + r * ldc + c * kPanel;
+      const int64_t valid = std::min<int64_t>(kPanel, cols - c * kPanel);
+      if (valid == kPanel) {
+        *reinterpret_cast<v16u*>(dst) = accumulate ? acc[r][c] + *reinterpret_cast<const v16u*>(dst) : acc[r][c];
+      } else {
+        for (int64_t j = 0; j < valid; ++j) {
+          dst[j] = accumulate ? dst[j] + acc[r][c][j] : acc[r][c][j];
+        }
+      }
+    }
+  }
+}
+
+template <int R>
+SEQ2SEQ_FAST_INLINE void panel_row_block(int64_t N, int64_t K, const float* A, int64_t lda, const float* panels,
+                                         float* C, int64_t ldc, bool accumulate) {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < P; p += 4) {
+    const float* pp = panels + p * K * kPanel;
+    float* cp = C + p * kPanel;
+    const int64_t cols = N - p * kPanel;
+    switch (std::min<int64_t>(4, P - p)) {
+      case 4: panel_block<R, 4>(K, A, lda, pp, cp, ldc, cols, accumulate); break;
+      case 3: panel_block<R, 3>(K, A, lda, pp, cp, ldc, cols, accumulate); break;
+      case 2: panel_block<R, 2>(K, A, lda, pp, cp, ldc, cols, accumulate); break;
+      default: panel_block<R, 1>(K, A, lda, pp, cp, ldc, cols, accumulate); break;
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEQ2SEQ_FAST_AVX512 __attribute__((target("arch=x86-64-v4")))
+#else
+#define SEQ2SEQ_FAST_AVX512
+#endif
+
+SEQ2SEQ_FAST_AVX512 void panel_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A,
+                                                              int64_t lda, const float* panels, float* C,
+                                                              int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) {
+    panel_row_block<4>(N, K, A + i * lda, lda, panels, C + i * ldc, ldc, accumulate);
+  }
+  switch (M - i) {
+    case 3: panel_row_block<3>(N, K, A + i * lda, lda, panels, C + i * ldc, ldc, accumulate); break;
+    case 2: panel_row_block<2>(N, K, A + i * lda, lda, panels, C + i * ldc, ldc, accumulate); break;
+    case 1: panel_row_block<1>(N, K, A + i * lda, lda, panels, C + i * ldc, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// The panel kernel is compiled for AVX-512 only (elsewhere its 16 accumulators would spill).
+bool panel_kernel_available() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  // SEQ2SEQ_FAST_PANEL_GEMM=0 sends every GEMM to the BLAS (to compare the two).
+  static const bool available = [] {
+    const char* flag = std::getenv("SEQ2SEQ_FAST_PANEL_GEMM");
+    return __builtin_cpu_supports("avx512f") && !(flag != nullptr && std::string(flag) == "0");
+  }();
+  return available;
+#else
+  return false;
+#endif
+}
+
 // ---- float entry points, compiled per ISA ----------------------------------------------------
 SEQ2SEQ_FAST_CLONES void gates_forward_f32(const GatesFwd& p, int64_t b0, int64_t b1) {
   gates_forward_rows<float>(p, b0, b1);
@@ -422,17 +513,18 @@ template <typename T>
 PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
     : trans_(trans), M_(M), N_(N), K_(K), ldw_(ldw), W_(W) {
   if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t kMax = std::numeric_limits<int>::max();
-    const bool usable = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
-                        cblas_sgemm_compute != nullptr && M > 0 && N > 0 && K > 0 && M < kMax && N < kMax &&
-                        K < kMax && ldw < kMax;
-    if (usable) {
-      const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, static_cast<int>(M), static_cast<int>(N),
-                                                     static_cast<int>(K));
-      packed_ = cpu::empty({static_cast<int64_t>(bytes / sizeof(float) + 16)}, at::TensorOptions().dtype(at::kFloat));
-      cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, static_cast<int>(M),
-                       static_cast<int>(N), static_cast<int>(K), 1.0f, W, static_cast<int>(ldw),
-                       packed_.data_ptr<float>());
+    if (panel_kernel_available() && N > 0 && K > 0 && K * N <= kPanelMaxValues) {
+      const int64_t panels = (N + kPanel - 1) / kPanel;
+      panels_ = cpu::empty({panels, K, kPanel}, at::TensorOptions().dtype(at::kFloat));
+      float* out = panels_.data_ptr<float>();
+      for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j < kPanel; ++j) {
+            const int64_t n = p * kPanel + j;
+            out[(p * K + k) * kPanel + j] = n >= N ? 0.0f : (trans ? W[n * ldw + k] : W[k * ldw + n]);
+          }
+        }
+      }
     }
   }
 }
@@ -440,10 +532,9 @@ PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const
 template <typename T>
 void PackedWeight<T>::gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const {
   if constexpr (std::is_same_v<T, float>) {
-    if (packed_.defined()) {
-      cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, static_cast<int>(M_), static_cast<int>(N_),
-                          static_cast<int>(K_), A, static_cast<int>(lda), packed_.data_ptr<float>(),
-                          static_cast<int>(trans_ ? K_ : N_), beta, C, static_cast<int>(ldc));
+    if (panels_.defined()) {
+      TORCH_INTERNAL_ASSERT(beta == 0.0f || beta == 1.0f, "seq2seq_fast: panel GEMM takes beta 0 or 1");
+      panel_gemm_f32(M_, N_, K_, A, lda, panels_.data_ptr<float>(), C, ldc, beta != 0.0f);
       return;
     }
   }

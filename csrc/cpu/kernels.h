@@ -45,21 +45,25 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T 
 }
 
 // The weight operand of many row-major GEMMs C[M, N] = A[M, K] @ op(W) + beta * C that share W
-// and M (a step loop's GEMMs): packed once into MKL's internal layout (cblas_sgemm_pack) so the
-// BLAS does not re-pack W at every step. Without the packed API (or in float64) it calls gemm.
+// (a step loop's GEMMs). Small float weights (K * N up to 64k values, every per-step GEMM of
+// d2l's models) on an AVX-512 CPU are packed once into panels of 16 columns for this file's
+// register-blocked kernel: on this package's 2-core Zen 4 VM MKL runs M = 32, N = 96..201,
+// K = 32 at ~80 GFLOP/s, the panel kernel at ~112 (benchmarks/RESULTS.md). Anything else goes
+// to the BLAS (MKL's own packed API measured no faster than plain sgemm here).
 template <typename T>
 class PackedWeight {
  public:
   PackedWeight() = default;
-  // op(W) = W^T when trans (W is N x K), else W (K x N); ldw is W's row stride.
+  // op(W) = W^T when trans (W is N x K), else W (K x N); ldw is W's row stride. M: rows of A.
   PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw);
+  // beta is 0 or 1.
   void gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
 
  private:
   bool trans_ = false;
   int64_t M_ = 0, N_ = 0, K_ = 0, ldw_ = 0;
   const T* W_ = nullptr;
-  at::Tensor packed_;
+  at::Tensor panels_;  // (ceil(N / 16), K, 16) when the panel kernel runs it
 };
 
 // Copies a (D0, D1, D2) tensor of any strides into contiguous memory `out`, blocked so that an
@@ -290,14 +294,26 @@ class EmbeddingGates {
   at::Tensor table_;
 };
 
+// Weights up to this many values (1 MiB of float) count as small: they stay in a core's L2
+// cache across steps, so a per-step GEMM on them belongs inside a row chunk.
+constexpr int64_t kSmallWeightValues = int64_t(1) << 18;
+
 // Runs f(b0, b1) over contiguous chunks of the rows [0, B), one chunk per thread, each a whole
 // step loop whose BLAS calls run single-threaded (MKL does inside a parallel region). Rows of a
 // recurrence never meet, so this split needs no synchronization per step, where threading each
 // step's small GEMMs forks and joins at every call. Splits only when each chunk gets at least
-// `kChunkFlops` of work and 8 rows; otherwise f(0, B) runs on the calling thread.
+// `kChunkFlops` of work and 8 rows, and when the weights a step reads (`step_weight_values`)
+// are small: each chunk streams them at every step, where a threaded GEMM splits them between
+// the threads (the large benchmark's forward, 13 MB of step weights and a 16 MB dense layer:
+// 323 ms split by rows, 211 ms unsplit). Otherwise f(0, B) runs on the calling thread and the
+// BLAS threads each GEMM.
 template <typename F>
-void for_row_chunks(int64_t B, double flops_per_row, const F& f) {
+void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values, const F& f) {
   constexpr double kChunkFlops = 2e6;
+  if (step_weight_values > kSmallWeightValues) {
+    f(int64_t(0), B);
+    return;
+  }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / std::max(flops_per_row, 1.0)));
   const int64_t even = (B + threads - 1) / threads;
