@@ -29,24 +29,6 @@ void check_kept(AutogradContext* ctx, const char* op) {
 
 using DecoderOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-DecoderOutputs decoder_forward_below_autograd(const at::Tensor& X, const at::Tensor& enc, const at::Tensor& hidden,
-                                              const OptTensor& lens, const at::Tensor& kp, const at::Tensor& emb,
-                                              const at::Tensor& W_q, const at::Tensor& w_v, at::TensorList w_ih,
-                                              at::TensorList w_hh, at::TensorList b_ih, at::TensorList b_hh,
-                                              const at::Tensor& dense_w, const at::Tensor& dense_b,
-                                              const OptTensor& attn_mask, const OptTensor& layer_mask, bool keep) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("seq2seq_fast::decoder_forward", "")
-                       .typed<DecoderOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                             const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-                                             at::TensorList, const at::Tensor&, const at::Tensor&,
-                                             const OptTensor&, const OptTensor&, bool)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(X, enc, hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b, attn_mask,
-                 layer_mask, keep);
-}
-
 class DecoderFunction : public torch::autograd::Function<DecoderFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& X, const at::Tensor& enc,
@@ -55,9 +37,20 @@ class DecoderFunction : public torch::autograd::Function<DecoderFunction> {
                                at::TensorList w_hh, at::TensorList b_ih, at::TensorList b_hh, const at::Tensor& dense_w,
                                const at::Tensor& dense_b, const OptTensor& attn_mask, const OptTensor& layer_mask,
                                bool keep) {
-    auto [logits, attention, states, inputs, layer_inputs, gates] = decoder_forward_below_autograd(
-        X, enc, hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b, attn_mask, layer_mask,
-        keep);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("seq2seq_fast::decoder_forward", "")
+                         .typed<DecoderOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+                                               at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&,
+                                               const OptTensor&, const OptTensor&, bool)>();
+    at::Tensor logits, attention, states, inputs, layer_inputs, gates;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(logits, attention, states, inputs, layer_inputs, gates) =
+          op.call(X, enc, hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b, attn_mask,
+                  layer_mask, keep);
+    }
     ctx->set_materialize_grads(false);  // unused outputs arrive undefined, not as zeros
     ctx->mark_non_differentiable({inputs, layer_inputs, gates});
     ctx->saved_data["keep"] = keep;
