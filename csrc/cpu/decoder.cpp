@@ -291,13 +291,13 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     // A small dense layer runs inside the chunks after each step (no other parallel region); a
     // large one (its weight would evict the step weights from cache at every step) once after.
     const bool dense_per_step = V * H <= kSmallWeightValues;
-    auto dense_rows = [&](int64_t row, int64_t rows) {
+    // Logits of `rows` rows from `row` on: bias, then += top state @ W^T (through `dense`).
+    auto dense_rows = [&](const PackedWeight<T>& dense, int64_t row, int64_t rows) {
       T* y = logits.data_ptr<T>() + row * V;
       for (int64_t r = 0; r < rows; ++r) {
         std::copy(bias, bias + V, y + r * V);
       }
-      gemm<T>(false, true, rows, V, H, T(1), st + (L - 1) * state_ld + (row + B) * H, H, ptr<T>(P.dense_w), H,
-              T(1), y, V);
+      dense.gemm(st + (L - 1) * state_ld + (row + B) * H, H, T(1), y, V);
     };
     const double dense_flops = dense_per_step ? 2.0 * H * V : 0.0;
     const int64_t extra = (dense_per_step ? V * H : 0) + (emb_gates.tabled() ? 0 : 3 * H * E);
@@ -307,6 +307,8 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
       c.B = b1 - b0;
       const int64_t n = c.B;
       const StepGemms<T> G(c, P);
+      const PackedWeight<T> dense = dense_per_step ? PackedWeight<T>(true, n, V, H, ptr<T>(P.dense_w), H)
+                                                   : PackedWeight<T>();
       at::Tensor scratch = cpu::empty({n, 13 * H}, opts);
       T* sc = scratch.data_ptr<T>();
       const StepBuffers<T> buf{sc, sc + 4 * H * n, sc + 7 * H * n};
@@ -326,12 +328,12 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
                         gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0) + b0 * 4 * H, B * 4 * H,
                         layer_mask ? layer_inputs.data_ptr<T>() + row * H : nullptr, S * B * H, buf);
         if (dense_per_step) {
-          dense_rows(row, n);
+          dense_rows(dense, row, n);
         }
       }
     });
     if (!dense_per_step) {
-      dense_rows(0, S * B);
+      dense_rows(PackedWeight<T>(true, S * B, V, H, ptr<T>(P.dense_w), H), 0, S * B);
     }
   });
   if (!keep_activations) {

@@ -127,8 +127,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
     const int64_t step_weights = recurrent_weight_values(s) + 3 * H * H * (L - 1) + (emb_gates.tabled() ? 0 : 3 * H * E);
     for_row_chunks(B, L * recurrence_flops_per_row(s), step_weights, [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
-      std::vector<PackedWeight<T>> hh(L);
+      std::vector<PackedWeight<T>> ih(L), hh(L);
       for (int64_t k = 0; k < L; ++k) {
+        if (k > 0 || !emb_gates.tabled()) {
+          const int64_t in = k == 0 ? E : H;
+          ih[k] = PackedWeight<T>(true, n, 3 * H, in, w_ih[k].data_ptr<T>(), in);
+        }
         hh[k] = PackedWeight<T>(true, n, 3 * H, H, w_hh[k].data_ptr<T>(), H);
         std::fill(st + k * state_ld + b0 * H, st + k * state_ld + b1 * H, T(0));
       }
@@ -145,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
             emb_gates.lookup(ids + t, n, T_, gi);
           } else if (k == 0) {
             gather_rows<T>(embedding.data_ptr<T>(), E, ids + t, n, T_, x_emb, E);
-            gemm<T>(false, true, n, 3 * H, E, T(1), x_emb, E, w_ih[0].data_ptr<T>(), E, T(0), gi, 3 * H);
+            ih[0].gemm(x_emb, E, T(0), gi, 3 * H);
           } else {
             const T* below = st + (k - 1) * state_ld + (row + B) * H;  // layer k - 1's output at t
             if (layer_mask.has_value()) {
@@ -156,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
               }
               below = xo;
             }
-            gemm<T>(false, true, n, 3 * H, H, T(1), below, H, w_ih[k].data_ptr<T>(), H, T(0), gi, 3 * H);
+            ih[k].gemm(below, H, T(0), gi, 3 * H);
           }
           const T* hp = sk + row * H;
           hh[k].gemm(hp, H, T(0), gh, 3 * H);
