@@ -190,6 +190,16 @@ int64_t step_weight_values(const Sizes& s, int64_t extra) {
   return (7 + 6 * (s.L - 1)) * s.H * s.H + extra;
 }
 
+// Logits of `rows` rows: y (rows, V) = bias + tops (rows, H) @ W^T, W through `dense`.
+template <typename T>
+void dense_logits(const PackedWeight<T>& dense, const T* bias, int64_t V, const T* tops, int64_t H, int64_t rows,
+                  T* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(bias, bias + V, y + r * V);
+  }
+  dense.gemm(tops, H, T(1), y, V);
+}
+
 template <typename T>
 void decoder_step(const Sizes& s, const Params<T>& P, const StepGemms<T>& G, const T* kp, const T* enc, const int64_t* lens,
                   const T* attn_drop, const T* layer_drop, int64_t layer_drop_ld, const T* state_prev,
@@ -291,13 +301,10 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     // A small dense layer runs inside the chunks after each step (no other parallel region); a
     // large one (its weight would evict the step weights from cache at every step) once after.
     const bool dense_per_step = V * H <= kSmallWeightValues;
-    // Logits of `rows` rows from `row` on: bias, then += top state @ W^T (through `dense`).
+    // Logits of `rows` rows from `row` on, from the top layer's states after their step.
     auto dense_rows = [&](const PackedWeight<T>& dense, int64_t row, int64_t rows) {
-      T* y = logits.data_ptr<T>() + row * V;
-      for (int64_t r = 0; r < rows; ++r) {
-        std::copy(bias, bias + V, y + r * V);
-      }
-      dense.gemm(st + (L - 1) * state_ld + (row + B) * H, H, T(1), y, V);
+      dense_logits<T>(dense, bias, V, st + (L - 1) * state_ld + (row + B) * H, H, rows,
+                      logits.data_ptr<T>() + row * V);
     };
     const double dense_flops = dense_per_step ? 2.0 * H * V : 0.0;
     const int64_t extra = (dense_per_step ? V * H : 0) + (emb_gates.tabled() ? 0 : 3 * H * E);
@@ -631,10 +638,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
                         st + b0 * H, st + b0 * H, B * H, x0, gi0,
                         attn + ((return_attention ? t * B : 0) + b0) * T_, gates, n * 4 * H,
                         layer_mask ? layer_inputs : nullptr, n * H, buf);
-        for (int64_t b = 0; b < n; ++b) {
-          std::copy(bias, bias + V, logits + b * V);
-        }
-        dense.gemm(st + (L - 1) * B * H + b0 * H, H, T(1), logits, V);
+        dense_logits<T>(dense, bias, V, st + ((L - 1) * B + b0) * H, H, n, logits);
         argmax_rows<T>(logits, n, V, token.data());
         bool all_done = true;
         for (int64_t b = 0; b < n; ++b) {

@@ -72,8 +72,11 @@ double recurrence_flops_per_row(const EncSizes& s) {
   return 2.0 * static_cast<double>(s.T) * 3.0 * static_cast<double>(s.H * s.H);
 }
 
-// Values of the recurrent weights W_hh of all layers.
-int64_t recurrent_weight_values(const EncSizes& s) { return s.L * 3 * s.H * s.H; }
+// Values of the weights a forward step reads through all layers: every W_hh, the W_ih of
+// layers > 0, and layer 0's W_ih unless its gates come from a vocabulary table.
+int64_t step_weight_values(const EncSizes& s, bool tabled) {
+  return 3 * s.H * (s.L * s.H + (s.L - 1) * s.H + (tabled ? 0 : s.E));
+}
 
 std::vector<at::Tensor> contiguous_list(at::TensorList list) {
   std::vector<at::Tensor> out;
@@ -123,9 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
     const int64_t state_ld = (T_ + 1) * B * H;
     // Each chunk of rows runs every step through every layer (layer k at step t needs layer
     // k - 1 at t and itself at t - 1), so the whole encoder is one parallel region.
-    // A step reads every layer's W_hh and its input weights (not layer 0's with a table).
-    const int64_t step_weights = recurrent_weight_values(s) + 3 * H * H * (L - 1) + (emb_gates.tabled() ? 0 : 3 * H * E);
-    for_row_chunks(B, L * recurrence_flops_per_row(s), step_weights, [&](int64_t b0, int64_t b1) {
+    for_row_chunks(B, L * recurrence_flops_per_row(s), step_weight_values(s, emb_gates.tabled()),
+                   [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       std::vector<PackedWeight<T>> ih(L), hh(L);
       for (int64_t k = 0; k < L; ++k) {

@@ -363,8 +363,8 @@ SEQ2SEQ_FAST_INLINE void column_sums_impl(const T* G, int64_t rows, int64_t cols
 // C[M, N] (+)= A[M, K] @ B[K, N], B packed as panels of 16 columns (panel p holds
 // B[k][16p, 16p + 16) for every k, zero past N). A block of R <= 4 rows by NP <= 4 panels of C
 // stays in registers over the whole K loop: per k, R broadcasts of A, NP panel loads and R * NP
-// FMAs (16 zmm accumulators at most). Built only into the AVX-512 clone's caller (see
-// panel_kernel_available); GCC vector types keep it free of intrinsics.
+// FMAs (16 zmm accumulators at most). Compiled for AVX-512 only and used only where the CPU has
+// it (panel_kernel_available); GCC vector types keep it free of intrinsics.
 constexpr int64_t kPanel = 16;
 constexpr int64_t kPanelMaxValues = int64_t(1) << 16;
 typedef float v16 __attribute__((vector_size(64)));
@@ -429,9 +429,8 @@ SEQ2SEQ_FAST_INLINE void panel_row_block(int64_t N, int64_t K, const float* A, i
 #define SEQ2SEQ_FAST_AVX512
 #endif
 
-SEQ2SEQ_FAST_AVX512 void panel_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A,
-                                                              int64_t lda, const float* panels, float* C,
-                                                              int64_t ldc, bool accumulate) {
+SEQ2SEQ_FAST_AVX512 void panel_gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                        const float* panels, float* C, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   for (; i + 4 <= M; i += 4) {
     panel_row_block<4>(N, K, A + i * lda, lda, panels, C + i * ldc, ldc, accumulate);

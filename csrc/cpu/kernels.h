@@ -48,8 +48,8 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T 
 // (a step loop's GEMMs). Small float weights (K * N up to 64k values, every per-step GEMM of
 // d2l's models) on an AVX-512 CPU are packed once into panels of 16 columns for this file's
 // register-blocked kernel: on this package's 2-core Zen 4 VM MKL runs M = 32, N = 96..201,
-// K = 32 at ~80 GFLOP/s, the panel kernel at ~112 (benchmarks/RESULTS.md). Anything else goes
-// to the BLAS (MKL's own packed API measured no faster than plain sgemm here).
+// K = 32 at ~80 GFLOP/s, the panel kernel at ~112 (a standalone timing on one thread). Anything
+// else goes to the BLAS (MKL's own packed API measured no faster than plain sgemm here).
 template <typename T>
 class PackedWeight {
  public:
