@@ -18,6 +18,13 @@ from helpers import assert_close, decoder_inputs, paired_decoders
 BACKENDS = sf.available_backends()
 
 
+def small_decoder(backend):
+    """A float64 decoder (V = 11, E = 4, H = 6, 2 layers) on ``backend`` and inputs for it:
+    (decoder, X (3, 4), enc outputs (5, 3, 6), h0 (2, 3, 6), ragged lens)."""
+    _, decoder = paired_decoders(11, 4, 6, 2, backend=backend)
+    return (decoder, *decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64))
+
+
 @pytest.mark.parametrize("needs_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
 @pytest.mark.parametrize("entry", ["decoder_forward", "encoder_forward", "attention_forward"])
@@ -42,8 +49,7 @@ def test_backend_name_checked_before_the_memo():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_weights_list_built_on_read(backend):
-    _, fast = paired_decoders(11, 4, 6, 2, backend=backend)
-    X, enc, h0, lens = decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64)
+    fast, X, enc, h0, lens = small_decoder(backend)
     with torch.no_grad():
         fast(X, fast.init_state((enc, h0), lens))
     weights = fast.attention_weights
@@ -58,8 +64,7 @@ def test_attention_weights_list_built_on_read(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_weights_of_a_graph_keep_their_gradient(backend):
-    _, fast = paired_decoders(11, 4, 6, 2, backend=backend)
-    X, enc, h0, lens = decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64)
+    fast, X, enc, h0, lens = small_decoder(backend)
     enc = enc.requires_grad_()
     fast(X, fast.init_state((enc, h0), lens))
     with torch.no_grad():  # read under no_grad: still the views made in the call's grad mode
@@ -71,8 +76,7 @@ def test_attention_weights_of_a_graph_keep_their_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_weights_read_in_inference_mode_and_pickled(backend):
-    _, fast = paired_decoders(11, 4, 6, 2, backend=backend)
-    X, enc, h0, lens = decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64)
+    fast, X, enc, h0, lens = small_decoder(backend)
     with torch.inference_mode():
         fast(X, fast.init_state((enc, h0), lens))
     assert len(fast.attention_weights) == 4
@@ -83,8 +87,7 @@ def test_attention_weights_read_in_inference_mode_and_pickled(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_read_contiguous_values_state_keeps_the_callers(backend):
-    _, dec = paired_decoders(11, 4, 6, 2, backend=backend)
-    X, enc, h0, lens = decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64)
+    dec, X, enc, h0, lens = small_decoder(backend)
     state = dec.init_state((enc, h0), lens)
     assert not state[0].is_contiguous()  # d2l's permuted view of (T, B, H)
     with torch.no_grad():
