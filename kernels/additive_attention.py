@@ -30,6 +30,13 @@ MASK_VALUE = tl.constexpr(-1e6)
 
 
 @triton.jit
+def _only_if(mask, flag):
+    # ``mask`` where the scalar ``flag`` holds, else all false: a boolean block either way
+    # (``mask & flag`` becomes int32 under Triton 3.9's interpreter, which rejects it as a mask).
+    return tl.where(flag, mask, tl.zeros_like(mask))
+
+
+@triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
@@ -110,7 +117,7 @@ def _additive_attn_fwd_kernel(
         if HAS_LENS:
             s = tl.where(offs_t < valid, s, MASK_VALUE)
         s = tl.where(in_t, s, float("-inf"))
-        tl.store(s_row + offs_t * stride_st, s, mask=in_t & owner)
+        tl.store(s_row + offs_t * stride_st, s, mask=_only_if(in_t, owner))
         m_new = tl.maximum(m, tl.max(s, 0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
@@ -212,7 +219,7 @@ def _additive_attn_bwd_kernel(
                         mask=tile_mask, other=0.0).to(ACC)
             dcv += tl.sum(v * dc[None, :], 1)
             dv_ptrs = dv_base + offs_t[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
-            dv_prev = tl.load(dv_ptrs, mask=tile_mask & accumulate, other=0.0)
+            dv_prev = tl.load(dv_ptrs, mask=_only_if(tile_mask, accumulate), other=0.0)
             tl.store(dv_ptrs, dv_prev + a[:, None] * dc[None, :], mask=tile_mask)
 
         if HAS_DROPOUT:
@@ -236,11 +243,11 @@ def _additive_attn_bwd_kernel(
             th = _tanh(q[None, :] + k)
             g = ds[:, None] * w[None, :] * (1.0 - th * th)
             dk_ptrs = dk_base + offs_t[:, None] * stride_dkt + offs_h[None, :] * stride_dkh
-            dk_prev = tl.load(dk_ptrs, mask=tile_mask & accumulate, other=0.0)
+            dk_prev = tl.load(dk_ptrs, mask=_only_if(tile_mask, accumulate), other=0.0)
             tl.store(dk_ptrs, dk_prev + g, mask=tile_mask)
             tl.store(dq_ptr + b * stride_dqb + tile * stride_dqn + i * stride_dqq + offs_h * stride_dqh,
                      tl.sum(g, 0), mask=in_h)
-            dw_prev = tl.load(dw_row + offs_h * stride_dwh, mask=in_h & accumulate, other=0.0)
+            dw_prev = tl.load(dw_row + offs_h * stride_dwh, mask=_only_if(in_h, accumulate), other=0.0)
             tl.store(dw_row + offs_h * stride_dwh, dw_prev + tl.sum(ds[:, None] * th, 0), mask=in_h)
         tl.debug_barrier()
 

@@ -14,7 +14,7 @@
 #include "cpu/workspace.h"
 
 #include <algorithm>
-#include <bit>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 
@@ -96,8 +96,10 @@ SEQ2SEQ_FAST_INLINE float exp_f(float x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
-  int32_t e = static_cast<int32_t>(fx) + 127;
-  return y * std::bit_cast<float>(e << 23);
+  const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;  // 2^fx from its exponent bits (memcpy: std::bit_cast is C++20, torch 2.11 builds C++17)
+  std::memcpy(&scale, &e, sizeof scale);
+  return y * scale;
 }
 
 SEQ2SEQ_FAST_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
