@@ -98,7 +98,7 @@ def _callables(shape, device, dtype, workload, compile_reference):
     elif reason is not None:
         impls["triton"] = f"not timed: {reason}"
     else:
-        from seq2seq_fast.backend_triton import additive_attention
+        from seq2seq_fast.backends.triton_ops import additive_attention
 
         impls["triton"] = hoisted(additive_attention)
     return impls

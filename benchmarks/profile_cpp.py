@@ -15,7 +15,7 @@ import torch
 from benchmarks import workloads as W
 from benchmarks.configs import CONFIGS
 from benchmarks.workloads import BOS, EOS
-from seq2seq_fast import backend_cpp as C
+from seq2seq_fast.backends import cpp_ops as C
 from seq2seq_fast import reference as R
 
 

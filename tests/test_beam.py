@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import seq2seq_fast as sf
-from seq2seq_fast.beam import BeamResult, beam_search
+from seq2seq_fast.decoding.beam import BeamResult, beam_search
 from helpers import paired_models
 
 BACKENDS = sf.available_backends()

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import seq2seq_fast as sf
-from seq2seq_fast import backends, modules
+from seq2seq_fast.backends import torch_ops
+from seq2seq_fast.ops import dispatch, functional
 from seq2seq_fast import reference as R
-from seq2seq_fast import validation as V
-from seq2seq_fast.state import DecoderState
+from seq2seq_fast.ops import validation
+from seq2seq_fast.ops.state import DecoderState
 from helpers import assert_close, decoder_inputs, paired_decoders
 
 BACKENDS = sf.available_backends()
@@ -25,26 +26,39 @@ def small_decoder(backend):
     return (decoder, *decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64))
 
 
-@pytest.mark.parametrize("needs_grad", [False, True])
+@pytest.mark.parametrize("grad_mode", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
 @pytest.mark.parametrize("entry", ["decoder_forward", "encoder_forward", "attention_forward"])
 @pytest.mark.parametrize("requested", ["auto", "torch", "cpp", "triton"])
-def test_remembered_backend_choice_equals_a_fresh_one(requested, entry, dtype, needs_grad):
+def test_remembered_backend_choice_equals_a_fresh_one(requested, entry, dtype, grad_mode):
     tensor = torch.zeros(1, dtype=dtype)
-    fresh = backends._choose(requested, entry, "cpu", dtype, needs_grad)
+    fresh = dispatch._choose(requested, entry, "cpu", dtype, grad_mode)
     for _ in range(2):  # the second call answers from the memo
-        if fresh[1] is None:
-            assert backends.select_backend(requested, entry, tensor, needs_grad) is backends.backend_module(fresh[0])
-        else:
-            with pytest.raises(ValueError) as info:
-                backends.select_backend(requested, entry, tensor, needs_grad)
-            assert str(info.value) == fresh[1]
+        with torch.set_grad_enabled(grad_mode):
+            if fresh[1] is None:
+                assert dispatch.backend_for(requested, entry, tensor) is dispatch.backend_module(fresh[0])
+            else:
+                with pytest.raises(ValueError) as info:
+                    dispatch.backend_for(requested, entry, tensor)
+                assert str(info.value) == fresh[1]
 
 
 def test_backend_name_checked_before_the_memo():
     for bad in (["cpp"], None, "cuda"):
         with pytest.raises(ValueError, match="backend must be one of"):
-            backends.select_backend(bad, "decoder_forward", torch.zeros(1), False)
+            dispatch.backend_for(bad, "decoder_forward", torch.zeros(1))
+
+
+def test_backend_choice_is_remembered_per_grad_mode_and_autocast():
+    tensor = torch.zeros(1)
+    dispatch._CHOICES.clear()
+    with torch.no_grad():
+        dispatch.backend_for("auto", "decoder_forward", tensor)
+    dispatch.backend_for("auto", "decoder_forward", tensor)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dispatch.backend_for("auto", "decoder_forward", tensor)
+    keys = {key[4:6] for key in dispatch._CHOICES if key[:4] == ("auto", "decoder_forward", "cpu", torch.float32)}
+    assert keys == {(False, False), (True, False), (True, True)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,13 +105,13 @@ def test_backends_read_contiguous_values_state_keeps_the_callers(backend):
     state = dec.init_state((enc, h0), lens)
     assert not state[0].is_contiguous()  # d2l's permuted view of (T, B, H)
     with torch.no_grad():
-        _, values, _, _, key_proj, cache = dec.prepare(X, state)
+        _, values, _, _, key_proj, cache = functional.prepare_decoder_call(dec, X, state)
         assert values.is_contiguous() and torch.equal(values, state[0])
         assert_close(key_proj, dec.attention.W_k(state[0]), "key_proj")
         Y, new_state = dec(X, state)
         assert new_state[0] is state[0] and new_state[2] is state[2]
         # the next step reuses the cached contiguous values and keys
-        _, values2, _, _, key_proj2, _ = dec.prepare(X[:, :1], new_state)
+        _, values2, _, _, key_proj2, _ = functional.prepare_decoder_call(dec, X[:, :1], new_state)
         assert values2 is new_state.key_cache.values and key_proj2 is new_state.key_cache.key_proj
 
 
@@ -119,11 +133,11 @@ def test_wants_grad_scans_every_parameter():
         for grad_mode in (False, True):
             with torch.set_grad_enabled(grad_mode):
                 for args in [(), (x,), (x.clone().requires_grad_(),), (None, x)]:
-                    assert backends.wants_grad(*args, module=dec) == _reference_wants_grad(*args, module=dec)
-                    assert backends.wants_grad(*args) == _reference_wants_grad(*args)
+                    assert dispatch.wants_grad(*args, module=dec) == _reference_wants_grad(*args, module=dec)
+                    assert dispatch.wants_grad(*args) == _reference_wants_grad(*args)
     shared = nn.Linear(2, 2)
     outer = nn.Sequential(shared, nn.Sequential(shared))
-    assert backends.wants_grad(module=outer)
+    assert dispatch.wants_grad(module=outer)
 
 
 @pytest.mark.parametrize("layout", ["batch-major", "step-major view"])
@@ -136,13 +150,13 @@ def test_loss_with_cached_positions_over_changing_lengths(layout):
         valid = torch.tensor([0, S, S + 2])
         expected = R.MaskedSoftmaxCELoss()(pred, label, valid)
         assert_close(loss(pred, label, valid), expected, f"loss S={S}")
-    assert torch.equal(modules._positions(4, torch.device("cpu")), torch.arange(4))
+    assert torch.equal(torch_ops._positions(4, torch.device("cpu")), torch.arange(4))
 
 
 def test_positions_cache_stays_small():
     for steps in range(1, 200):
-        assert torch.equal(modules._positions(steps, torch.device("cpu")), torch.arange(steps))
-    assert len(modules._POSITIONS) <= 64
+        assert torch.equal(torch_ops._positions(steps, torch.device("cpu")), torch.arange(steps))
+    assert len(torch_ops._POSITIONS) <= 64
 
 
 def test_plain_list_state_and_decoder_state_give_the_same_logits():
@@ -164,17 +178,33 @@ def test_plain_list_state_and_decoder_state_give_the_same_logits():
     (torch.tensor([[1.0], [0.0], [7.0]], dtype=torch.float64), [[1], [0], [7]]),
 ])
 def test_normalized_lengths_are_int64_counts(lens, expected):
-    out = V.normalize_valid_lens(lens, "valid_lens", 3, queries=1)
+    out = validation.normalize_valid_lens(lens, "valid_lens", 3, queries=1)
     assert out.dtype == torch.int64 and out.tolist() == expected
     if lens.dtype == torch.int64:
         assert out is lens  # no copy, as .to() of a matching dtype
 
 
+@pytest.mark.parametrize("lens, expected", [
+    (torch.tensor([1, 0, 7]), [1, 0, 7]),
+    (torch.tensor([1, 0, 7], dtype=torch.int32), [1, 0, 7]),
+    (torch.tensor([0.5, 2.0, 3.2]), [1, 2, 4]),
+    (torch.tensor([[1.0], [0.0], [7.0]], dtype=torch.float64), [1, 0, 7]),  # (B, 1): one query per step
+    (torch.tensor([[1, 2], [0, 0], [7, 7]]), [[1, 2], [0, 0], [7, 7]]),  # left for the shape check
+])
+def test_decoder_lengths_normalized_without_reading_them(lens, expected):
+    out = validation.normalize_lengths(lens, "enc_valid_lens")
+    assert out.dtype == torch.int64 and out.tolist() == expected
+    if lens.dtype == torch.int64 and lens.dim() == 1:
+        assert out is lens
+    with pytest.raises(ValueError, match="enc_valid_lens"):
+        validation.normalize_lengths(torch.tensor([1.0, float("nan")]), "enc_valid_lens")
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
 def test_token_range_checked_in_every_integer_dtype(dtype):
-    V.check_tokens(torch.tensor([[0, 4]], dtype=dtype), "X", 5)
+    validation.check_tokens(torch.tensor([[0, 4]], dtype=dtype), "X", 5)
     with pytest.raises(IndexError, match="X holds token id 5, outside the vocabulary"):
-        V.check_tokens(torch.tensor([[0, 5]], dtype=dtype), "X", 5)
+        validation.check_tokens(torch.tensor([[0, 5]], dtype=dtype), "X", 5)
     if dtype != torch.uint8:
         with pytest.raises(IndexError, match="X holds token id -1, outside"):
-            V.check_tokens(torch.tensor([[-1, 5]], dtype=dtype), "X", 5)
+            validation.check_tokens(torch.tensor([[-1, 5]], dtype=dtype), "X", 5)

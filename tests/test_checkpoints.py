@@ -5,7 +5,7 @@ from torch import nn
 
 import seq2seq_fast as sf
 from seq2seq_fast import reference as R
-from seq2seq_fast.checkpoints import (convert_d2l_state_dict, infer_model_config, load_checkpoint,
+from seq2seq_fast.tools.checkpoints import (convert_d2l_state_dict, infer_model_config, load_checkpoint,
                                       load_d2l_checkpoint, model_from_checkpoint, save_checkpoint)
 
 SRC_V, TGT_V, E, H, L = 11, 9, 5, 8, 2
@@ -139,7 +139,7 @@ def test_unmaterialised_lazy_layers_and_bad_inputs_are_rejected():
 
 
 def test_training_checkpoint_round_trip(tmp_path):
-    from seq2seq_fast.data import Vocab
+    from seq2seq_fast.tools.data import Vocab
 
     src_vocab = Vocab([["a", "b"]], reserved_tokens=["<pad>", "<bos>", "<eos>"])
     tgt_vocab = Vocab([["x", "y", "z"]], reserved_tokens=["<pad>", "<bos>", "<eos>"])

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from seq2seq_fast import cli
-from seq2seq_fast.checkpoints import load_checkpoint
+from seq2seq_fast.tools import cli
+from seq2seq_fast.tools.checkpoints import load_checkpoint
 
 TINY_TRAIN = ["--num-train", "200", "--num-test", "8", "--batch-size", "32", "--num-hiddens", "16",
               "--embed-size", "8", "--quiet"]

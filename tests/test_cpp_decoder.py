@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from seq2seq_fast import reference as R
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 
@@ -28,7 +28,7 @@ def shape_id(shape):
 
 
 def backend():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     return backend_cpp
 
@@ -194,7 +194,7 @@ def test_given_dropout_masks_match_explicit_loop_with_gradients():
 
 
 def test_training_mode_draws_dropout_with_rate_p():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     torch.manual_seed(0)
     p = 0.3
@@ -351,7 +351,7 @@ def test_bad_inputs_raise_named_errors_before_touching_memory():
 
 
 def test_unsupported_reason():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     assert backend_cpp.unsupported_reason("cpu", torch.float32, True) is None
     assert backend_cpp.unsupported_reason("cpu", torch.float64, False) is None

@@ -3,7 +3,7 @@ torch.manual_seed, fresh masks per call, independence from the thread count, bad
 import pytest
 import torch
 
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seq2seq_fast import reference as R
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 
@@ -16,7 +16,7 @@ SHAPES = [(1, 1, 5, 1), (3, 7, 5, 2), (8, 7, 33, 3), (3, 10, 32, 2)]
 
 
 def backend():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     return backend_cpp
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seq2seq_fast import reference as R
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 
@@ -14,7 +14,7 @@ VOCAB, EMBED, BOS, EOS = 17, 8, 1, 2
 
 
 def backend():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     return backend_cpp
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seq2seq_fast import reference as R
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 
@@ -12,7 +12,7 @@ TOLERANCES = {torch.float64: (1e-12, 1e-10), torch.float32: (2e-6, 2e-5)}
 
 
 def loss_op(pred, label, valid_len):
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     return backend_cpp.masked_ce_loss(pred, label, valid_len)
 

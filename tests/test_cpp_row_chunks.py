@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seq2seq_fast import reference as R
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 from test_cpp_decoder import keep_mask, python_decoder_with_masks
 from test_cpp_greedy import BOS, EOS, cpp_greedy, mixed_model, sources
 
@@ -25,7 +25,7 @@ def two_threads():
 
 
 def backend():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     return backend_cpp
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import seq2seq_fast as sf
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 

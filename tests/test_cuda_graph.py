@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import seq2seq_fast as sf
-from seq2seq_fast.backends import unavailable_reason
-from seq2seq_fast.cuda_graph import CUDAGraphDecoder
+from seq2seq_fast.ops.dispatch import unavailable_reason
+from seq2seq_fast.modules.cuda_graph import CUDAGraphDecoder
 
 VOCAB, EMBED, H, L = 13, 8, 32, 2
 

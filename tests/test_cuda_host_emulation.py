@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")

@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 
-from seq2seq_fast import backend_cpp  # noqa: F401  (registers the ops' autograd formulas)
+from seq2seq_fast.backends import cpp_ops  # noqa: F401  (registers the ops' autograd formulas)
 from seq2seq_fast import reference as R
-from seq2seq_fast._ext import extension_error
+from seq2seq_fast.backends.extension import extension_error
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 
@@ -41,7 +41,7 @@ def ops():
 
 
 def backend():
-    from seq2seq_fast import backend_cpp
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
 
     return backend_cpp
 

@@ -4,9 +4,9 @@ import datetime
 import pytest
 import torch
 
-from seq2seq_fast.data import (BatchIterator, Vocab, build_array_nmt, load_data_nmt, preprocess_nmt,
+from seq2seq_fast.tools.data import (BatchIterator, Vocab, build_array_nmt, load_data_nmt, preprocess_nmt,
                                tokenize_nmt, truncate_pad)
-from seq2seq_fast.tasks import (date_pairs, date_to_words, day_words, encode_sources, load_date_task,
+from seq2seq_fast.tools.tasks import (date_pairs, date_to_words, day_words, encode_sources, load_date_task,
                                 year_words)
 
 FRA = (

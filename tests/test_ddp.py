@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import seq2seq_fast as sf
-from seq2seq_fast.tasks import load_date_task
-from seq2seq_fast.train import Seq2SeqTrainer
+from seq2seq_fast.tools.tasks import load_date_task
+from seq2seq_fast.tools.train import Seq2SeqTrainer
 
 STEPS = 4
 
@@ -63,8 +63,8 @@ def test_ddp_update_equals_single_process_on_joined_batch(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_with_two_processes(tmp_path):
-    from seq2seq_fast.checkpoints import load_checkpoint
-    from seq2seq_fast.cli import main
+    from seq2seq_fast.tools.checkpoints import load_checkpoint
+    from seq2seq_fast.tools.cli import main
 
     out = tmp_path / "ddp.pt"
     assert main(["train", "--steps", "2", "--num-train", "64", "--num-test", "4", "--batch-size", "16",

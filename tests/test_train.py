@@ -4,9 +4,9 @@ import torch
 
 import seq2seq_fast as sf
 from seq2seq_fast import reference as R
-from seq2seq_fast.checkpoints import load_checkpoint
-from seq2seq_fast.tasks import load_date_task
-from seq2seq_fast.train import Seq2SeqTrainer, train_seq2seq, xavier_init_weights
+from seq2seq_fast.tools.checkpoints import load_checkpoint
+from seq2seq_fast.tools.tasks import load_date_task
+from seq2seq_fast.tools.train import Seq2SeqTrainer, train_seq2seq, xavier_init_weights
 
 # Triton on a CPU runs under its interpreter: too slow for training loops.
 BACKENDS = [b for b in sf.available_backends() if b != "triton" or torch.cuda.is_available()]

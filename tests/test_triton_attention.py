@@ -13,7 +13,7 @@ import seq2seq_fast as sf  # noqa: E402
 from seq2seq_fast import reference as R  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from seq2seq_fast import backend_triton as BT  # noqa: E402
+from seq2seq_fast.backends import triton_ops as BT  # noqa: E402
 from seq2seq_fast.kernels import additive_attention as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

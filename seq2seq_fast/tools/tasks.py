@@ -12,7 +12,7 @@ from typing import List, NamedTuple, Tuple
 
 import torch
 
-from seq2seq_fast.data import RESERVED_TOKENS, BatchIterator, Vocab, build_array_nmt
+from seq2seq_fast.tools.data import RESERVED_TOKENS, BatchIterator, Vocab, build_array_nmt
 
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
         "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",

@@ -7,8 +7,42 @@ Works with any backend whose forward makes no host synchronisation while the str
 """
 import torch
 
-from seq2seq_fast import validation as V
-from seq2seq_fast.state import DecoderState
+from seq2seq_fast.ops import functional, validation
+from seq2seq_fast.ops.dispatch import wants_grad
+from seq2seq_fast.ops.state import DecoderState
+
+# Graphs a decoder keeps (one per distinct key); a new key past this drops the oldest.
+MAX_GRAPHS = 8
+
+
+def graph_replay(decoder, X, state):
+    """``decoder(X, state)`` replayed from a CUDA graph captured for its shapes on first use
+    (``capture_cuda_graph=True``), or None when the call cannot be replayed: not on CUDA, a
+    gradient needed, or inside torch.compile or another capture."""
+    enc_outputs = state[0] if isinstance(state, (list, tuple)) and len(state) == 3 else None
+    if not (
+        isinstance(enc_outputs, torch.Tensor) and enc_outputs.is_cuda and isinstance(X, torch.Tensor)
+        and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+        and not wants_grad(enc_outputs, state[1], module=decoder)
+    ):
+        return None
+    enc_outputs, hidden, valid_lens = functional.unpack_state(state)
+    lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
+    functional.check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
+    # Everything a capture depends on is in the key: shapes and dtypes of every input (a graph
+    # copies new inputs into its static buffers, which keep the captured dtype), the mode, and
+    # the parameters' addresses (moved or replaced parameters, e.g. by .to(), make it stale).
+    key = (tuple(X.shape), X.dtype, tuple(enc_outputs.shape), enc_outputs.dtype, enc_outputs.device,
+           None if valid_lens is None else (tuple(valid_lens.shape), valid_lens.dtype), decoder.training,
+           tuple(p.data_ptr() for p in decoder.parameters()))
+    graph = decoder._graphs.get(key)
+    if graph is None:
+        if len(decoder._graphs) >= MAX_GRAPHS:  # each holds device memory: drop the oldest
+            del decoder._graphs[next(iter(decoder._graphs))]
+        graph = decoder._graphs[key] = CUDAGraphDecoder(decoder, X, list(state), validate=False)
+    Y, new_state = graph(X, list(state))
+    decoder._attention_weights = graph.attention_weights
+    return Y, new_state
 
 
 class CUDAGraphDecoder:
@@ -32,13 +66,13 @@ class CUDAGraphDecoder:
 
     def __init__(self, decoder, example_X, example_state, *, warmup=2, validate=True, copy_outputs=True):
         enc_outputs, hidden, valid_lens = self._unpack(example_state)
-        V.check_tokens(example_X, "example_X", decoder.embedding.num_embeddings)
+        validation.check_tokens(example_X, "example_X", decoder.embedding.num_embeddings)
         if not (example_X.is_cuda and enc_outputs.is_cuda and hidden.is_cuda):
             raise ValueError(
                 "CUDAGraphDecoder needs CUDA tensors, got example_X on "
                 f"{example_X.device}, enc_outputs on {enc_outputs.device}, hidden_state on {hidden.device}"
             )
-        V.check_int(warmup, "warmup", minimum=1)
+        validation.check_int(warmup, "warmup", minimum=1)
         self.decoder = decoder
         self.validate = bool(validate)
         self.copy_outputs = bool(copy_outputs)
@@ -73,10 +107,10 @@ class CUDAGraphDecoder:
                 f"got {type(state).__name__}"
             )
         enc_outputs, hidden, valid_lens = state
-        V.check_floating(enc_outputs, "enc_outputs (state[0])", ndim=3)
-        V.check_floating(hidden, "hidden_state (state[1])", ndim=3)
+        validation.check_floating(enc_outputs, "enc_outputs (state[0])", ndim=3)
+        validation.check_floating(hidden, "hidden_state (state[1])", ndim=3)
         if valid_lens is not None:
-            V.check_tensor(valid_lens, "enc_valid_lens (state[2])")
+            validation.check_tensor(valid_lens, "enc_valid_lens (state[2])")
         return enc_outputs, hidden, valid_lens
 
     def _load(self, name, static, value):
@@ -98,7 +132,7 @@ class CUDAGraphDecoder:
         """``decoder(X, state)`` by replay: (logits (B, S, V), new state), as the decoder returns."""
         enc_outputs, hidden, valid_lens = self._unpack(state)
         if self.validate:
-            V.check_tokens(X, "X", self.decoder.embedding.num_embeddings)
+            validation.check_tokens(X, "X", self.decoder.embedding.num_embeddings)
         self._load("X", self._X, X)
         self._load("enc_outputs (state[0])", self._enc, enc_outputs)
         self._load("hidden_state (state[1])", self._hidden, hidden)

@@ -3,8 +3,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from seq2seq_fast import validation as V
-from seq2seq_fast.modules import Seq2SeqAttentionDecoder
+from seq2seq_fast.backends.torch_ops import finish_rows
+from seq2seq_fast.ops import functional, validation
+from seq2seq_fast.modules.seq2seq import Seq2SeqAttentionDecoder
 
 
 class DecodeResult(NamedTuple):
@@ -20,21 +21,13 @@ def check_decode_args(model, src, bos, eos, max_len):
             raise TypeError(f"model must be an EncoderDecoder with .encoder and .decoder, got {type(model).__name__}")
     vocab = model.decoder.dense.out_features
     for name, value in (("bos", bos), ("eos", eos)):
-        value = V.check_int(value, name, minimum=0)
+        value = validation.check_int(value, name, minimum=0)
         if value >= vocab:
             raise IndexError(f"{name} must be a token id in [0, {vocab}), got {value}")
-    V.check_int(max_len, "max_len", minimum=1)
-    V.check_tensor(src, "src")
+    validation.check_int(max_len, "max_len", minimum=1)
+    validation.check_tensor(src, "src")
     return vocab
 
-
-def finish_rows(tokens, eos):
-    """``tokens`` (B, steps) with eos after each row's first eos, and the lengths before it."""
-    is_eos = tokens == eos
-    ended = is_eos.cumsum(dim=1) > 0
-    steps = tokens.shape[1]
-    lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(tokens[:, 0], steps))
-    return tokens.masked_fill(ended, eos), lengths.to(torch.int64)
 
 
 def _argmax_loop(step, batch, device, *, bos, eos, max_len, return_attention):
@@ -79,7 +72,7 @@ def greedy_decode(model, src, src_valid_len, *, bos, eos, max_len, return_attent
         if not isinstance(decoder, Seq2SeqAttentionDecoder):
             return _argmax_loop(_public_step(decoder, state), batch, device, **kwargs)
         token = torch.full((batch, 1), bos, dtype=torch.long, device=device)
-        backend, enc, hidden, lens, key_proj, _ = decoder.prepare(token, state)
+        backend, enc, hidden, lens, key_proj, _ = functional.prepare_decoder_call(decoder, token, state)
         loop = getattr(backend, "greedy_loop", None)
         if loop is not None:
             return DecodeResult(*loop(decoder, enc, hidden, lens, key_proj, **kwargs))

@@ -11,13 +11,17 @@ modules to the ops.
 """
 import torch
 
-from seq2seq_fast._ext import extension_error, has_kernel
+from seq2seq_fast.backends.extension import extension_error, has_kernel
+
+NAME = "cpp"
+# Whether this backend's ops check their own arguments (else ops.functional checks them first).
+CHECKS_INPUTS = False
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)  # CUDA kernels only (fp32 accumulation)
 
 
-def unsupported_reason(device_type, dtype, needs_grad):
+def unsupported_reason(device_type, dtype, grad_mode):
     """``None`` if the compiled loop can run a call on ``device_type`` in ``dtype``, else why not."""
     error = extension_error()
     if error is not None:

@@ -10,11 +10,21 @@ import time
 import torch
 from torch import nn
 
-from seq2seq_fast import validation as V
-from seq2seq_fast.checkpoints import load_checkpoint, save_checkpoint
-from seq2seq_fast.modules import MaskedSoftmaxCELoss
-# d2l's initialiser is plain Python over d2l's own module types: one copy serves both.
-from seq2seq_fast.reference import xavier_init_weights
+from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
+from seq2seq_fast.ops import validation
+from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
+
+
+def xavier_init_weights(m):
+    """d2l's initialisation in ``train_seq2seq``: Xavier-uniform on every ``nn.Linear`` weight and
+    every ``nn.GRU`` weight matrix (biases keep PyTorch's defaults), applied with ``net.apply``
+    in module order, so the same seed draws the same weights as d2l."""
+    if type(m) == nn.Linear:  # noqa: E721  (d2l tests the exact type: subclasses are left alone)
+        nn.init.xavier_uniform_(m.weight)
+    if type(m) == nn.GRU:  # noqa: E721
+        for name in m._flat_weights_names:
+            if "weight" in name:
+                nn.init.xavier_uniform_(m._parameters[name])
 
 
 def grad_clipping(net, theta):
@@ -77,7 +87,7 @@ class Seq2SeqTrainer:
                  shard_batches=True):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module (an EncoderDecoder), got {type(net).__name__}")
-        self.bos = V.check_int(bos, "bos", minimum=0)
+        self.bos = validation.check_int(bos, "bos", minimum=0)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise ValueError(f"lr must be a positive float, got {lr!r}")
         if not clip_theta > 0:
@@ -145,7 +155,7 @@ class Seq2SeqTrainer:
         counts = (("num_epochs", num_epochs), ("max_steps", max_steps), ("checkpoint_every", checkpoint_every))
         for name, value in counts:
             if value is not None:
-                V.check_int(value, name, minimum=0)
+                validation.check_int(value, name, minimum=0)
         steps_per_epoch = len(data) if hasattr(data, "__len__") else None
         total = max_steps
         if num_epochs is not None and steps_per_epoch is not None:

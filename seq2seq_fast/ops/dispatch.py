@@ -1,9 +1,10 @@
 """Which backends can run here, and which one ``backend="auto"`` picks for a call.
 
-A backend is a module ``seq2seq_fast.backend_<name>`` imported on first use, so importing the
-package never imports triton or loads the extension. Each backend module provides
-``decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj)`` (see
-``backend_torch``) and ``attention_forward(...)``; a backend may also provide ``greedy_loop``.
+A backend is a module ``seq2seq_fast.backends.<name>_ops`` imported on first use, so importing
+the package never imports triton. Each backend module provides ``NAME``, ``CHECKS_INPUTS``,
+``unsupported_reason(device_type, dtype, grad_mode)``, ``decoder_forward(decoder, X,
+enc_outputs, hidden, valid_lens, key_proj)`` (see ``backends.torch_ops``), ``encoder_forward``
+and ``attention_forward``; a backend may also provide ``greedy_loop``.
 """
 import importlib
 import importlib.util
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-from seq2seq_fast._ext import extension_error, has_kernel
+from seq2seq_fast.backends.extension import extension_error, has_kernel
 
 BACKEND_NAMES = ("torch", "triton", "cpp")
 
@@ -48,7 +49,7 @@ def unavailable_reason(name, device_type=None):
     if name == "torch":
         return None
     reason = _triton_reason(device_type) if name == "triton" else _cpp_reason(device_type)
-    if reason is None and importlib.util.find_spec(f"seq2seq_fast.backend_{name}") is None:
+    if reason is None and importlib.util.find_spec(f"seq2seq_fast.backends.{name}_ops") is None:
         reason = f"this installation has no {name} backend module"
     return reason
 
@@ -72,62 +73,66 @@ def _auto_order(device_type):
     return ("cpp", "triton", "torch") if device_type == "cuda" else ("cpp", "torch")
 
 
-def _call_unsupported(name, entry, device_type, dtype, needs_grad):
+def _call_unsupported(name, entry, device_type, dtype, grad_mode):
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         return reason
     module = backend_module(name)
     if not hasattr(module, entry):
         return f"the {name} backend provides no {entry}"
-    return module.unsupported_reason(device_type, dtype, needs_grad)
+    return module.unsupported_reason(device_type, dtype, grad_mode)
 
 
-def _choose(requested, entry, device_type, dtype, needs_grad):
+def _choose(requested, entry, device_type, dtype, grad_mode):
     """(name, None) of the backend that runs the call, or (None, why the named one cannot)."""
     if requested != "auto":
-        reason = _call_unsupported(requested, entry, device_type, dtype, needs_grad)
+        reason = _call_unsupported(requested, entry, device_type, dtype, grad_mode)
         if reason is not None:
             return None, f"backend {requested!r} cannot run this call on {device_type}: {reason}"
         return requested, None
     for name in _auto_order(device_type):
-        if _call_unsupported(name, entry, device_type, dtype, needs_grad) is None:
+        if _call_unsupported(name, entry, device_type, dtype, grad_mode) is None:
             return name, None
     return "torch", None
 
 
-# (requested, entry, device_type, dtype, needs_grad, TRITON_INTERPRET) -> _choose's answer. The
-# answers depend otherwise only on what is installed and on the extension's registered kernels,
-# which do not change once it is loaded. TRITON_INTERPRET decides only whether a requested
-# triton runs on CPU (auto never picks triton there), and a process (a test) may set it after
-# import: it is part of the key of triton requests (os.environ.get costs 0.7 µs).
+# (requested, entry, device type, dtype, grad mode, autocast, TRITON_INTERPRET) -> _choose's
+# answer. The answers depend otherwise only on what is installed and on the extension's
+# registered kernels, which do not change once it is loaded. TRITON_INTERPRET decides only
+# whether a requested triton runs on CPU (auto never picks triton there), and a process (a
+# test) may set it after import: it is part of the key of triton requests only.
 _CHOICES = {}
 
 
 @torch.compiler.assume_constant_result
-def _selected_name(requested, entry, device_type, dtype, needs_grad):
+def _selected_name(requested, entry, device_type, dtype, grad_mode, autocast):
     # Runs in plain Python even under torch.compile (imports, environment, dispatcher queries):
     # the traced graph sees only the resulting name.
     interpret = os.environ.get("TRITON_INTERPRET") if requested == "triton" else None
-    key = (requested, entry, device_type, dtype, needs_grad, interpret)
+    if not isinstance(requested, str):  # a dict key must hash; the name check says what is wrong
+        check_backend_name(requested)
+    key = (requested, entry, device_type, dtype, grad_mode, autocast, interpret)
     choice = _CHOICES.get(key)
     if choice is None:
-        choice = _CHOICES[key] = _choose(requested, entry, device_type, dtype, needs_grad)
+        check_backend_name(requested)
+        choice = _CHOICES[key] = _choose(requested, entry, device_type, dtype, grad_mode)
     name, error = choice
     if error is not None:
         raise ValueError(error)
     return name
 
 
-def select_backend(requested, entry, tensor, needs_grad):
+def backend_for(requested, entry, tensor):
     """The backend module that runs ``entry`` (e.g. ``"decoder_forward"``) for a call on
-    ``tensor``'s device and dtype, with or without autograd.
+    ``tensor``'s device and dtype in the current grad mode and autocast state.
 
     A named backend that cannot run the call raises ``ValueError`` saying why; ``auto`` takes
     the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch``. The answer for each kind
-    of call is worked out once per process and remembered.
+    of call is worked out once per process and remembered: later calls cost one lookup.
     """
-    check_backend_name(requested)  # before the memo: its keys must be hashable
-    name = _selected_name(requested, entry, tensor.device.type, tensor.dtype, needs_grad)
+    device_type = tensor.device.type
+    name = _selected_name(requested, entry, device_type, tensor.dtype, torch.is_grad_enabled(),
+                          torch.is_autocast_enabled(device_type))
     module = _LOADED.get(name)
     return module if module is not None else backend_module(name)
 
@@ -148,7 +153,7 @@ def wants_grad(*tensors, module=None):
 
 def _any_parameter_requires_grad(module):
     # What any(p.requires_grad for p in module.parameters()) answers, without the generators of
-    # named_modules/named_parameters (4 µs when the first parameter answers, 13 µs when none does).
+    # named_modules/named_parameters, which cost more than the scan itself.
     for p in module._parameters.values():
         if p is not None and p.requires_grad:
             return True
@@ -164,5 +169,5 @@ _LOADED = {}
 def backend_module(name):
     """The module implementing backend ``name`` (imported on first use)."""
     if name not in _LOADED:
-        _LOADED[name] = importlib.import_module(f"seq2seq_fast.backend_{name}")
+        _LOADED[name] = importlib.import_module(f"seq2seq_fast.backends.{name}_ops")
     return _LOADED[name]

@@ -1,5 +1,6 @@
 """The ``triton`` backend: the fused Triton additive-attention kernel as a custom op, and the
-decoder's Python step loop (``backend_torch.decoder_loop``) with that kernel as its attention.
+decoder's Python step loop (``torch_ops.decoder_loop``) with that kernel as its attention.
+
 
 The op ``seq2seq_fast::additive_attention_triton`` is a ``torch.library.custom_op`` with an
 explicit fake and a registered autograd formula whose backward is the op
@@ -15,13 +16,17 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from seq2seq_fast import backend_torch
+from seq2seq_fast.backends import torch_ops
 from seq2seq_fast.kernels import additive_attention as K
+
+NAME = "triton"
+# Whether this backend's ops check their own arguments (else ops.functional checks them first).
+CHECKS_INPUTS = False
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def unsupported_reason(device_type, dtype, needs_grad):
+def unsupported_reason(device_type, dtype, grad_mode):
     """``None`` if the kernel runs tensors of ``dtype`` on ``device_type``, else why not."""
     if dtype not in _DTYPES:
         return f"the Triton attention kernel takes float16, bfloat16, float32 or float64, not {dtype}"
@@ -167,12 +172,12 @@ def _attend_step(q_proj, key_proj, values, w_v, valid_lens, dropout_p, training)
 
 
 def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
-    """The ``triton`` backend of ``Seq2SeqAttentionDecoder.forward``: ``backend_torch``'s step
+    """The ``triton`` backend of ``Seq2SeqAttentionDecoder.forward``: ``torch_ops``'s step
     loop with the fused kernel as each step's attention. Returns (logits (B, S, V), final
     hidden (L, B, H), attention weights (B, S, T))."""
-    return backend_torch.decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, _attend_step)
+    return torch_ops.decoder_loop(decoder, X, enc_outputs, hidden, valid_lens, key_proj, _attend_step)
 
 
 def encoder_forward(encoder, X):
     """The encoder has no attention: the same ``nn.GRU`` call as the ``torch`` backend."""
-    return backend_torch.encoder_forward(encoder, X)
+    return torch_ops.encoder_forward(encoder, X)

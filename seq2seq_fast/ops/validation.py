@@ -12,8 +12,8 @@ import torch
 def _capturing(tensor):
     """True while tracing for torch.compile, or while a CUDA graph is being captured and
     ``tensor`` is on a CUDA device: no host syncs then. Reading a CPU tensor syncs nothing, so
-    it is checked even during a capture (and ``torch.cuda.is_available()``, about 1 µs, is
-    not asked on every CPU call)."""
+    it is checked even during a capture (and ``torch.cuda.is_available()`` is not asked on every
+    CPU call)."""
     if torch.compiler.is_compiling():
         return True
     return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -102,5 +102,48 @@ def normalize_valid_lens(valid_lens, name, batch, queries=None):
         low = valid_lens.min().item()  # NaN propagates through min
         if not low >= 0:
             raise ValueError(f"{name} must hold lengths >= 0, got {low}")
-    # .to() is a call of its own even when the dtype already matches (about 1 µs).
+    # .to() is a call of its own even when the dtype already matches.
     return valid_lens if valid_lens.dtype == torch.int64 else valid_lens.to(torch.int64)
+
+
+def normalize_lengths(valid_lens, name):
+    """A decoder's ``enc_valid_lens`` made what the backends take, without reading its values:
+    None stays None; float lengths become their ceiling (position j is valid when j < length,
+    as d2l compares; NaN raises ValueError); (B, 1) (one query per step) becomes (B,); other
+    integer dtypes become int64. The shape, bool dtype and sign are the backend's checks."""
+    if valid_lens is None:
+        return None
+    check_tensor(valid_lens, name)
+    if valid_lens.is_floating_point():
+        if not _capturing(valid_lens) and bool(torch.isnan(valid_lens).any()):
+            raise ValueError(f"{name} must hold lengths >= 0, got nan")
+        valid_lens = torch.ceil(valid_lens).to(torch.int64)
+    elif valid_lens.dtype != torch.int64 and valid_lens.dtype != torch.bool and not valid_lens.is_complex():
+        valid_lens = valid_lens.to(torch.int64)
+    if valid_lens.dim() == 2 and valid_lens.shape[1] == 1:
+        valid_lens = valid_lens.reshape(valid_lens.shape[0])
+    return valid_lens
+
+
+def check_lengths(lens, name, batch):
+    """int64 (batch,) lengths >= 0 (lengths >= T are legal: all keys)."""
+    if lens.dtype != torch.int64:
+        raise TypeError(f"{name} must be an integer or float tensor, got dtype {lens.dtype}")
+    if tuple(lens.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (batch,) or (batch, 1) with batch {batch}, got shape {tuple(lens.shape)}")
+    if lens.numel() and not _capturing(lens):
+        low = lens.min().item()
+        if low < 0:
+            raise ValueError(f"{name} must hold lengths >= 0, got {low}")
+
+
+def check_projectable(values, name, weight):
+    """``values`` (B, T, in) can go through the linear layer of ``weight`` (out, in): a floating
+    tensor of 3 dimensions, at least one row and step, with the weight's dtype and device."""
+    check_floating(values, name, ndim=3)
+    B, T, width = values.shape
+    if width != weight.shape[1] or B == 0 or T == 0:
+        raise ValueError(f"{name} must have shape (B >= 1, T >= 1, {weight.shape[1]}), got {tuple(values.shape)}")
+    if values.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the parameters' dtype {weight.dtype}, got {values.dtype}")
+    check_same_device("the decoder's parameters", weight, name, values)

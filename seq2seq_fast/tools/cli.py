@@ -25,8 +25,8 @@ TASK_DEFAULTS = {
 
 def _task_data(task, args):
     """``(train_iter, src_vocab, tgt_vocab, num_steps, test_pairs)`` of a task."""
-    from seq2seq_fast.data import load_data_nmt
-    from seq2seq_fast.tasks import load_date_task
+    from seq2seq_fast.tools.data import load_data_nmt
+    from seq2seq_fast.tools.tasks import load_date_task
 
     if task == "nmt":
         train_iter, src_vocab, tgt_vocab = load_data_nmt(
@@ -38,7 +38,7 @@ def _task_data(task, args):
 
 def source_tokens(task, sentence):
     """A raw input line as the source tokens the task's model was trained on."""
-    from seq2seq_fast.data import preprocess_nmt
+    from seq2seq_fast.tools.data import preprocess_nmt
 
     if task == "nmt":
         return preprocess_nmt(sentence.strip()).split(" ")
@@ -54,9 +54,9 @@ def translate_sentences(model, src_vocab, tgt_vocab, sentences, *, task, num_ste
                         length_penalty=0.0, batch_size=256, return_attention=False):
     """Translations (token lists) of ``sentences`` (token lists), batched; with
     ``return_attention`` (greedy only) also each one's attention (steps, T)."""
-    from seq2seq_fast.beam import beam_search
-    from seq2seq_fast.data import build_array_nmt
-    from seq2seq_fast.decoding import greedy_decode
+    from seq2seq_fast.decoding.beam import beam_search
+    from seq2seq_fast.tools.data import build_array_nmt
+    from seq2seq_fast.decoding.greedy import greedy_decode
 
     device = next(model.parameters()).device
     bos, eos = tgt_vocab["<bos>"], tgt_vocab["<eos>"]
@@ -84,14 +84,14 @@ def translate_sentences(model, src_vocab, tgt_vocab, sentences, *, task, num_ste
 # ---------------------------------------------------------------------------------------- train
 
 def _build_model(config, backend):
-    from seq2seq_fast.checkpoints import build_model
+    from seq2seq_fast.tools.checkpoints import build_model
 
     return build_model(config, backend=backend)
 
 
 def _train_run(rank, world_size, args, init_file):
     """Train per ``args``; under DDP (world_size > 1) as process ``rank``. Returns the summary."""
-    from seq2seq_fast.train import Seq2SeqTrainer
+    from seq2seq_fast.tools.train import Seq2SeqTrainer
 
     ddp = world_size > 1
     if ddp:
@@ -125,7 +125,7 @@ def _ddp_worker(rank, world_size, args, init_file):
 
 
 def cmd_train(args):
-    from seq2seq_fast.checkpoints import load_checkpoint
+    from seq2seq_fast.tools.checkpoints import load_checkpoint
 
     if args.resume:
         if not os.path.exists(args.out):
@@ -162,7 +162,7 @@ def cmd_train(args):
 # ------------------------------------------------------------------------------------ translate
 
 def cmd_translate(args):
-    from seq2seq_fast.checkpoints import load_checkpoint, model_from_checkpoint
+    from seq2seq_fast.tools.checkpoints import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
     model, src_vocab, tgt_vocab = model_from_checkpoint(checkpoint, backend=args.backend)
@@ -190,9 +190,9 @@ def cmd_translate(args):
 # ----------------------------------------------------------------------------------------- demo
 
 def cmd_demo(args):
-    from seq2seq_fast.data import bleu
-    from seq2seq_fast.plots import show_heatmaps
-    from seq2seq_fast.train import Seq2SeqTrainer
+    from seq2seq_fast.tools.data import bleu
+    from seq2seq_fast.tools.plots import show_heatmaps
+    from seq2seq_fast.tools.train import Seq2SeqTrainer
 
     start = time.perf_counter()
     if args.threads:
@@ -204,9 +204,9 @@ def cmd_demo(args):
                   num_hiddens=run["num_hiddens"], num_layers=run["num_layers"], dropout=run["dropout"])
     torch.manual_seed(args.seed)
     model = _build_model(config, args.backend).to(args.device)
-    from seq2seq_fast.backends import select_backend
+    from seq2seq_fast.ops.dispatch import backend_for
 
-    backend = select_backend(args.backend, "decoder_forward", model.decoder.dense.weight, True).__name__.split("_")[-1]
+    backend = backend_for(args.backend, "decoder_forward", model.decoder.dense.weight).NAME
     print(f"seq2seq_fast demo: dates in words -> ISO dates; decoder backend {backend}, "
           f"{torch.get_num_threads()} threads; {args.num_train} training pairs, {args.num_test} held-out")
     trainer = Seq2SeqTrainer(model, bos=tgt_vocab["<bos>"], lr=run["lr"], device=args.device)
@@ -253,8 +253,8 @@ def cmd_demo(args):
 
 def _benchmark_runner():
     """``main`` of benchmarks/runner.py in the source checkout this package runs from, or None."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(here), "benchmarks", "runner.py")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # seq2seq_fast/tools/..
+    path = os.path.join(os.path.dirname(package), "benchmarks", "runner.py")
     if not os.path.isfile(path):
         return None
     spec = importlib.util.spec_from_file_location("seq2seq_fast_benchmark_runner", path)

@@ -148,7 +148,7 @@ class BatchIterator:
         n = arrays[0].shape[0]
         if any(a.shape[0] != n for a in arrays):
             raise ValueError(f"arrays must share their first dimension, got {[a.shape[0] for a in arrays]}")
-        from seq2seq_fast.validation import check_int
+        from seq2seq_fast.ops.validation import check_int
 
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.arrays, self.shuffle, self.seed = arrays, bool(shuffle), int(seed)

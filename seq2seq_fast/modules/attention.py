@@ -1,9 +1,8 @@
 """Drop-in ``masked_softmax`` and ``AdditiveAttention`` with d2l's semantics and parameter names."""
 from torch import nn
 
-from seq2seq_fast import validation as V
-from seq2seq_fast.backend_torch import key_mask, masked_softmax_scores
-from seq2seq_fast.backends import check_backend_name, select_backend, wants_grad
+from seq2seq_fast.ops import functional
+from seq2seq_fast.ops.dispatch import check_backend_name
 
 
 def masked_softmax(X, valid_lens):
@@ -17,11 +16,7 @@ def masked_softmax(X, valid_lens):
     >>> masked_softmax(X, torch.tensor([2, 3]))[0, 0, 2:]
     tensor([0., 0.])
     """
-    V.check_floating(X, "X", ndim=3)
-    lens = V.normalize_valid_lens(valid_lens, "valid_lens", X.shape[0], queries=X.shape[1])
-    if lens is not None:
-        V.check_same_device("X", X, "valid_lens", lens)
-    return masked_softmax_scores(X, key_mask(lens, X.shape[-1]))
+    return functional.masked_softmax(X, valid_lens)
 
 
 class AdditiveAttention(nn.Module):
@@ -47,25 +42,7 @@ class AdditiveAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries, keys, values, valid_lens):
-        V.check_floating(queries, "queries", ndim=3)
-        V.check_floating(keys, "keys", ndim=3)
-        V.check_floating(values, "values", ndim=3)
-        B, Q, _ = queries.shape
-        if keys.shape[0] != B or values.shape[0] != B or keys.shape[1] != values.shape[1]:
-            raise ValueError(
-                "keys (B, T, Dk) and values (B, T, Dv) must share B and T with queries (B, Q, Dq); "
-                f"got queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
-            )
-        if B == 0:
-            raise ValueError(f"queries must have a batch of at least one row, got shape {tuple(queries.shape)}")
-        for name, tensor in (("keys", keys), ("values", values)):
-            V.check_same_device("queries", queries, name, tensor)
-        lens = V.normalize_valid_lens(valid_lens, "valid_lens", B, queries=Q)
-        if lens is not None:
-            V.check_same_device("queries", queries, "valid_lens", lens)
-        needs_grad = wants_grad(queries, keys, values, module=self)
-        backend = select_backend(self.backend, "attention_forward", queries, needs_grad)
-        context, self.attention_weights = backend.attention_forward(self, queries, keys, values, lens)
+        context, self.attention_weights = functional.attention_forward(self, queries, keys, values, valid_lens)
         return context
 
     def __getstate__(self):

@@ -54,7 +54,7 @@ def infer_model_config(state_dict):
 
 def build_model(config, backend="auto"):
     """Our ``EncoderDecoder`` of the sizes in ``config`` (keys ``MODEL_CONFIG_KEYS``)."""
-    from seq2seq_fast.modules import EncoderDecoder, Seq2SeqAttentionDecoder, Seq2SeqEncoder
+    from seq2seq_fast.modules.seq2seq import EncoderDecoder, Seq2SeqAttentionDecoder, Seq2SeqEncoder
 
     c = {k: config[k] for k in MODEL_CONFIG_KEYS}
     encoder = Seq2SeqEncoder(c["src_vocab_size"], c["embed_size"], c["num_hiddens"], c["num_layers"],
@@ -106,7 +106,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 def model_from_checkpoint(checkpoint, backend="auto"):
     """``(model in eval mode, src_vocab, tgt_vocab)`` of a loaded training checkpoint."""
-    from seq2seq_fast.data import Vocab
+    from seq2seq_fast.tools.data import Vocab
 
     model = build_model(checkpoint["model_config"], backend=backend)
     model.load_state_dict(checkpoint["model"])

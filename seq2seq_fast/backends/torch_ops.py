@@ -9,12 +9,16 @@ element-wise ops. Autograd is PyTorch's.
 import torch
 import torch.nn.functional as F
 
+NAME = "torch"
+# Whether this backend's ops check their own arguments (else ops.functional checks them first).
+CHECKS_INPUTS = False
+
 _HALF = (torch.float16, torch.bfloat16)
 # d2l's fill value for masked scores.
 MASK_VALUE = -1e6
 
 
-def unsupported_reason(device_type, dtype, needs_grad):
+def unsupported_reason(device_type, dtype, grad_mode):
     return None
 
 
@@ -177,8 +181,6 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
 def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention):
     """Greedy decoding with the step of ``decoder_loop``, the weights regrouped once for all
     steps and layer 0's embedding gates looked up from a projected table."""
-    from seq2seq_fast.decoding import finish_rows
-
     B = enc_outputs.shape[0]
     weights = StepWeights(decoder)
     table = F.linear(decoder.embedding.weight, weights.w_emb0, weights.b_ih0)  # (V, 3H)
@@ -203,3 +205,48 @@ def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos,
 def encoder_forward(encoder, X):
     """d2l's encoder: embedding, then ``nn.GRU`` over (T, B, E) (cuDNN / MKL do this well)."""
     return encoder.rnn(encoder.embedding(X).transpose(0, 1))
+
+def finish_rows(tokens, eos):
+    """``tokens`` (B, steps) with eos after each row's first eos, and the lengths before it."""
+    is_eos = tokens == eos
+    ended = is_eos.cumsum(dim=1) > 0
+    steps = tokens.shape[1]
+    lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(tokens[:, 0], steps))
+    return tokens.masked_fill(ended, eos), lengths.to(torch.int64)
+
+
+_POSITIONS = {}  # (steps, device) -> arange(steps), made once rather than on every loss call
+
+
+def _positions(steps, device):
+    """``torch.arange(steps, device=device)`` (int64), cached except while torch.compile traces or
+    a CUDA graph is captured (a captured arange holds its values only once the graph replays)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.arange(steps, device=device)
+    key = (steps, device)
+    positions = _POSITIONS.get(key)
+    if positions is None:
+        if len(_POSITIONS) >= 64:  # many distinct lengths: keep the cache small
+            _POSITIONS.clear()
+        positions = _POSITIONS[key] = torch.arange(steps, device=device)
+    return positions
+
+
+def masked_ce_loss(options, pred, label, valid_len):
+    """d2l's masked softmax cross-entropy (B,) by ATen's ``cross_entropy``, with the class weights,
+    label smoothing and ignored class of ``options`` (the ``nn.CrossEntropyLoss`` module):
+    pred (B, S, V), label (B, S), valid_len int64 (B,)."""
+    B, S, vocab = pred.shape
+    kept = _positions(S, pred.device) < valid_len.unsqueeze(1)
+    # Softmax over contiguous rows of V (d2l's (B, V, S) layout strides every row): take
+    # the rows in the order pred is stored, step-major when it is a view of (S, B, V).
+    step_major = not pred.is_contiguous() and pred.transpose(0, 1).is_contiguous()
+    rows = pred.transpose(0, 1) if step_major else pred
+    targets = label.t() if step_major else label
+    per_step = F.cross_entropy(
+        rows.reshape(-1, vocab), targets.reshape(-1), weight=options.weight, reduction="none",
+        ignore_index=options.ignore_index, label_smoothing=options.label_smoothing,
+    ).view(targets.shape)
+    if step_major:
+        per_step = per_step.t()
+    return (per_step * kept).mean(dim=1)

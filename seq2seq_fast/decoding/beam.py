@@ -6,9 +6,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from seq2seq_fast import validation as V
-from seq2seq_fast.decoding import check_decode_args
-from seq2seq_fast.state import reindex_state
+from seq2seq_fast.ops import validation
+from seq2seq_fast.decoding.greedy import check_decode_args
+from seq2seq_fast.ops.state import reindex_state
 
 
 class BeamResult(NamedTuple):
@@ -23,14 +23,14 @@ def length_penalty_factor(length, alpha):
 
 
 def _check_args(beam_size, length_penalty, n_best, min_len, block_ngram_repeat, max_len):
-    beam_size = V.check_int(beam_size, "beam_size", minimum=1)
-    n_best = V.check_int(n_best, "n_best", minimum=1)
+    beam_size = validation.check_int(beam_size, "beam_size", minimum=1)
+    n_best = validation.check_int(n_best, "n_best", minimum=1)
     if n_best > beam_size:
         raise ValueError(f"n_best must be <= beam_size ({beam_size}), got {n_best}")
-    min_len = V.check_int(min_len, "min_len", minimum=0)
+    min_len = validation.check_int(min_len, "min_len", minimum=0)
     if min_len > max_len:
         raise ValueError(f"min_len must be <= max_len ({max_len}), got {min_len}")
-    block_ngram_repeat = V.check_int(block_ngram_repeat, "block_ngram_repeat", minimum=0)
+    block_ngram_repeat = validation.check_int(block_ngram_repeat, "block_ngram_repeat", minimum=0)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise TypeError(f"length_penalty must be a float, got {type(length_penalty).__name__}")
     if not math.isfinite(length_penalty):

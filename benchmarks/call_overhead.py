@@ -1,0 +1,116 @@
+"""Python overhead of a module call over the raw op, and step-by-step decoding through the module.
+
+d2l zh setting, CPU, eval mode, no gradient. Three measurements, each as medians of many
+interleaved pairs (the two sides alternate call by call, so a drifting machine touches both):
+
+* ``forward``: ``decoder(X, state)`` with X (B, S = 10) against
+  ``torch.ops.seq2seq_fast.decoder_forward`` on the same prepared arguments (state's key
+  projection already cached, so both sides do the same arithmetic);
+* ``step``: the same with X (B, 1), one incremental step as d2l's ``predict_seq2seq`` makes;
+* ``decode``: S one-step calls ``Y, state = decoder(X, state); X = Y.argmax(2)`` through the
+  module against the same loop through d2l's reference decoder.
+
+    python benchmarks/call_overhead.py [--pairs 2000] [--threads N] [--json out.json]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from configs import CONFIGS  # noqa: E402
+from workloads import fast_model, inputs, reference_model  # noqa: E402
+
+from seq2seq_fast.backends import cpp_ops  # noqa: E402
+
+
+def interleaved_pairs(first, second, pairs, warmup=50):
+    """Median seconds of ``first()`` and of ``second()``, called alternately ``pairs`` times."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    clock = time.perf_counter
+    for _ in range(pairs):
+        t0 = clock()
+        first()
+        t1 = clock()
+        second()
+        t2 = clock()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return statistics.median(a), statistics.median(b)
+
+
+def raw_op_call(decoder, X, state):
+    """A closure calling the decoder op directly on what ``decoder(X, state)`` hands it."""
+    values, key_proj = state.key_cache.values, state.key_cache.key_proj
+    hidden, lens = state[1], state[2]
+    params = cpp_ops.decoder_params(decoder)
+    op = torch.ops.seq2seq_fast.decoder_forward
+    return lambda: op(X, values, hidden, lens, key_proj, params, None, None, False)
+
+
+def measure(pairs, steps_decode):
+    cfg = CONFIGS["zh"]
+    torch.manual_seed(0)
+    ref = reference_model(cfg, "cpu").eval()
+    fast = fast_model(ref, cfg, "cpp").eval()
+    data = inputs(cfg, "cpu")
+    enc = (data["enc_outputs"], data["hidden"])
+    lens = data["src_len"]
+    out = {}
+    with torch.inference_mode():
+        for name, steps in (("forward", cfg.tgt_steps), ("step", 1)):
+            X = data["tgt"][:, :steps].contiguous()
+            state = fast.decoder.init_state(enc, lens)
+            _, state = fast.decoder(X, state)  # fills the key cache the next calls reuse
+            state = type(state)([state[0], enc[1], state[2]], state.key_cache)
+            module_s, op_s = interleaved_pairs(lambda: fast.decoder(X, state), raw_op_call(fast.decoder, X, state), pairs)
+            out[name] = {"module_us": module_s * 1e6, "op_us": op_s * 1e6, "overhead_us": (module_s - op_s) * 1e6}
+
+        bos = data["tgt"][:, :1].contiguous()
+
+        def decode(decoder):
+            def run():
+                state = decoder.init_state(enc, lens)
+                X = bos
+                for _ in range(steps_decode):
+                    Y, state = decoder(X, state)
+                    X = Y.argmax(dim=2)
+            return run
+
+        ref_s, fast_s = interleaved_pairs(decode(ref.decoder), decode(fast.decoder), max(20, pairs // 50), warmup=5)
+        out["decode"] = {"reference_us_per_step": ref_s / steps_decode * 1e6,
+                         "module_us_per_step": fast_s / steps_decode * 1e6, "speedup": ref_s / fast_s,
+                         "steps": steps_decode}
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=2000, help="interleaved pairs per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args.pairs, CONFIGS["zh"].tgt_steps)
+    result["threads"] = torch.get_num_threads()
+    for name in ("forward", "step"):
+        r = result[name]
+        print(f"{name:8s} module {r['module_us']:8.1f} us   op {r['op_us']:8.1f} us   overhead {r['overhead_us']:6.1f} us")
+    d = result["decode"]
+    print(f"decode   reference {d['reference_us_per_step']:8.1f} us/step   module {d['module_us_per_step']:8.1f} us/step"
+          f"   speedup {d['speedup']:.2f}x  ({d['steps']} one-step calls, batch {CONFIGS['zh'].batch})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

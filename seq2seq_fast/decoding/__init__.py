@@ -1,0 +1,1 @@
+"""Decoding on top of the modules: batched greedy (``greedy``) and beam search (``beam``)."""

@@ -1,0 +1,135 @@
+"""Drop-in replacements of d2l's encoder-decoder classes: same names, constructor signatures,
+submodules and ``state_dict`` keys, so weights load both ways; the work goes to a backend."""
+import torch
+from torch import nn
+
+from seq2seq_fast.modules.attention import AdditiveAttention
+from seq2seq_fast.modules.cuda_graph import graph_replay
+from seq2seq_fast.ops import functional, validation
+from seq2seq_fast.ops.dispatch import check_backend_name
+from seq2seq_fast.ops.state import DecoderState
+
+
+class Encoder(nn.Module):
+    """The base encoder interface of the encoder-decoder architecture."""
+
+    def forward(self, X, *args):
+        raise NotImplementedError
+
+
+class Decoder(nn.Module):
+    """The base decoder interface of the encoder-decoder architecture."""
+
+    def init_state(self, enc_outputs, *args):
+        raise NotImplementedError
+
+    def forward(self, X, state):
+        raise NotImplementedError
+
+
+class AttentionDecoder(Decoder):
+    """The base interface of decoders with attention."""
+
+    @property
+    def attention_weights(self):
+        raise NotImplementedError
+
+
+class EncoderDecoder(nn.Module):
+    """The encoder-decoder: ``forward(enc_X, dec_X, *args)`` encodes, initialises the decoder
+    state with ``*args`` (the source valid lengths) and decodes ``dec_X``."""
+
+    def __init__(self, encoder, decoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, enc_X, dec_X, *args):
+        enc_outputs = self.encoder(enc_X, *args)
+        dec_state = self.decoder.init_state(enc_outputs, *args)
+        return self.decoder(dec_X, dec_state)
+
+
+class Seq2SeqEncoder(Encoder):
+    """d2l's GRU encoder: ``forward(X (B, T) ids) -> (outputs (T, B, H), state (L, B, H))``.
+
+    >>> enc = Seq2SeqEncoder(10, 8, 16, num_layers=2).eval()
+    >>> [t.shape for t in enc(torch.zeros(4, 7, dtype=torch.long))]
+    [torch.Size([7, 4, 16]), torch.Size([2, 4, 16])]
+    """
+
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
+                 backend="auto", **kwargs):
+        super().__init__(**kwargs)
+        check_backend_name(backend)
+        self.backend = backend
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size, num_hiddens, num_layers, dropout=dropout)
+
+    def forward(self, X, *args):
+        return functional.encoder_forward(self, X)
+
+class Seq2SeqAttentionDecoder(AttentionDecoder):
+    """d2l's GRU decoder with Bahdanau attention, run by a fast backend.
+
+    ``init_state(enc_outputs, enc_valid_lens)`` takes the encoder's ``(outputs (T, B, H),
+    state (L, B, H))``; ``forward(X (B, S) ids, state) -> (logits (B, S, vocab), state)`` with
+    ``state`` unpacking as ``[enc_outputs (B, T, H), hidden_state (L, B, H), enc_valid_lens]``;
+    ``attention_weights`` is a list of S tensors (B, 1, T). ``backend`` is ``"auto"`` (the
+    fastest that can run each call), ``"torch"``, ``"triton"`` or ``"cpp"``.
+    ``capture_cuda_graph=True`` replays inference calls on CUDA (no gradient needed) from a CUDA
+    graph captured once per input shape, removing the launch overhead of the step loop.
+
+    >>> dec = Seq2SeqAttentionDecoder(10, 8, 16, num_layers=2).eval()
+    >>> state = dec.init_state((torch.rand(7, 4, 16), torch.rand(2, 4, 16)), torch.tensor([7, 3, 0, 9]))
+    >>> dec(torch.zeros(4, 5, dtype=torch.long), state)[0].shape
+    torch.Size([4, 5, 10])
+    """
+
+    def __init__(self, vocab_size, embed_size, num_hiddens, num_layers, dropout=0, *,
+                 backend="auto", capture_cuda_graph=False, **kwargs):
+        super().__init__(**kwargs)
+        check_backend_name(backend)
+        self.backend = backend
+        self.capture_cuda_graph = bool(capture_cuda_graph)
+        self._graphs = {}
+        self.attention = AdditiveAttention(num_hiddens, num_hiddens, num_hiddens, dropout, backend=backend)
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.rnn = nn.GRU(embed_size + num_hiddens, num_hiddens, num_layers, dropout=dropout)
+        self.dense = nn.Linear(num_hiddens, vocab_size)
+        self._attention_weights = []  # d2l's list, or the last call's (B, S, T) it is built from
+
+    def init_state(self, enc_outputs, enc_valid_lens, *args):
+        if not isinstance(enc_outputs, (tuple, list)) or len(enc_outputs) != 2:
+            raise TypeError(
+                "enc_outputs must be the encoder's (outputs (T, B, H), state (L, B, H)), "
+                f"got {type(enc_outputs).__name__}"
+            )
+        outputs, hidden_state = enc_outputs
+        validation.check_floating(outputs, "enc_outputs[0]", ndim=3)
+        return DecoderState([outputs.permute(1, 0, 2), hidden_state, enc_valid_lens])
+
+    def forward(self, X, state):
+        if self.capture_cuda_graph:
+            replayed = graph_replay(self, X, state)
+            if replayed is not None:
+                return replayed
+        return functional.decoder_forward(self, X, state)
+
+    def forward_eager(self, X, state):
+        """``forward`` without CUDA-graph replay (what a captured graph records)."""
+        return functional.decoder_forward(self, X, state)
+
+    @property
+    def attention_weights(self):
+        """The last call's attention weights, d2l's list of S tensors (B, 1, T)."""
+        weights = self._attention_weights
+        if isinstance(weights, torch.Tensor):
+            weights = self._attention_weights = list(weights.unsqueeze(2).unbind(1))
+        return weights
+
+    def __getstate__(self):
+        # The last call's attention weights may belong to an autograd graph, which cannot be
+        # copied or pickled; they are a by-product of a call, not part of the module.
+        state = super().__getstate__()
+        return {**state, "_attention_weights": [], "_graphs": {}}  # graphs hold device memory

@@ -1,0 +1,135 @@
+"""The functional forms of d2l's modules: each call picks its backend once, checks once, runs.
+
+A module owns its parameters and calls one function here. Checks live in one place per
+backend: a backend whose ops validate their own arguments (``CHECKS_INPUTS = True``: the
+compiled ``cpp`` ops, in C++) gets the call after only the normalisation of d2l's loose
+inputs (float or (B, 1) lengths); the others get it after ``validation``'s shared checks.
+"""
+from seq2seq_fast.backends import cpp_ops, torch_ops
+from seq2seq_fast.ops import validation
+from seq2seq_fast.ops.dispatch import backend_for
+from seq2seq_fast.ops.state import DecoderState, projected_keys
+
+
+def unpack_state(state):
+    """``(enc_outputs, hidden_state, enc_valid_lens)`` of a d2l decoder state, or TypeError."""
+    if type(state) is DecoderState or (isinstance(state, (list, tuple)) and len(state) == 3):
+        return state[0], state[1], state[2]
+    raise TypeError(
+        "state must be [enc_outputs, hidden_state, enc_valid_lens] as init_state returns, "
+        f"got {type(state).__name__}" + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else "")
+    )
+
+
+def check_decoder_inputs(decoder, X, enc_outputs, hidden, lens):
+    """The Python checks of a decoder call (backends without checks of their own)."""
+    rnn = decoder._modules["rnn"]  # without nn.Module.__getattr__
+    H, L = rnn.hidden_size, rnn.num_layers
+    validation.check_tokens(X, "X", decoder._modules["embedding"].num_embeddings)
+    validation.check_floating(enc_outputs, "enc_outputs (state[0])", ndim=3)
+    validation.check_floating(hidden, "hidden_state (state[1])", ndim=3)
+    B, T, He = enc_outputs.shape
+    if He != H or T == 0 or B == 0:
+        raise ValueError(f"enc_outputs (state[0]) must have shape (B >= 1, T >= 1, {H}), got {tuple(enc_outputs.shape)}")
+    if hidden.shape != (L, B, H):
+        raise ValueError(
+            f"hidden_state (state[1]) must have shape (num_layers={L}, B={B}, {H}), got {tuple(hidden.shape)}"
+        )
+    if X.shape[0] != B:
+        raise ValueError(f"X must have the state's batch size {B}, got {X.shape[0]} rows")
+    weight = decoder._modules["dense"].weight
+    for name, tensor in (("enc_outputs (state[0])", enc_outputs), ("hidden_state (state[1])", hidden)):
+        validation.check_same_device("the decoder's parameters", weight, name, tensor)
+        if tensor.dtype != weight.dtype:
+            raise TypeError(f"{name} must have the parameters' dtype {weight.dtype}, got {tensor.dtype}")
+    validation.check_same_device("enc_outputs (state[0])", enc_outputs, "X", X)
+    if lens is not None:
+        validation.check_lengths(lens, "enc_valid_lens (state[2])", B)
+        validation.check_same_device("enc_outputs (state[0])", enc_outputs, "enc_valid_lens (state[2])", lens)
+
+
+def prepare_decoder_call(decoder, X, state):
+    """One decoder call made ready for its backend: ``(backend, values, hidden, valid_lens,
+    key_proj, cache)``, with ``values`` = ``state[0]`` laid out contiguously as (B, T, H) (what
+    the backends read), ``key_proj = W_k(values)`` (from ``state``'s cache when it holds) and
+    the lengths as int64 (B,) or None."""
+    enc_outputs, hidden, valid_lens = unpack_state(state)
+    validation.check_tensor(enc_outputs, "enc_outputs (state[0])")
+    backend = backend_for(decoder.backend, "decoder_forward", enc_outputs)
+    lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
+    W_k = decoder._modules["attention"]._modules["W_k"]
+    if backend.CHECKS_INPUTS:
+        # The key projection runs before the op's checks: its operand must fit W_k first.
+        validation.check_projectable(enc_outputs, "enc_outputs (state[0])", W_k.weight)
+    else:
+        check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
+    values, key_proj, cache = projected_keys(state, enc_outputs, W_k)
+    return backend, values, hidden, lens, key_proj, cache
+
+
+def decoder_forward(decoder, X, state):
+    """``Seq2SeqAttentionDecoder.forward``: (logits (B, S, V), the new state); the attention
+    weights (B, S, T) are left in ``decoder._attention_weights``."""
+    backend, values, hidden, lens, key_proj, cache = prepare_decoder_call(decoder, X, state)
+    Y, hidden_n, attention = backend.decoder_forward(decoder, X, values, hidden, lens, key_proj)
+    # d2l's list of S views (B, 1, T) is built on first read of attention_weights (most calls
+    # never read it), except when the weights need a gradient: their views must be made in this
+    # call's grad mode. One attribute: nn.Module.__setattr__ costs a microsecond or two.
+    decoder._attention_weights = list(attention.unsqueeze(2).unbind(1)) if attention.requires_grad else attention
+    return Y, DecoderState([state[0], hidden_n, state[2]], cache)
+
+
+def encoder_forward(encoder, X):
+    """``Seq2SeqEncoder.forward``: (outputs (T, B, H), state (L, B, H))."""
+    weight = encoder._modules["embedding"].weight
+    backend = backend_for(encoder.backend, "encoder_forward", weight)
+    if not backend.CHECKS_INPUTS:
+        validation.check_tokens(X, "X", weight.shape[0])
+        validation.check_same_device("embedding.weight", weight, "X", X)
+    return backend.encoder_forward(encoder, X)
+
+
+def attention_forward(attention, queries, keys, values, valid_lens):
+    """``AdditiveAttention.forward``: (context (B, Q, Dv), weights (B, Q, T))."""
+    validation.check_floating(queries, "queries", ndim=3)
+    validation.check_floating(keys, "keys", ndim=3)
+    validation.check_floating(values, "values", ndim=3)
+    B, Q, _ = queries.shape
+    if keys.shape[0] != B or values.shape[0] != B or keys.shape[1] != values.shape[1]:
+        raise ValueError(
+            "keys (B, T, Dk) and values (B, T, Dv) must share B and T with queries (B, Q, Dq); "
+            f"got queries {tuple(queries.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+        )
+    if B == 0:
+        raise ValueError(f"queries must have a batch of at least one row, got shape {tuple(queries.shape)}")
+    for name, tensor in (("keys", keys), ("values", values)):
+        validation.check_same_device("queries", queries, name, tensor)
+    lens = validation.normalize_valid_lens(valid_lens, "valid_lens", B, queries=Q)
+    if lens is not None:
+        validation.check_same_device("queries", queries, "valid_lens", lens)
+    backend = backend_for(attention.backend, "attention_forward", queries)
+    return backend.attention_forward(attention, queries, keys, values, lens)
+
+
+def masked_softmax(X, valid_lens):
+    """d2l's ``masked_softmax`` (see ``seq2seq_fast.masked_softmax``)."""
+    validation.check_floating(X, "X", ndim=3)
+    lens = validation.normalize_valid_lens(valid_lens, "valid_lens", X.shape[0], queries=X.shape[1])
+    if lens is not None:
+        validation.check_same_device("X", X, "valid_lens", lens)
+    return torch_ops.masked_softmax_scores(X, torch_ops.key_mask(lens, X.shape[-1]))
+
+
+def masked_ce_loss(loss, pred, label, valid_len):
+    """``MaskedSoftmaxCELoss.forward``: the per-sequence loss (B,)."""
+    validation.check_floating(pred, "pred", ndim=3)
+    B, S, vocab = pred.shape
+    validation.check_tokens(label, "label", vocab)
+    if tuple(label.shape) != (B, S):
+        raise ValueError(f"label must have shape (B, S) = {(B, S)}, got {tuple(label.shape)}")
+    lens = validation.normalize_valid_lens(valid_len, "valid_len", B)
+    validation.check_same_device("pred", pred, "label", label)
+    validation.check_same_device("pred", pred, "valid_len", lens)
+    if cpp_ops.loss_unsupported_reason(pred, loss) is None:  # one fused pass on CPU
+        return cpp_ops.masked_ce_loss(pred, label.long(), lens)
+    return torch_ops.masked_ce_loss(loss, pred, label, lens)
