@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test test-slow bench build clean
+.PHONY: test test-slow test-compat bench build clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,34 @@ test-slow: build
 
 bench: build
 	$(VPY) benchmarks/runner.py $(BENCH_ARGS)
+
+# make test-compat: the fast suite on the oldest and the newest supported stacks, each in a venv
+# of its own with the extension built against that venv's torch and installed there (not in
+# place: the source tree's _C stays the one `make test` built). PYTHONSAFEPATH keeps the source
+# tree's package off sys.path, so the tests import the installed one. The suite includes the
+# interpreted Triton tests and tests/test_triton_gpu_compile.py (sm_80/sm_90 cubins).
+COMPAT_PYTHON ?= $(firstword $(shell command -v python3.12) $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
+COMPAT_OLDEST := .venv-compat-oldest
+COMPAT_NEWEST := .venv-compat-newest
+COMPAT_TRITON_NEWEST := 3.9.0
+
+$(COMPAT_OLDEST)/.deps-installed: requirements-compat-oldest.txt
+	rm -rf $(COMPAT_OLDEST) && $(COMPAT_PYTHON) -m venv $(COMPAT_OLDEST)
+	$(COMPAT_OLDEST)/bin/python -m pip install -r requirements-compat-oldest.txt
+	touch $@
+
+$(COMPAT_NEWEST)/.deps-installed: requirements-compat-newest.txt
+	rm -rf $(COMPAT_NEWEST) && $(PYTHON) -m venv $(COMPAT_NEWEST)
+	$(COMPAT_NEWEST)/bin/python -m pip install -r requirements-compat-newest.txt
+	$(COMPAT_NEWEST)/bin/python -m pip install --no-deps triton==$(COMPAT_TRITON_NEWEST)
+	touch $@
+
+test-compat: $(COMPAT_OLDEST)/.deps-installed $(COMPAT_NEWEST)/.deps-installed
+	@for venv in $(COMPAT_OLDEST) $(COMPAT_NEWEST); do \
+	  echo "== test-compat: $$venv: $$($$venv/bin/python -c 'import sys, torch, triton, numpy; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")')"; \
+	  MAX_JOBS=$${MAX_JOBS:-2} $$venv/bin/python -m pip install --no-build-isolation --no-deps --force-reinstall . -q || exit 1; \
+	  PYTHONSAFEPATH=1 $$venv/bin/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+	done
 
 clean:
 	rm -rf build *.egg-info seq2seq_fast/_C*.so
