@@ -111,13 +111,19 @@ def test_unavailable_backend_says_why(monkeypatch):
         model(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), torch.tensor([3, 1]))
 
 
-def test_package_imports_without_the_extension():
-    # Hide seq2seq_fast._C: the package must import, run the torch backend and say why cpp is off.
+@pytest.mark.parametrize("error, reason", [
+    ("ImportError('hidden by the test')", "not built"),
+    ("RuntimeError('registration failed in the test')", "RuntimeError: registration failed in the test"),
+    ("OSError('undefined symbol in the test')", "OSError: undefined symbol in the test"),
+])
+def test_package_imports_without_the_extension(error, reason):
+    # _C fails to load with any exception: the package must import, run the torch backend and
+    # say why cpp is off.
     code = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'seq2seq_fast._C': raise ImportError('hidden by the test')\n"
+        f"        if name == 'seq2seq_fast._C': raise {error}\n"
         "sys.meta_path.insert(0, Block())\n"
         "import torch, seq2seq_fast as sf\n"
         "assert 'cpp' not in sf.available_backends(), sf.available_backends()\n"
@@ -125,6 +131,7 @@ def test_package_imports_without_the_extension():
         "dec = sf.Seq2SeqAttentionDecoder(5, 2, 3, 1)\n"
         "s = dec.init_state((torch.randn(4, 2, 3), torch.randn(1, 2, 3)), None)\n"
         "print(dec(torch.zeros(2, 1, dtype=torch.long), s)[0].shape)\n"
+        "print(float(sf.MaskedSoftmaxCELoss()(torch.zeros(2, 1, 5), torch.zeros(2, 1, dtype=torch.long), torch.ones(2))[0]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "not built" in out and "torch.Size([2, 1, 5])" in out
+    assert reason in out and "torch.Size([2, 1, 5])" in out, out

@@ -14,6 +14,13 @@ def extension_error():
             f"the C++ extension seq2seq_fast._C is not built ({exc}); "
             "run `pip install --no-build-isolation -e .` in the source tree"
         )
+    except Exception as exc:  # noqa: BLE001  (a library that loads but fails to register, etc.)
+        # Built against another torch, a failing static initialiser: the package still imports
+        # and runs the torch backend; the reason shows in unavailable_reason("cpp").
+        return (
+            f"the C++ extension seq2seq_fast._C failed to load ({type(exc).__name__}: {exc}); "
+            "rebuild it against this torch with `pip install --no-build-isolation -e .`"
+        )
     return None
 
 
