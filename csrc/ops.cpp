@@ -18,38 +18,54 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   m.def("cpu_cache_bytes() -> int");
   m.def("release_cpu_cache() -> int");
 
-  // Teacher-forced attention decoder over S steps (d2l's Seq2SeqAttentionDecoder). X (B, S) int64;
-  // enc_outputs = values (B, T, H); hidden (L, B, H); valid_lens None or int64 (B,); key_proj =
-  // W_k(enc_outputs) (B, T, H); w_ih/w_hh/b_ih/b_hh one per GRU layer (gate order r, z, n; layer
-  // 0's input is [context ; embedding]); attn_mask (S, B, T) and layer_mask (L - 1, S, B, H) are
-  // scaled dropout keep-masks (None: no dropout). Returns logits (S, B, V), attention (S, B, T)
-  // (softmax weights before dropout), states (L, S + 1, B, H) (states[:, 0] = hidden), and the
-  // activations the backward reads: inputs (S, B, H + E), layer_inputs (L - 1, S, B, H) or (0,),
-  // gates (S, L, B, 4H) or (0,) when keep_activations is false.
+  // ---- the attention decoder (d2l's Seq2SeqAttentionDecoder) ----
+  // Shared arguments:
+  //   X            int64 (B, S) token ids in [0, V) (teacher forcing: step t reads X[:, t])
+  //   enc_outputs  (B >= 1, T >= 1, H) keys = values; its device and dtype are the call's
+  //                (CPU: float32/float64; CUDA also float16/bfloat16), every float argument shares them
+  //   hidden       (L, B, H) initial GRU state
+  //   valid_lens   None or int64 (B,): keys j >= valid_lens[b] are hidden (d2l's -1e6 fill; 0
+  //                makes the weights uniform; values >= T mean all keys; negative raise)
+  //   key_proj     (B, T, H) = W_k(enc_outputs), computed once per sequence by the caller
+  //   params       the decoder's weights, one ordered list of 5 + 4L tensors, L >= 1:
+  //                  [0]            embedding     (V, E)
+  //                  [1]            W_q           (H, H)
+  //                  [2]            w_v           (1, H)
+  //                  [3 + k]        w_ih_k        (3H, H + E) for k = 0 (input [context ; embedding]), else (3H, H)
+  //                  [3 + L + k]    w_hh_k        (3H, H)
+  //                  [3 + 2L + k]   b_ih_k        (3H,)
+  //                  [3 + 3L + k]   b_hh_k        (3H,)      (GRU gate order r, z, n, as torch's)
+  //                  [3 + 4L]       dense_weight  (V, H)
+  //                  [4 + 4L]       dense_bias    (V,)
+  //   attn_mask    None or (S, B, T) scaled dropout keep-mask of the attention weights
+  //   layer_mask   None or (L - 1, S, B, H) scaled keep-mask of the inputs of layers 1.. (L >= 2)
+  //
+  // Teacher-forced forward over S steps. Returns logits (S, B, V), attention (S, B, T) (softmax
+  // weights before dropout), states (L, S + 1, B, H) (states[:, 0] = hidden), and the
+  // activations the backward reads: inputs (S, B, H + E) (layer 0's input per step),
+  // layer_inputs (L - 1, S, B, H) or (0,) without layer_mask, gates (S, L, B, 4H) or (0,) when
+  // keep_activations is false.
   m.def(
       "decoder_forward(Tensor X, Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, "
-      "Tensor embedding, Tensor W_q, Tensor w_v, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, "
-      "Tensor dense_weight, Tensor dense_bias, Tensor? attn_mask, Tensor? layer_mask, bool keep_activations) "
+      "Tensor[] params, Tensor? attn_mask, Tensor? layer_mask, bool keep_activations) "
       "-> (Tensor logits, Tensor attention, Tensor states, Tensor inputs, Tensor layer_inputs, Tensor gates)");
   // Backward through time of decoder_forward, from the gradients of logits, attention and states
-  // (each may be None). Returns the gradients of enc_outputs (as values), hidden, key_proj, every
-  // parameter (embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense weight and bias).
+  // (each may be None), the forward's arguments (params: the same full list, biases included) and
+  // its outputs. Returns the gradients of enc_outputs (as values), hidden, key_proj, and
+  // grad_params: one per params entry, in params' order.
   m.def(
       "decoder_backward(Tensor? grad_logits, Tensor? grad_attention, Tensor? grad_states, Tensor X, "
-      "Tensor enc_outputs, Tensor? valid_lens, Tensor key_proj, Tensor embedding, Tensor W_q, Tensor w_v, "
-      "Tensor[] w_ih, Tensor[] w_hh, Tensor dense_weight, Tensor? attn_mask, Tensor? layer_mask, "
-      "Tensor attention, Tensor states, Tensor inputs, Tensor layer_inputs, Tensor gates) "
-      "-> (Tensor grad_enc_outputs, Tensor grad_hidden, Tensor grad_key_proj, Tensor grad_embedding, "
-      "Tensor grad_W_q, Tensor grad_w_v, Tensor[] grad_w_ih, Tensor[] grad_w_hh, Tensor[] grad_b_ih, "
-      "Tensor[] grad_b_hh, Tensor grad_dense_weight, Tensor grad_dense_bias)");
-  // Batched greedy decoding from bos until every row produced eos or max_len steps ran. Masks as
-  // decoder_forward with max_len steps. Returns tokens (B, steps) int64 with eos past each row's
-  // end, lengths (B,) int64 (tokens before the first eos), attention (B, steps, T) or (0,).
+      "Tensor enc_outputs, Tensor? valid_lens, Tensor key_proj, Tensor[] params, Tensor? attn_mask, "
+      "Tensor? layer_mask, Tensor attention, Tensor states, Tensor inputs, Tensor layer_inputs, Tensor gates) "
+      "-> (Tensor grad_enc_outputs, Tensor grad_hidden, Tensor grad_key_proj, Tensor[] grad_params)");
+  // Batched greedy decoding from bos until every row produced eos or max_len (>= 1) steps ran;
+  // bos and eos in [0, V). Masks as decoder_forward with max_len steps. Returns tokens (B, steps)
+  // int64 with eos past each row's end, lengths (B,) int64 (tokens before the first eos),
+  // attention (B, steps, T) or (0,) when return_attention is false.
   m.def(
-      "greedy_decode(Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, "
-      "Tensor embedding, Tensor W_q, Tensor w_v, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, "
-      "Tensor dense_weight, Tensor dense_bias, Tensor? attn_mask, Tensor? layer_mask, int bos, int eos, "
-      "int max_len, bool return_attention) -> (Tensor tokens, Tensor lengths, Tensor attention)");
+      "greedy_decode(Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, Tensor[] params, "
+      "Tensor? attn_mask, Tensor? layer_mask, int bos, int eos, int max_len, bool return_attention) "
+      "-> (Tensor tokens, Tensor lengths, Tensor attention)");
   // A dropout keep-mask of shape `size` with like's dtype and device: 1 / (1 - p) with
   // probability 1 - p, else 0, from a seed drawn from torch's default generator.
   m.def("keep_mask(Tensor like, SymInt[] size, float p) -> Tensor");
@@ -62,17 +78,24 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   m.def(
       "masked_ce_loss_backward(Tensor grad_loss, Tensor pred, Tensor label, Tensor valid_len, Tensor lse) "
       "-> Tensor grad_pred");
-  // d2l's Seq2SeqEncoder: embedding of X (B, T) then a multi-layer GRU from a zero state; layer_mask
-  // (L - 1, T, B, H) is the scaled inter-layer dropout keep-mask. Returns states (L, T + 1, B, H)
-  // (output = states[L - 1, 1:], final state = states[:, T]), layer_inputs (L - 1, T, B, H) or (0,),
-  // gates (L, T, B, 4H) or (0,).
+  // ---- the encoder (d2l's Seq2SeqEncoder) ----
+  // Embedding of X (B >= 1, T) int64 token ids, then a multi-layer GRU from a zero state.
+  //   params      one ordered list of 1 + 4L tensors, L >= 1; its embedding fixes the call's
+  //               device and dtype:
+  //                 [0]            embedding  (V, E)
+  //                 [1 + k]        w_ih_k     (3H, E) for k = 0, else (3H, H)
+  //                 [1 + L + k]    w_hh_k     (3H, H)
+  //                 [1 + 2L + k]   b_ih_k     (3H,)
+  //                 [1 + 3L + k]   b_hh_k     (3H,)
+  //   layer_mask  None or (L - 1, T, B, H) scaled inter-layer dropout keep-mask (L >= 2)
+  // Returns states (L, T + 1, B, H) (output = states[L - 1, 1:], final state = states[:, T]),
+  // layer_inputs (L - 1, T, B, H) or (0,), gates (L, T, B, 4H) or (0,) without keep_activations.
   m.def(
-      "encoder_forward(Tensor X, Tensor embedding, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, "
-      "Tensor[] b_hh, Tensor? layer_mask, bool keep_activations) "
+      "encoder_forward(Tensor X, Tensor[] params, Tensor? layer_mask, bool keep_activations) "
       "-> (Tensor states, Tensor layer_inputs, Tensor gates)");
+  // Backward of encoder_forward from the gradient of states; params the same full list.
+  // Returns grad_params: one per params entry, in params' order.
   m.def(
-      "encoder_backward(Tensor grad_states, Tensor X, Tensor embedding, Tensor[] w_ih, Tensor[] w_hh, "
-      "Tensor? layer_mask, Tensor states, Tensor layer_inputs, Tensor gates) "
-      "-> (Tensor grad_embedding, Tensor[] grad_w_ih, Tensor[] grad_w_hh, Tensor[] grad_b_ih, "
-      "Tensor[] grad_b_hh)");
+      "encoder_backward(Tensor grad_states, Tensor X, Tensor[] params, Tensor? layer_mask, Tensor states, "
+      "Tensor layer_inputs, Tensor gates) -> Tensor[] grad_params");
 }

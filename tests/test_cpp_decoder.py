@@ -180,7 +180,7 @@ def test_given_dropout_masks_match_explicit_loop_with_gradients():
     expected = python_decoder_with_masks(dec, X, enc, hidden, lens, attn_mask, layer_mask)
     kp = dec.attention.W_k(enc)
     logits, attention, states, *_ = torch.ops.seq2seq_fast.decoder_forward(
-        X, enc, hidden, lens, kp, *params, attn_mask, layer_mask, True)
+        X, enc, hidden, lens, kp, params, attn_mask, layer_mask, True)
     actual = (logits.transpose(0, 1), states[:, S], attention.transpose(0, 1))
     for name, a, e in zip(("logits", "final hidden state", "attention weights"), actual, expected):
         assert_close(a, e, name, dtype)
@@ -252,24 +252,19 @@ def tiny_op_args(dtype=torch.float64, dropout=True, seed=0, requires_grad=True):
     tensors = [enc, hidden, kp]
     for t in tensors:
         t.requires_grad_(requires_grad)
-    return (X, enc, hidden, lens, kp, named["embedding.weight"], named["attention.W_q.weight"],
-            named["attention.w_v.weight"], w_ih, w_hh, b_ih, b_hh, named["dense.weight"],
-            named["dense.bias"], attn_mask, layer_mask, requires_grad)
+    packed = [named["embedding.weight"], named["attention.W_q.weight"], named["attention.w_v.weight"], *w_ih,
+              *w_hh, *b_ih, *b_hh, named["dense.weight"], named["dense.bias"]]
+    return (X, enc, hidden, lens, kp, packed, attn_mask, layer_mask, requires_grad)
 
 
 def test_gradcheck_float64_with_dropout_and_masked_rows():
     args = tiny_op_args()
-    (X, enc, hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dw, db, am, lm, keep) = args
-    L = len(w_ih)
-    leaves = [enc, hidden, kp, emb, W_q, w_v, *w_ih, *w_hh, *b_ih, *b_hh, dw, db]
+    (X, enc, hidden, lens, kp, params, am, lm, keep) = args
+    leaves = [enc, hidden, kp, *params]
 
-    def fn(*ts):
-        enc, hidden, kp, emb, W_q, w_v = ts[:6]
-        lists = ts[6:6 + 4 * L]
-        dw, db = ts[6 + 4 * L:]
-        wi, wh, bi, bh = (list(lists[i * L:(i + 1) * L]) for i in range(4))
+    def fn(enc, hidden, kp, *params):
         logits, attention, states, *_ = torch.ops.seq2seq_fast.decoder_forward(
-            X, enc, hidden, lens, kp, emb, W_q, w_v, wi, wh, bi, bh, dw, db, am, lm, True)
+            X, enc, hidden, lens, kp, list(params), am, lm, True)
         return logits, attention, states
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
@@ -284,7 +279,7 @@ def test_opcheck_decoder_forward():
 
 def test_opcheck_decoder_backward():
     args = tiny_op_args()
-    (X, enc, hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dw, db, am, lm, _) = args
+    (X, enc, hidden, lens, kp, params, am, lm, _) = args
     with torch.no_grad():
         logits, attention, states, x_in, layer_inputs, gates = torch.ops.seq2seq_fast.decoder_forward(*args)
     g = torch.Generator().manual_seed(5)
@@ -292,8 +287,7 @@ def test_opcheck_decoder_backward():
     det = [t.detach() for t in (X, enc)]
     torch.library.opcheck(
         torch.ops.seq2seq_fast.decoder_backward.default,
-        (*grads, *det, lens, kp.detach(), emb.detach(), W_q.detach(), w_v.detach(),
-         [w.detach() for w in w_ih], [w.detach() for w in w_hh], dw.detach(), am, lm, attention, states,
+        (*grads, *det, lens, kp.detach(), [p.detach() for p in params], am, lm, attention, states,
          x_in, layer_inputs, gates),
     )
 

@@ -90,9 +90,8 @@ def test_given_layer_masks_match_layerwise_reference_with_gradients():
     encoder = R.Seq2SeqEncoder(VOCAB, EMBED, H, L, p).to(dtype)
     X = torch.randint(0, VOCAB, (B, T))
     mask = keep_mask((L - 1, T, B, H), p, dtype, torch.Generator().manual_seed(2))
-    w_ih, w_hh, b_ih, b_hh = backend()._gru_weights(encoder.rnn)
     states, layer_inputs, gates = torch.ops.seq2seq_fast.encoder_forward(
-        X, encoder.embedding.weight, w_ih, w_hh, b_ih, b_hh, mask, True)
+        X, backend()._encoder_params(encoder), mask, True)
     out, state = states[L - 1, 1:], states[:, T]
     out_ref, state_ref = layerwise_reference(encoder, X, mask)
     assert_close(out, out_ref, "output", dtype)
@@ -126,38 +125,31 @@ def tiny_args(requires_grad=True, dropout=True):
     B, T, H, L = 2, 3, 3, 2
     encoder = R.Seq2SeqEncoder(5, 2, H, L, 0.3).double()
     X = torch.randint(0, 5, (B, T))
-    w_ih, w_hh, b_ih, b_hh = (
-        [w.detach().clone().requires_grad_(requires_grad) for w in ws]
-        for ws in backend()._gru_weights(encoder.rnn)
-    )
-    emb = encoder.embedding.weight.detach().clone().requires_grad_(requires_grad)
+    params = [p.detach().clone().requires_grad_(requires_grad) for p in backend()._encoder_params(encoder)]
     mask = keep_mask((L - 1, T, B, H), 0.3, torch.float64, torch.Generator().manual_seed(3)) if dropout else None
-    return X, emb, w_ih, w_hh, b_ih, b_hh, mask, requires_grad
+    return X, params, mask, requires_grad
 
 
 def test_gradcheck_float64_with_dropout():
-    X, emb, w_ih, w_hh, b_ih, b_hh, mask, _ = tiny_args()
-    L = len(w_ih)
+    X, params, mask, _ = tiny_args()
 
-    def fn(emb, *ws):
-        lists = [list(ws[i * L:(i + 1) * L]) for i in range(4)]
-        return torch.ops.seq2seq_fast.encoder_forward(X, emb, *lists, mask, True)[0]
+    def fn(*params):
+        return torch.ops.seq2seq_fast.encoder_forward(X, list(params), mask, True)[0]
 
-    assert torch.autograd.gradcheck(fn, [emb, *w_ih, *w_hh, *b_ih, *b_hh], eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-6)
 
 
 def test_opcheck_encoder_ops():
     args = tiny_args()
     torch.library.opcheck(torch.ops.seq2seq_fast.encoder_forward.default, args)
     torch.library.opcheck(torch.ops.seq2seq_fast.encoder_forward.default, tiny_args(False, False))
-    X, emb, w_ih, w_hh, b_ih, b_hh, mask, _ = args
+    X, params, mask, _ = args
     with torch.no_grad():
         states, layer_inputs, gates = torch.ops.seq2seq_fast.encoder_forward(*args)
     grad = torch.randn(states.shape, dtype=states.dtype, generator=torch.Generator().manual_seed(4))
     torch.library.opcheck(
         torch.ops.seq2seq_fast.encoder_backward.default,
-        (grad, X, emb.detach(), [w.detach() for w in w_ih], [w.detach() for w in w_hh], mask, states,
-         layer_inputs, gates),
+        (grad, X, [p.detach() for p in params], mask, states, layer_inputs, gates),
     )
 
 

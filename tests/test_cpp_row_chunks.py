@@ -58,7 +58,7 @@ def test_decoder_forward_and_gradients_with_dropout_split_over_rows(L, dtype):
     expected = python_decoder_with_masks(dec, X, enc, hidden, lens, attn_mask, layer_mask)
     kp = dec.attention.W_k(enc)
     logits, attention, states, *_ = torch.ops.seq2seq_fast.decoder_forward(
-        X, enc, hidden, lens, kp, *backend()._decoder_params(dec), attn_mask, layer_mask, True)
+        X, enc, hidden, lens, kp, backend()._decoder_params(dec), attn_mask, layer_mask, True)
     actual = (logits.transpose(0, 1), states[:, S], attention.transpose(0, 1))
     for name, a, e in zip(("logits", "final hidden state", "attention weights"), actual, expected):
         assert_close(a, e, name, dtype)
@@ -95,7 +95,8 @@ def test_encoder_forward_and_gradients_with_dropout_split_over_rows(dtype):
         x = output * layer_mask[k] if k < L - 1 else output
     expected = (output, torch.stack(finals))
 
-    states, _, _ = torch.ops.seq2seq_fast.encoder_forward(X, encoder.embedding.weight, *weights, layer_mask, True)
+    params = [encoder.embedding.weight, *(w for group in weights for w in group)]
+    states, _, _ = torch.ops.seq2seq_fast.encoder_forward(X, params, layer_mask, True)
     actual = (states[L - 1, 1:], states[:, T])
     for name, a, e in zip(("output", "final state"), actual, expected):
         assert_close(a, e, name, dtype)

@@ -48,7 +48,8 @@ def test_cached_storage_resizes_and_frees_like_any_tensor():
                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     with torch.no_grad():
         states, _, _ = torch.ops.seq2seq_fast.encoder_forward(
-            torch.randint(0, 50, (64, 12)), encoder.embedding.weight, *weights, None, False)
+            torch.randint(0, 50, (64, 12)), [encoder.embedding.weight, *(w for ws in weights for w in ws)], None,
+            False)
     assert states.numel() * states.element_size() > 64 << 10  # a cached block, not malloc's
     before = states.clone()
     states.resize_(states.numel() * 2)  # storage from the cache must be resizable

@@ -36,7 +36,7 @@ pytestmark = [
 REWRITES = [
     (r"\n\s*const c10::cuda::CUDAGuard guard\([^;]*\);", "", True),
     ("at::cuda::getCurrentCUDAStream()", "nullptr", False),
-    (".is_cuda()", ".is_cpu()", False),
+    ("at::kCUDA, kCudaFloats", "at::kCPU, kCudaFloats", False),
     ("TORCH_LIBRARY_IMPL(seq2seq_fast, CUDA, m)", "TORCH_LIBRARY_IMPL(seq2seq_fast_emu, CPU, m)", False),
     ("C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status));", "", False),
     (r"C10_CUDA_CHECK\(cudaMemcpyAsync\(host \+ c, counters\.data_ptr<int32_t>\(\), sizeof\(int32_t\),\s*"
@@ -337,10 +337,10 @@ def build(out, library, kernels):
 
     (out / "cuda").mkdir()
     used = [0] * len(REWRITES)
-    for name in ("decoder.cpp", "encoder.cpp", "checks.h", "kernels.h"):
-        with open(os.path.join(CUDA_DIR, name)) as f:
+    for name in ("cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/stream.h", "cuda/kernels.h", "checks.h"):
+        with open(os.path.join(ROOT, "csrc", name)) as f:
             text = rewrite(f.read(), used).replace("seq2seq_fast_emu,", f"{library},")
-        (out / "cuda" / name).write_text(text)
+        (out / name).write_text(text)
     unused = [REWRITES[i][0] for i, n in enumerate(used) if n == 0]
     assert not unused, f"rewrites that matched nothing (update this test with the sources): {unused}"
     with open(os.path.join(ROOT, "csrc", "ops.cpp")) as f:
@@ -415,9 +415,9 @@ def test_encoder_host_code_matches_cpu_ops(emu, dtype):
         for name, a, e in zip(("states", "layer_inputs", "gates"), actual, expected):
             T.assert_close(a, e, f"{shape} {name}", dtype)
         grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-        X, emb, w_ih, w_hh, _, _, mask, _ = args
-        expected_grads = cpu.encoder_backward(grad.to(dtype), X, emb, w_ih, w_hh, mask, *expected)
-        actual_grads = emu.encoder_backward(grad.to(dtype), X, emb, w_ih, w_hh, mask, *actual)
+        X, params, mask, _ = args
+        expected_grads = cpu.encoder_backward(grad.to(dtype), X, params, mask, *expected)
+        actual_grads = emu.encoder_backward(grad.to(dtype), X, params, mask, *actual)
         for i, (a, e) in enumerate(zip(T.flat(actual_grads), T.flat(expected_grads))):
             T.assert_close(a, e, f"{shape} dropout={dropout}: gradient {i}", dtype)
 
@@ -461,9 +461,9 @@ def test_kernels_run_on_cpu_threads_match_cpu_ops(emu_kernels):
     for name, a, e in zip(("states", "layer_inputs", "gates"), actual, expected):
         T.assert_close(a, e, f"encoder {name}", torch.float64)
     grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    X, emb, w_ih, w_hh, _, _, mask, _ = args
-    expected_grads = cpu.encoder_backward(grad, X, emb, w_ih, w_hh, mask, *expected)
-    actual_grads = emu_kernels.encoder_backward(grad, X, emb, w_ih, w_hh, mask, *actual)
+    X, params, mask, _ = args
+    expected_grads = cpu.encoder_backward(grad, X, params, mask, *expected)
+    actual_grads = emu_kernels.encoder_backward(grad, X, params, mask, *actual)
     for i, (a, e) in enumerate(zip(T.flat(actual_grads), T.flat(expected_grads))):
         T.assert_close(a, e, f"encoder gradient {i}", torch.float64)
     for bias in (1.0, 100.0):

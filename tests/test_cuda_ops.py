@@ -95,15 +95,14 @@ def decoder_args(shape, dtype, dropout, valid="ragged", seed=0):
     b_hh = [rnd(3 * H) for _ in range(L)]
     attn_mask = keep_mask((S, B, T), 0.3, dtype, g) if dropout else None
     layer_mask = keep_mask((L - 1, S, B, H), 0.3, dtype, g) if dropout and L > 1 else None
-    return [X, enc, hidden, lens, kp, rnd(VOCAB, EMBED), rnd(H, H), rnd(1, H), w_ih, w_hh, b_ih, b_hh,
-            rnd(VOCAB, H), rnd(VOCAB), attn_mask, layer_mask, True]
+    params = [rnd(VOCAB, EMBED), rnd(H, H), rnd(1, H), *w_ih, *w_hh, *b_ih, *b_hh, rnd(VOCAB, H), rnd(VOCAB)]
+    return [X, enc, hidden, lens, kp, params, attn_mask, layer_mask, True]
 
 
 def backward_args(args, outputs, grads):
-    X, enc, _hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, _b_ih, _b_hh, dw, _db, am, lm, _keep = args
+    X, enc, _hidden, lens, kp, params, am, lm, _keep = args
     _, attention, states, inputs, layer_inputs, gates = outputs
-    return (*grads, X, enc, lens, kp, emb, W_q, w_v, w_ih, w_hh, dw, am, lm, attention, states, inputs,
-            layer_inputs, gates)
+    return (*grads, X, enc, lens, kp, params, am, lm, attention, states, inputs, layer_inputs, gates)
 
 
 FORWARD_NAMES = ("logits", "attention", "states", "inputs", "layer_inputs", "gates")
@@ -209,19 +208,12 @@ def test_decoder_forward_without_kept_activations_matches():
 @gpu
 def test_gradcheck_float64_on_cuda_with_dropout_and_masked_rows():
     args = to_device(decoder_args((2, 3, 3, 3, 2), torch.float64, dropout=True), "cuda")
-    (X, enc, hidden, lens, kp, emb, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dw, db, am, lm, _) = args
+    (X, enc, hidden, lens, kp, params, am, lm, _) = args
     lens = torch.tensor([0, 2], device="cuda")
-    L = len(w_ih)
-    leaves = [t.detach().clone().requires_grad_() for t in [enc, hidden, kp, emb, W_q, w_v, *w_ih, *w_hh, *b_ih,
-                                                             *b_hh, dw, db]]
+    leaves = [t.detach().clone().requires_grad_() for t in [enc, hidden, kp, *params]]
 
-    def fn(*ts):
-        enc, hidden, kp, emb, W_q, w_v = ts[:6]
-        lists = ts[6:6 + 4 * L]
-        dw, db = ts[6 + 4 * L:]
-        wi, wh, bi, bh = (list(lists[i * L:(i + 1) * L]) for i in range(4))
-        logits, attention, states, *_ = ops().decoder_forward(
-            X, enc, hidden, lens, kp, emb, W_q, w_v, wi, wh, bi, bh, dw, db, am, lm, True)
+    def fn(enc, hidden, kp, *params):
+        logits, attention, states, *_ = ops().decoder_forward(X, enc, hidden, lens, kp, list(params), am, lm, True)
         return logits, attention, states
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
@@ -230,10 +222,9 @@ def test_gradcheck_float64_on_cuda_with_dropout_and_masked_rows():
 @gpu
 def test_opcheck_decoder_ops_on_cuda():
     args = to_device(decoder_args((2, 3, 3, 3, 2), torch.float64, dropout=True), "cuda")
-    for i in (1, 2, 4, 5, 6, 7, 12, 13):
+    for i in (1, 2, 4):
         args[i] = args[i].requires_grad_()
-    for i in (8, 9, 10, 11):
-        args[i] = [w.requires_grad_() for w in args[i]]
+    args[5] = [w.requires_grad_() for w in args[5]]
     torch.library.opcheck(torch.ops.seq2seq_fast.decoder_forward.default, tuple(args))
     with torch.no_grad():
         outputs = ops().decoder_forward(*args)
@@ -405,12 +396,11 @@ def greedy_args(net, B, T, max_len, return_attention=True, seed=1, masks=False):
         out, state = net.encoder(src)
         values = out.permute(1, 0, 2).contiguous()
         kp = net.decoder.attention.W_k(values)
-    params = [[p.detach() for p in x] if isinstance(x, list) else x.detach()
-              for x in backend()._decoder_params(net.decoder)]
+    params = [p.detach() for p in backend()._decoder_params(net.decoder)]
     L, H = state.shape[0], state.shape[2]
     attn_mask = keep_mask((max_len, B, T), 0.2, dtype, g) if masks else None
     layer_mask = keep_mask((L - 1, max_len, B, H), 0.2, dtype, g) if masks and L > 1 else None
-    return [values, state.detach(), src_len, kp, *params, attn_mask, layer_mask, BOS, EOS, max_len,
+    return [values, state.detach(), src_len, kp, params, attn_mask, layer_mask, BOS, EOS, max_len,
             return_attention]
 
 
@@ -533,7 +523,7 @@ def encoder_args(B, T, H, L, dtype, dropout, seed=0):
     b_ih = [rnd(3 * H) for _ in range(L)]
     b_hh = [rnd(3 * H) for _ in range(L)]
     mask = keep_mask((L - 1, T, B, H), 0.3, dtype, g) if dropout and L > 1 else None
-    return [X, rnd(VOCAB, EMBED), w_ih, w_hh, b_ih, b_hh, mask, True]
+    return [X, [rnd(VOCAB, EMBED), *w_ih, *w_hh, *b_ih, *b_hh], mask, True]
 
 
 @gpu
@@ -551,11 +541,11 @@ def test_encoder_ops_match_cpu_ops(shape, dtype, dropout):
     for name, a, e in zip(("states", "layer_inputs", "gates"), actual, expected):
         assert_close(a, e, name, dtype)
     grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
-    X, emb, w_ih, w_hh, _, _, mask, _ = args
-    expected_grads = ops().encoder_backward(grad, X, emb, w_ih, w_hh, mask, *expected)
-    cX, cemb, cw_ih, cw_hh, _, _, cmask, _ = cuda_args
+    X, params, mask, _ = args
+    expected_grads = ops().encoder_backward(grad, X, params, mask, *expected)
+    cX, cparams, cmask, _ = cuda_args
     poison_cuda_cache()
-    actual_grads = ops().encoder_backward(grad.cuda(), cX, cemb, cw_ih, cw_hh, cmask, *actual)
+    actual_grads = ops().encoder_backward(grad.cuda(), cX, cparams, cmask, *actual)
     names = ["embedding"] + [f"{g}[{k}]" for g in ("w_ih", "w_hh", "b_ih", "b_hh") for k in range(L)]
     for name, a, e in zip(names, flat(actual_grads), flat(expected_grads)):
         assert_close(a, e, f"grad {name}", dtype)
@@ -591,7 +581,9 @@ def test_encoder_on_cuda_matches_reference_outputs_state_and_every_gradient(dtyp
 def test_encoder_half_precision_error_at_most_twice_the_frameworks_own(dtype):
     B, T, H, L = 4, 9, 32, 2
     args64 = to_device(encoder_args(B, T, H, L, torch.float64, dropout=False), "cuda")
-    X, emb, w_ih, w_hh, b_ih, b_hh, _, _ = args64
+    X, params, _, _ = args64
+    emb = params[0]
+    w_ih, w_hh, b_ih, b_hh = (params[1 + i * L:1 + (i + 1) * L] for i in range(4))
     g = torch.Generator().manual_seed(2)
     grad = torch.randn(L, T + 1, B, H, generator=g, dtype=torch.float64).cuda()
 
@@ -612,8 +604,7 @@ def test_encoder_half_precision_error_at_most_twice_the_frameworks_own(dtype):
     def ours(dt):
         leaves = [emb.to(dt)] + [w.to(dt) for w in (*w_ih, *w_hh, *b_ih, *b_hh)]
         leaves = [t.detach().requires_grad_() for t in leaves]
-        lists = [leaves[1 + i * L:1 + (i + 1) * L] for i in range(4)]
-        states, _, _ = ops().encoder_forward(X, leaves[0], *lists, None, True)
+        states, _, _ = ops().encoder_forward(X, leaves, None, True)
         out, state = states[L - 1, 1:], states[:, T]
         ((out.double() * grad[L - 1, 1:]).sum() + (state.double() * grad[:, T]).sum()).backward()
         return [out.detach(), state.detach()] + [t.grad for t in leaves]

@@ -8,9 +8,12 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
 #include <mutex>
 
-#include "cpu/kernels.h"
+#include "cpu/math.h"
+#include "cpu/workspace.h"
 
 namespace seq2seq_fast::cpu {
 namespace {
@@ -36,7 +39,7 @@ SEQ2SEQ_FAST_INLINE void fill_mask(T* out, int64_t begin, int64_t end, uint64_t 
   }
 }
 
-// Float compiled per ISA (see kernels.h), double plain.
+// Float compiled per ISA (see math.h), double plain.
 SEQ2SEQ_FAST_CLONES void fill_mask_range(float* out, int64_t begin, int64_t end, uint64_t seed, uint32_t threshold,
                                          float keep) {
   fill_mask<float>(out, begin, end, seed, threshold, keep);

@@ -9,117 +9,52 @@
 
 #include <vector>
 
-#include "cpu/kernels.h"
+#include "checks.h"
+#include "cpu/loop.h"
 
 namespace seq2seq_fast::cpu {
 namespace {
 
-struct EncSizes {
-  int64_t B, T, H, E, V, L;
-};
-
-EncSizes check_encoder(const at::Tensor& X, const at::Tensor& embedding, at::TensorList w_ih, at::TensorList w_hh,
-                       at::TensorList b_ih, at::TensorList b_hh) {
-  TORCH_CHECK_TYPE(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble,
-                   "seq2seq_fast: embedding must be float32 or float64, got ", embedding.scalar_type());
-  const auto dtype = embedding.scalar_type();
-  TORCH_CHECK_VALUE(embedding.device().is_cpu(), "seq2seq_fast: embedding must be a CPU tensor, got device ",
-                    embedding.device());
-  TORCH_CHECK_VALUE(embedding.dim() == 2, "seq2seq_fast: embedding must have shape (V, E), got ",
-                    embedding.sizes());
-  EncSizes s{};
-  s.V = embedding.size(0);
-  s.E = embedding.size(1);
-  check_tokens(X, "X", s.V);
-  s.B = X.size(0);
-  s.T = X.size(1);
-  TORCH_CHECK_VALUE(s.B >= 1, "seq2seq_fast: X must have at least one row, got shape ", X.sizes());
-  s.L = static_cast<int64_t>(w_ih.size());
-  const bool biases = !b_ih.empty() || !b_hh.empty();  // the backward passes none
-  TORCH_CHECK_VALUE(s.L >= 1 && w_hh.size() == w_ih.size() &&
-                        (!biases || (b_ih.size() == w_ih.size() && b_hh.size() == w_ih.size())),
-                    "seq2seq_fast: w_ih, w_hh, b_ih, b_hh must list one tensor per GRU layer (>= 1)");
-  check_cpu_float(w_hh[0], "w_hh", dtype);
-  TORCH_CHECK_VALUE(w_hh[0].dim() == 2, "seq2seq_fast: w_hh[layer] must have shape (3H, H), got ",
-                    w_hh[0].sizes());
-  s.H = w_hh[0].size(1);
-  for (int64_t k = 0; k < s.L; ++k) {
-    check_cpu_float(w_ih[k], "w_ih", dtype);
-    check_shape(w_ih[k], "w_ih[layer]", {3 * s.H, k == 0 ? s.E : s.H});
-    check_cpu_float(w_hh[k], "w_hh", dtype);
-    check_shape(w_hh[k], "w_hh[layer]", {3 * s.H, s.H});
-    if (biases) {
-      check_cpu_float(b_ih[k], "b_ih", dtype);
-      check_shape(b_ih[k], "b_ih[layer]", {3 * s.H});
-      check_cpu_float(b_hh[k], "b_hh", dtype);
-      check_shape(b_hh[k], "b_hh[layer]", {3 * s.H});
-    }
-  }
-  return s;
-}
-
-void check_layer_mask(const EncSizes& s, const c10::optional<at::Tensor>& layer_mask, at::ScalarType dtype) {
-  if (!layer_mask.has_value()) {
-    return;
-  }
-  TORCH_CHECK_VALUE(s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
-  check_cpu_float(*layer_mask, "layer_mask", dtype);
-  check_shape(*layer_mask, "layer_mask", {s.L - 1, s.T, s.B, s.H});
-}
-
 // Multiply-adds x 2 of one row's recurrence through all steps of one layer.
-double recurrence_flops_per_row(const EncSizes& s) {
-  return 2.0 * static_cast<double>(s.T) * 3.0 * static_cast<double>(s.H * s.H);
+double recurrence_flops_per_row(const Sizes& s) {
+  return 2.0 * static_cast<double>(s.S) * 3.0 * static_cast<double>(s.H * s.H);
 }
 
 // Values of the weights a forward step reads through all layers: every W_hh, the W_ih of
 // layers > 0, and layer 0's W_ih unless its gates come from a vocabulary table.
-int64_t step_weight_values(const EncSizes& s, bool tabled) {
+int64_t step_weight_values(const Sizes& s, bool tabled) {
   return 3 * s.H * (s.L * s.H + (s.L - 1) * s.H + (tabled ? 0 : s.E));
-}
-
-std::vector<at::Tensor> contiguous_list(at::TensorList list) {
-  std::vector<at::Tensor> out;
-  for (const auto& t : list) {
-    out.push_back(t.contiguous());
-  }
-  return out;
 }
 
 // Embedding rows of X (B, T) in step-major order: out (T, B, E).
 template <typename T>
-void embed_steps(const at::Tensor& X, const at::Tensor& embedding, T* out, const EncSizes& s) {
+void embed_steps(const at::Tensor& X, const at::Tensor& embedding, T* out, const Sizes& s) {
   const int64_t* ids = X.data_ptr<int64_t>();
   const T* table = embedding.data_ptr<T>();
-  for (int64_t t = 0; t < s.T; ++t) {
+  for (int64_t t = 0; t < s.S; ++t) {
     for (int64_t b = 0; b < s.B; ++b) {
-      const T* src = table + ids[b * s.T + t] * s.E;
+      const T* src = table + ids[b * s.S + t] * s.E;
       std::copy(src, src + s.E, out + (t * s.B + b) * s.E);
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, const at::Tensor& embedding_in,
-                                                                at::TensorList w_ih_in, at::TensorList w_hh_in,
-                                                                at::TensorList b_ih_in, at::TensorList b_hh_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, at::TensorList params,
                                                                 const c10::optional<at::Tensor>& layer_mask_in,
                                                                 bool keep_activations) {
-  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in);
-  const auto dtype = embedding_in.scalar_type();
-  check_layer_mask(s, layer_mask_in, dtype);
-  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
-  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
-  const auto w_ih = contiguous_list(w_ih_in), w_hh = contiguous_list(w_hh_in);
-  const auto b_ih = contiguous_list(b_ih_in), b_hh = contiguous_list(b_hh_in);
-  c10::optional<at::Tensor> layer_mask;
-  if (layer_mask_in.has_value()) {
-    layer_mask = layer_mask_in->contiguous();
-  }
+  Placement on;
+  const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on);
+  const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
+  const at::Tensor X = X_in.contiguous();
+  const at::Tensor& embedding = w.embedding;
+  const std::vector<at::Tensor>&w_ih = w.w_ih, &w_hh = w.w_hh, &b_ih = w.b_ih, &b_hh = w.b_hh;
+  const auto layer_mask = contiguous_opt(layer_mask_in);
   auto opts = embedding.options();
   at::Tensor states = cpu::empty({L, T_ + 1, B, H}, opts);
   at::Tensor layer_inputs = layer_mask.has_value() ? cpu::empty({L - 1, T_, B, H}, opts) : cpu::empty({0}, opts);
   at::Tensor gates = cpu::empty({keep_activations ? L * T_ : 1, B, 4 * H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::encoder_forward", [&] {
     using T = scalar_t;
     const EmbeddingGates<T> emb_gates(embedding, w_ih[0].data_ptr<T>(), E, H, T_ * B);
     T* st = states.data_ptr<T>();
@@ -138,10 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
         hh[k] = PackedWeight<T>(true, n, 3 * H, H, w_hh[k].data_ptr<T>(), H);
         std::fill(st + k * state_ld + b0 * H, st + k * state_ld + b1 * H, T(0));
       }
-      at::Tensor scratch = cpu::empty({n, 6 * H + E}, opts);
-      T* gi = scratch.data_ptr<T>();
-      T* gh = gi + n * 3 * H;
-      T* x_emb = gh + n * 3 * H;
+      Slab<T> slab(n * (6 * H + E), opts);
+      T* gi = slab.take(n * 3 * H);     // (n, 3H) input gates
+      T* gh = slab.take(n * 3 * H);     // (n, 3H) recurrent gates
+      T* x_emb = slab.take(n * E);      // (n, E) the step's embeddings (no vocabulary table)
       const int64_t* ids = X.data_ptr<int64_t>() + b0 * T_;
       for (int64_t t = 0; t < T_; ++t) {
         const int64_t row = t * B + b0;  // first row of the chunk in (T, B, ...) buffers
@@ -182,41 +117,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
   return {states, layer_inputs, gates};
 }
 
-using EncoderGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                std::vector<at::Tensor>, std::vector<at::Tensor>>;
-
-EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor& X_in,
-                              const at::Tensor& embedding_in, at::TensorList w_ih_in, at::TensorList w_hh_in,
-                              const c10::optional<at::Tensor>& layer_mask_in, const at::Tensor& states_in,
-                              const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
-  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, {}, {});
-  const auto dtype = embedding_in.scalar_type();
-  check_layer_mask(s, layer_mask_in, dtype);
-  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
-  check_shape(grad_states_in, "grad_states", {L, T_ + 1, B, H});
-  check_shape(states_in, "states", {L, T_ + 1, B, H});
-  check_shape(gates_in, "gates", {L, T_, B, 4 * H});
-  if (layer_mask_in.has_value()) {
-    check_shape(layer_inputs_in, "layer_inputs", {L - 1, T_, B, H});
-  }
-  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
-  const auto w_ih = contiguous_list(w_ih_in), w_hh = contiguous_list(w_hh_in);
+std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const at::Tensor& X_in,
+                                         at::TensorList params, const c10::optional<at::Tensor>& layer_mask_in,
+                                         const at::Tensor& states_in, const at::Tensor& layer_inputs_in,
+                                         const at::Tensor& gates_in) {
+  Placement on;
+  const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on);
+  const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
+  check_encoder_activations(s, grad_states_in, states_in, layer_inputs_in, gates_in, layer_mask_in.has_value(), on);
+  const at::Tensor X = X_in.contiguous();
+  const at::Tensor& embedding = w.embedding;
+  const std::vector<at::Tensor>&w_ih = w.w_ih, &w_hh = w.w_hh;
   const at::Tensor D = grad_states_in.contiguous(), states = states_in.contiguous(), gates = gates_in.contiguous();
   const at::Tensor layer_inputs = layer_inputs_in.contiguous();
-  c10::optional<at::Tensor> layer_mask;
-  if (layer_mask_in.has_value()) {
-    layer_mask = layer_mask_in->contiguous();
-  }
+  const auto layer_mask = contiguous_opt(layer_mask_in);
   auto opts = embedding.options();
   at::Tensor d_emb = cpu::zeros(embedding.sizes(), opts);
-  std::vector<at::Tensor> d_wih, d_whh, d_bih, d_bhh;
+  GruWeights d;  // the GRU's gradients
   for (int64_t k = 0; k < L; ++k) {
-    d_wih.push_back(cpu::empty({3 * H, k == 0 ? E : H}, opts));
-    d_whh.push_back(cpu::empty({3 * H, H}, opts));
-    d_bih.push_back(cpu::empty({3 * H}, opts));
-    d_bhh.push_back(cpu::empty({3 * H}, opts));
+    d.w_ih.push_back(cpu::empty({3 * H, k == 0 ? E : H}, opts));
+    d.w_hh.push_back(cpu::empty({3 * H, H}, opts));
+    d.b_ih.push_back(cpu::empty({3 * H}, opts));
+    d.b_hh.push_back(cpu::empty({3 * H}, opts));
   }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "seq2seq_fast::encoder_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::encoder_backward", [&] {
     using T = scalar_t;
     at::Tensor Ggi = cpu::empty({T_, B, 3 * H}, opts), Ggh = cpu::empty({T_, B, 3 * H}, opts);
     at::Tensor d_in = cpu::zeros({T_, B, std::max(E, H)}, opts);  // grad of the layer's input
@@ -263,11 +188,11 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
       }
       const T* gi_all = Ggi.data_ptr<T>();
       const T* gh_all = Ggh.data_ptr<T>();
-      gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 3 * H, xin, in, T(0), d_wih[k].data_ptr<T>(), in);
+      gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 3 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
       gemm<T>(true, false, 3 * H, H, T_ * B, T(1), gh_all, 3 * H, st + k * state_ld, H, T(0),
-              d_whh[k].data_ptr<T>(), H);
-      column_sums<T>(gi_all, T_ * B, 3 * H, 3 * H, d_bih[k].data_ptr<T>(), false);
-      column_sums<T>(gh_all, T_ * B, 3 * H, 3 * H, d_bhh[k].data_ptr<T>(), false);
+              d.w_hh[k].data_ptr<T>(), H);
+      column_sums<T>(gi_all, T_ * B, 3 * H, 3 * H, d.b_ih[k].data_ptr<T>(), false);
+      column_sums<T>(gh_all, T_ * B, 3 * H, 3 * H, d.b_hh[k].data_ptr<T>(), false);
       // Gradient of this layer's input for all steps: (T*B, in).
       gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 3 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
       if (k > 0 && layer_mask.has_value()) {
@@ -281,16 +206,10 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
     T* de = d_emb.data_ptr<T>();
     const int64_t* ids = X.data_ptr<int64_t>();
     for (int64_t t = 0; t < T_; ++t) {
-      for (int64_t b = 0; b < B; ++b) {
-        T* row = de + ids[b * T_ + t] * E;
-        const T* src = dinp + (t * B + b) * E;
-        for (int64_t c = 0; c < E; ++c) {
-          row[c] += src[c];
-        }
-      }
+      scatter_add_rows<T>(de, E, ids + t, B, T_, dinp + t * B * E, E);
     }
   });
-  return {d_emb, d_wih, d_whh, d_bih, d_bhh};
+  return pack_grads({d_emb}, d, {});
 }
 
 }  // namespace

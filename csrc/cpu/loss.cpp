@@ -4,25 +4,27 @@
 // out (B, S, V) views of step-major (S, B, V) logits, and its backward wants them that way.
 #include <torch/library.h>
 
-#include "cpu/kernels.h"
+#include "checks.h"
+#include "cpu/rows.h"
+#include "cpu/workspace.h"
 
 namespace seq2seq_fast::cpu {
 namespace {
 
-struct LossSizes {
-  int64_t B, S, V;
-};
-
-LossSizes check_loss(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len) {
-  TORCH_CHECK_TYPE(pred.scalar_type() == at::kFloat || pred.scalar_type() == at::kDouble,
-                   "seq2seq_fast: pred must be float32 or float64, got ", pred.scalar_type());
-  TORCH_CHECK_VALUE(pred.device().is_cpu(), "seq2seq_fast: pred must be a CPU tensor, got device ", pred.device());
+// pred (B, S, V >= 1) float; label (B, S) int64 ids in [0, V); valid_len (B,) int64 >= 0.
+Sizes check_loss(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len, Placement* on) {
+  *on = check_reference(pred, "pred", at::kCPU, kCpuFloats);
   TORCH_CHECK_VALUE(pred.dim() == 3 && pred.size(2) >= 1, "seq2seq_fast: pred must have shape (B, S, V >= 1), got ",
                     pred.sizes());
-  const LossSizes s{pred.size(0), pred.size(1), pred.size(2)};
-  check_tokens(label, "label", s.V);
+  Sizes s;
+  s.B = pred.size(0);
+  s.S = pred.size(1);
+  s.V = pred.size(2);
+  check_token_layout(label, "label", *on);
   check_shape(label, "label", {s.B, s.S});
-  check_valid_lens(valid_len, s.B);
+  // Named valid_lens in messages, as the decoder's lengths (callers match on that name).
+  check_lens_layout(valid_len, "valid_lens", s.B, *on);
+  check_values(&label, "label", s.V, valid_len, "valid_lens");
   return s;
 }
 
@@ -34,7 +36,8 @@ at::Tensor rows_view(const at::Tensor& pred) {
 
 std::tuple<at::Tensor, at::Tensor> masked_ce_loss(const at::Tensor& pred_in, const at::Tensor& label_in,
                                                   const at::Tensor& valid_len_in) {
-  const LossSizes s = check_loss(pred_in, label_in, valid_len_in);
+  Placement on;
+  const Sizes s = check_loss(pred_in, label_in, valid_len_in, &on);
   const at::Tensor pred = rows_view(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
   const auto opts = pred.options();
   at::Tensor lse = cpu::empty({s.B, s.S}, opts), nll = cpu::empty({s.B, s.S}, opts);
@@ -60,9 +63,10 @@ std::tuple<at::Tensor, at::Tensor> masked_ce_loss(const at::Tensor& pred_in, con
 
 at::Tensor masked_ce_loss_backward(const at::Tensor& grad_loss, const at::Tensor& pred_in, const at::Tensor& label_in,
                                    const at::Tensor& valid_len_in, const at::Tensor& lse_in) {
-  const LossSizes s = check_loss(pred_in, label_in, valid_len_in);
-  check_shape(grad_loss, "grad_loss", {s.B});
-  check_shape(lse_in, "lse", {s.B, s.S});
+  Placement on;
+  const Sizes s = check_loss(pred_in, label_in, valid_len_in, &on);
+  check_float(grad_loss, "grad_loss", on, {s.B});
+  check_float(lse_in, "lse", on, {s.B, s.S});
   const at::Tensor pred = rows_view(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
   const at::Tensor lse = lse_in.contiguous(), g = grad_loss.contiguous();
   const auto opts = pred.options();

@@ -20,108 +20,12 @@
 #include <memory>
 #include <vector>
 
-#include "cuda/checks.h"
+#include "checks.h"
 #include "cuda/kernels.h"
+#include "cuda/stream.h"
 
 namespace seq2seq_fast::gpu {
 namespace {
-
-struct Sizes {
-  int64_t B, S, T, H, E, V, L;
-};
-
-Sizes check_decoder(const at::Tensor& enc, const at::Tensor& hidden, const c10::optional<at::Tensor>& lens,
-                    const at::Tensor& key_proj, const at::Tensor& embedding, const at::Tensor& W_q,
-                    const at::Tensor& w_v, at::TensorList w_ih, at::TensorList w_hh, at::TensorList b_ih,
-                    at::TensorList b_hh, const at::Tensor& dense_w, const c10::optional<at::Tensor>& dense_b) {
-  TORCH_CHECK_TYPE(is_float_dtype(enc.scalar_type()),
-                   "seq2seq_fast: enc_outputs must be float16, bfloat16, float32 or float64, got ",
-                   enc.scalar_type());
-  TORCH_CHECK_VALUE(enc.is_cuda(), "seq2seq_fast: enc_outputs must be a CUDA tensor, got device ", enc.device());
-  const auto dtype = enc.scalar_type();
-  const auto device = enc.device();
-  TORCH_CHECK_VALUE(enc.dim() == 3 && enc.size(0) > 0 && enc.size(1) > 0,
-                    "seq2seq_fast: enc_outputs must have shape (B >= 1, T >= 1, H), got ", enc.sizes());
-  Sizes s{};
-  s.B = enc.size(0);
-  s.T = enc.size(1);
-  s.H = enc.size(2);
-  s.L = static_cast<int64_t>(w_ih.size());
-  const bool biases = !b_ih.empty() || !b_hh.empty();  // the backward passes none
-  TORCH_CHECK_VALUE(s.L >= 1 && w_hh.size() == w_ih.size() &&
-                        (!biases || (b_ih.size() == w_ih.size() && b_hh.size() == w_ih.size())),
-                    "seq2seq_fast: w_ih, w_hh, b_ih, b_hh must list one tensor per GRU layer (>= 1), got ",
-                    w_ih.size(), ", ", w_hh.size(), ", ", b_ih.size(), ", ", b_hh.size());
-  check_cuda_float(embedding, "embedding", dtype, device);
-  TORCH_CHECK_VALUE(embedding.dim() == 2, "seq2seq_fast: embedding must have shape (V, E), got ",
-                    embedding.sizes());
-  s.E = embedding.size(1);
-  check_cuda_float(dense_w, "dense_weight", dtype, device);
-  TORCH_CHECK_VALUE(dense_w.dim() == 2 && dense_w.size(1) == s.H,
-                    "seq2seq_fast: dense_weight must have shape (V, ", s.H, "), got ", dense_w.sizes());
-  s.V = dense_w.size(0);
-  if (dense_b.has_value()) {
-    check_cuda_float(*dense_b, "dense_bias", dtype, device);
-    check_shape(*dense_b, "dense_bias", {s.V});
-  }
-  check_cuda_float(hidden, "hidden", dtype, device);
-  check_shape(hidden, "hidden", {s.L, s.B, s.H});
-  check_cuda_float(key_proj, "key_proj", dtype, device);
-  check_shape(key_proj, "key_proj", {s.B, s.T, s.H});
-  check_cuda_float(W_q, "W_q", dtype, device);
-  check_shape(W_q, "W_q", {s.H, s.H});
-  check_cuda_float(w_v, "w_v", dtype, device);
-  TORCH_CHECK_VALUE(w_v.numel() == s.H, "seq2seq_fast: w_v must hold ", s.H, " values, got shape ", w_v.sizes());
-  for (int64_t k = 0; k < s.L; ++k) {
-    const int64_t in = k == 0 ? s.H + s.E : s.H;
-    check_cuda_float(w_ih[k], "w_ih", dtype, device);
-    check_shape(w_ih[k], "w_ih[layer]", {3 * s.H, in});
-    check_cuda_float(w_hh[k], "w_hh", dtype, device);
-    check_shape(w_hh[k], "w_hh[layer]", {3 * s.H, s.H});
-    if (!biases) {
-      continue;
-    }
-    check_cuda_float(b_ih[k], "b_ih", dtype, device);
-    check_shape(b_ih[k], "b_ih[layer]", {3 * s.H});
-    check_cuda_float(b_hh[k], "b_hh", dtype, device);
-    check_shape(b_hh[k], "b_hh[layer]", {3 * s.H});
-  }
-  check_valid_lens(lens, s.B, device);
-  return s;
-}
-
-void check_masks(const Sizes& s, int64_t steps, const c10::optional<at::Tensor>& attn_mask,
-                 const c10::optional<at::Tensor>& layer_mask, at::ScalarType dtype, const at::Device& device) {
-  if (attn_mask.has_value()) {
-    check_cuda_float(*attn_mask, "attn_mask", dtype, device);
-    check_shape(*attn_mask, "attn_mask", {steps, s.B, s.T});
-  }
-  if (layer_mask.has_value()) {
-    TORCH_CHECK_VALUE(s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
-    check_cuda_float(*layer_mask, "layer_mask", dtype, device);
-    check_shape(*layer_mask, "layer_mask", {s.L - 1, steps, s.B, s.H});
-  }
-}
-
-// The parameters of one call, contiguous; w_cat = [W_q ; W_hh of the top layer] (4H, H): both
-// read the previous top state, so one GEMM per step serves the query and the top layer's gh.
-struct Params {
-  std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;
-  at::Tensor embedding, w_v, dense_w, w_cat;
-  c10::optional<at::Tensor> dense_b;
-
-  Params(const at::Tensor& emb, const at::Tensor& W_q, const at::Tensor& wv, at::TensorList wih, at::TensorList whh,
-         at::TensorList bih, at::TensorList bhh, const at::Tensor& dw, const c10::optional<at::Tensor>& db)
-      : w_ih(contiguous_all(wih)),
-        w_hh(contiguous_all(whh)),
-        b_ih(contiguous_all(bih)),
-        b_hh(contiguous_all(bhh)),
-        embedding(emb.contiguous()),
-        w_v(wv.contiguous()),
-        dense_w(dw.contiguous()),
-        w_cat(at::cat({W_q, whh.back()}, 0).contiguous()),
-        dense_b(contiguous_opt(db)) {}
-};
 
 // Everything one decoder step reads and writes. `state_prev` and `state_out` are (L, B, H) views
 // (they may alias: greedy decoding updates its state in place); x0 (B, H + E) is layer 0's input
@@ -149,22 +53,23 @@ StepScratch make_scratch(const Sizes& s, const at::TensorOptions& opts, at::Scal
           at::empty({s.B, s.T}, opts.dtype(acc))};
 }
 
+// w_cat: w.query_and_top_weights(), (4H, H).
 template <typename T>
-void decoder_step(const Sizes& s, const Params& P, const at::Tensor& kp, const at::Tensor& enc,
-                  const int64_t* lens, const StepIO& io, StepScratch& sc, cudaStream_t stream) {
+void decoder_step(const Sizes& s, const DecoderWeights& w, const at::Tensor& w_cat, const at::Tensor& kp,
+                  const at::Tensor& enc, const int64_t* lens, const StepIO& io, StepScratch& sc, cudaStream_t stream) {
   const int64_t B = s.B, H = s.H, E = s.E, L = s.L;
-  at::mm_out(sc.qg, io.state_prev.select(0, L - 1), P.w_cat.t());
+  at::mm_out(sc.qg, io.state_prev.select(0, L - 1), w_cat.t());
   AttnFwdArgs a{B,           s.T, H, io.attn_out.data_ptr(), io.x0.data_ptr(), H + E, sc.probs.data_ptr(),
-                sc.qg.data_ptr(), 4 * H, kp.data_ptr(), enc.data_ptr(), P.w_v.data_ptr(), lens, io.attn_drop};
+                sc.qg.data_ptr(), 4 * H, kp.data_ptr(), enc.data_ptr(), w.w_v.data_ptr(), lens, io.attn_drop};
   attention_forward<T>(a, stream);
-  io.gi0.addmm_(io.x0.narrow(1, 0, H), P.w_ih[0].narrow(1, 0, H).t());
+  io.gi0.addmm_(io.x0.narrow(1, 0, H), w.w_ih[0].narrow(1, 0, H).t());
   for (int64_t k = 0; k < L; ++k) {
     const at::Tensor h_prev = io.state_prev.select(0, k);
     const at::Tensor h_out = io.state_out.select(0, k);
     const void* gi = io.gi0.data_ptr();
     if (k > 0) {
       const at::Tensor xin = io.layer_inputs.defined() ? io.layer_inputs.select(0, k - 1) : io.state_out.select(0, k - 1);
-      at::mm_out(sc.gi, xin, P.w_ih[k].t());
+      at::mm_out(sc.gi, xin, w.w_ih[k].t());
       gi = sc.gi.data_ptr();
     }
     const void* gh;
@@ -173,7 +78,7 @@ void decoder_step(const Sizes& s, const Params& P, const at::Tensor& kp, const a
       gh = static_cast<const T*>(sc.qg.data_ptr()) + H;
       ld_gh = 4 * H;
     } else {
-      at::mm_out(sc.gh, h_prev, P.w_hh[k].t());
+      at::mm_out(sc.gh, h_prev, w.w_hh[k].t());
       gh = sc.gh.data_ptr();
       ld_gh = 3 * H;
     }
@@ -187,8 +92,8 @@ void decoder_step(const Sizes& s, const Params& P, const at::Tensor& kp, const a
                    3 * H,
                    gh,
                    ld_gh,
-                   P.b_ih[k].data_ptr(),
-                   P.b_hh[k].data_ptr(),
+                   w.b_ih[k].data_ptr(),
+                   w.b_hh[k].data_ptr(),
                    h_prev.data_ptr(),
                    drop ? io.layer_drop.select(0, k).data_ptr() : nullptr};
     gates_forward<T>(g, stream);
@@ -199,19 +104,17 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 
 ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, const at::Tensor& hidden_in,
                               const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in,
-                              const at::Tensor& embedding, const at::Tensor& W_q, const at::Tensor& w_v,
-                              at::TensorList w_ih, at::TensorList w_hh, at::TensorList b_ih, at::TensorList b_hh,
-                              const at::Tensor& dense_w, const at::Tensor& dense_b,
-                              const c10::optional<at::Tensor>& attn_mask_in,
+                              at::TensorList params, const c10::optional<at::Tensor>& attn_mask_in,
                               const c10::optional<at::Tensor>& layer_mask_in, bool keep_activations) {
-  Sizes s = check_decoder(enc_in, hidden_in, lens_in, kp_in, embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w,
-                          dense_b);
+  Placement on;
+  Sizes s;
+  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCUDA, kCudaFloats, &on, &s);
   const c10::cuda::CUDAGuard guard(enc_in.device());
-  check_tokens(X_in, "X", embedding.size(0), enc_in.device());
-  TORCH_CHECK_VALUE(X_in.size(0) == s.B, "seq2seq_fast: X must have shape (B=", s.B, ", S), got ", X_in.sizes());
-  s.S = X_in.size(1);
-  const auto dtype = enc_in.scalar_type();
-  check_masks(s, s.S, attn_mask_in, layer_mask_in, dtype, enc_in.device());
+  check_float(hidden_in, "hidden", on, {s.L, s.B, s.H});
+  check_decoder_tokens(X_in, on, &s);
+  check_masks(s, s.S, attn_mask_in, layer_mask_in, on);
+  check_values(&X_in, "X", w.embedding.size(0), lens_in, "valid_lens", !stream_is_capturing());
+  const auto dtype = on.dtype;
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
@@ -229,7 +132,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   at::Tensor layer_inputs = layer_mask.has_value() ? at::empty({L - 1, S, B, H}, opts) : at::empty({0}, opts);
   at::Tensor gates = keep_activations ? at::empty({S, L, B, 4 * H}, opts) : at::empty({1, L, B, 4 * H}, opts);
   states.select(1, 0).copy_(hidden_in);
-  const Params P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
+  const at::Tensor w_cat = w.query_and_top_weights();
   StepScratch sc = make_scratch(s, opts, acc);
   at::Tensor gi0_all = at::empty({S, B, 3 * H}, opts);
 
@@ -237,11 +140,11 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
     using T = scalar_t;
     // Embedding part of layer 0's input and its GEMM (b_ih is added in the gate kernel), for
     // all steps at once; rows in step-major order.
-    const EmbedArgs emb{S, B, E, P.embedding.size(0), inputs.view({S * B, H + E}).narrow(1, H, E).data_ptr(),
-                        H + E, P.embedding.data_ptr(), X.data_ptr<int64_t>(), S, 1};
+    const EmbedArgs emb{S, B, E, w.embedding.size(0), inputs.view({S * B, H + E}).narrow(1, H, E).data_ptr(),
+                        H + E, w.embedding.data_ptr(), X.data_ptr<int64_t>(), S, 1};
     embed_rows<T>(emb, stream);
     at::Tensor gi0_rows = gi0_all.view({S * B, 3 * H});
-    at::mm_out(gi0_rows, inputs.view({S * B, H + E}).narrow(1, H, E), P.w_ih[0].narrow(1, H, E).t());
+    at::mm_out(gi0_rows, inputs.view({S * B, H + E}).narrow(1, H, E), w.w_ih[0].narrow(1, H, E).t());
     for (int64_t t = 0; t < S; ++t) {
       StepIO io;
       io.state_prev = states.select(1, t);
@@ -255,13 +158,13 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
         io.layer_drop = layer_mask->select(1, t);
       }
       io.attn_drop = attn_mask.has_value() ? attn_mask->select(0, t).data_ptr() : nullptr;
-      decoder_step<T>(s, P, kp, enc, opt_ptr<int64_t>(lens), io, sc, stream);
+      decoder_step<T>(s, w, w_cat, kp, enc, opt_ptr<int64_t>(lens), io, sc, stream);
     }
   });
   // dense over all steps at once: logits = tops @ W^T + b.
   at::Tensor logit_rows = logits.view({S * B, V});
-  at::addmm_out(logit_rows, *P.dense_b, states.select(0, L - 1).narrow(0, 1, S).reshape({S * B, H}),
-                P.dense_w.t());
+  at::addmm_out(logit_rows, w.dense_b, states.select(0, L - 1).narrow(0, 1, S).reshape({S * B, H}),
+                w.dense_w.t());
   if (!keep_activations) {
     gates = at::empty({0}, opts);
   }
@@ -269,53 +172,26 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
 }
 
 using TensorVec = std::vector<at::Tensor>;
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, TensorVec,
-                                  TensorVec, TensorVec, TensorVec, at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, TensorVec>;
 
 BackwardResult decoder_backward(
     const c10::optional<at::Tensor>& grad_logits_in, const c10::optional<at::Tensor>& grad_attention_in,
     const c10::optional<at::Tensor>& grad_states_in, const at::Tensor& X_in, const at::Tensor& enc_in,
-    const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in, const at::Tensor& embedding,
-    const at::Tensor& W_q, const at::Tensor& w_v, at::TensorList w_ih, at::TensorList w_hh,
-    const at::Tensor& dense_w, const c10::optional<at::Tensor>& attn_mask_in,
-    const c10::optional<at::Tensor>& layer_mask_in, const at::Tensor& attention_in, const at::Tensor& states_in,
-    const at::Tensor& inputs_in, const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
-  TORCH_CHECK_VALUE(states_in.dim() == 4, "seq2seq_fast: states must have shape (L, S + 1, B, H), got ",
-                    states_in.sizes());
-  Sizes s = check_decoder(enc_in, states_in.select(1, 0), lens_in, kp_in, embedding, W_q, w_v, w_ih, w_hh, {}, {},
-                          dense_w, c10::nullopt);
+    const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in, at::TensorList params,
+    const c10::optional<at::Tensor>& attn_mask_in, const c10::optional<at::Tensor>& layer_mask_in,
+    const at::Tensor& attention_in, const at::Tensor& states_in, const at::Tensor& inputs_in,
+    const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
+  Placement on;
+  Sizes s;
+  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCUDA, kCudaFloats, &on, &s);
   const c10::cuda::CUDAGuard guard(enc_in.device());
-  const auto device = enc_in.device();
-  check_tokens(X_in, "X", embedding.size(0), device);
-  TORCH_CHECK_VALUE(X_in.size(0) == s.B, "seq2seq_fast: X must have shape (B=", s.B, ", S), got ", X_in.sizes());
-  s.S = X_in.size(1);
+  check_decoder_tokens(X_in, on, &s);
   const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
-  const auto dtype = enc_in.scalar_type();
-  check_masks(s, S, attn_mask_in, layer_mask_in, dtype, device);
-  check_cuda_float(attention_in, "attention", dtype, device);
-  check_shape(attention_in, "attention", {S, B, T_});
-  check_cuda_float(states_in, "states", dtype, device);
-  check_shape(states_in, "states", {L, S + 1, B, H});
-  check_cuda_float(inputs_in, "inputs", dtype, device);
-  check_shape(inputs_in, "inputs", {S, B, H + E});
-  check_cuda_float(gates_in, "gates", dtype, device);
-  check_shape(gates_in, "gates", {S, L, B, 4 * H});
-  if (layer_mask_in.has_value()) {
-    check_cuda_float(layer_inputs_in, "layer_inputs", dtype, device);
-    check_shape(layer_inputs_in, "layer_inputs", {L - 1, S, B, H});
-  }
-  if (grad_logits_in.has_value()) {
-    check_cuda_float(*grad_logits_in, "grad_logits", dtype, device);
-    check_shape(*grad_logits_in, "grad_logits", {S, B, V});
-  }
-  if (grad_attention_in.has_value()) {
-    check_cuda_float(*grad_attention_in, "grad_attention", dtype, device);
-    check_shape(*grad_attention_in, "grad_attention", {S, B, T_});
-  }
-  if (grad_states_in.has_value()) {
-    check_cuda_float(*grad_states_in, "grad_states", dtype, device);
-    check_shape(*grad_states_in, "grad_states", {L, S + 1, B, H});
-  }
+  const auto dtype = on.dtype;
+  check_masks(s, S, attn_mask_in, layer_mask_in, on);
+  check_decoder_activations(s, attention_in, states_in, inputs_in, layer_inputs_in, gates_in,
+                            layer_mask_in.has_value(), grad_logits_in, grad_attention_in, grad_states_in, on);
+  check_values(&X_in, "X", w.embedding.size(0), lens_in, "valid_lens", !stream_is_capturing());
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
@@ -329,9 +205,8 @@ BackwardResult decoder_backward(
   const auto acc_opts = opts.dtype(acc);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  const TensorVec wih = contiguous_all(w_ih), whh = contiguous_all(w_hh);
-  const at::Tensor Wq = W_q.contiguous(), wv = w_v.contiguous(), dw = dense_w.contiguous();
-  const at::Tensor w_cat = at::cat({Wq, whh.back()}, 0).contiguous();
+  const TensorVec &wih = w.w_ih, &whh = w.w_hh;
+  const at::Tensor w_cat = w.query_and_top_weights();
 
   // D: external gradients of every state (the top states' include the logits' part).
   at::Tensor D = grad_states_in.has_value() ? grad_states_in->contiguous().clone() : at::zeros({L, S + 1, B, H}, opts);
@@ -340,7 +215,7 @@ BackwardResult decoder_backward(
   at::Tensor d_dense_w, d_dense_b;
   if (g_logits.has_value()) {
     const at::Tensor gy = g_logits->view({S * B, V});
-    D.select(0, L - 1).narrow(0, 1, S).view({S * B, H}).addmm_(gy, dw);
+    D.select(0, L - 1).narrow(0, 1, S).view({S * B, H}).addmm_(gy, w.dense_w);
     d_dense_w = at::mm(gy.t(), tops);
     d_dense_b = gy.sum(0);
   } else {
@@ -348,7 +223,7 @@ BackwardResult decoder_backward(
     d_dense_b = at::zeros({V}, opts);
   }
   // The queries of every step in one GEMM (the scores' tanh is recomputed in the kernel).
-  const at::Tensor Q = at::mm(top_prev, Wq.t()).view({S, B, H});
+  const at::Tensor Q = at::mm(top_prev, w.W_q.t()).view({S, B, H});
 
   at::Tensor Ggi = at::empty({L, S, B, 3 * H}, opts);
   at::Tensor Ggh = at::empty({std::max<int64_t>(L - 1, 0), S, B, 3 * H}, opts);
@@ -421,7 +296,7 @@ BackwardResult decoder_backward(
                     H,
                     kp.data_ptr(),
                     enc.data_ptr(),
-                    wv.data_ptr(),
+                    w.w_v.data_ptr(),
                     opt_ptr<int64_t>(lens),
                     attn_mask.has_value() ? attn_mask->select(0, t).data_ptr() : nullptr};
       attention_backward<T>(a, stream);
@@ -433,15 +308,19 @@ BackwardResult decoder_backward(
   // Weight gradients, each one GEMM over all steps.
   const at::Tensor gc = Gcat.view({S * B, 4 * H});
   at::Tensor d_Wq = at::mm(gc.narrow(1, 0, H).t(), top_prev);
-  TensorVec d_wih(L), d_whh(L), d_bih(L), d_bhh(L);
-  d_whh[L - 1] = at::mm(gc.narrow(1, H, 3 * H).t(), top_prev);
-  d_bhh[L - 1] = gc.narrow(1, H, 3 * H).sum(0);
+  GruWeights d;  // the GRU's gradients
+  d.w_ih.resize(L);
+  d.w_hh.resize(L);
+  d.b_ih.resize(L);
+  d.b_hh.resize(L);
+  d.w_hh[L - 1] = at::mm(gc.narrow(1, H, 3 * H).t(), top_prev);
+  d.b_hh[L - 1] = gc.narrow(1, H, 3 * H).sum(0);
   for (int64_t k = 0; k < L; ++k) {
     const at::Tensor ggi = Ggi.select(0, k).view({S * B, 3 * H});
     if (k < L - 1) {
       const at::Tensor ggh = Ggh.select(0, k).view({S * B, 3 * H});
-      d_whh[k] = at::mm(ggh.t(), states.select(0, k).narrow(0, 0, S).reshape({S * B, H}));
-      d_bhh[k] = ggh.sum(0);
+      d.w_hh[k] = at::mm(ggh.t(), states.select(0, k).narrow(0, 0, S).reshape({S * B, H}));
+      d.b_hh[k] = ggh.sum(0);
     }
     at::Tensor xin;
     if (k == 0) {
@@ -451,17 +330,16 @@ BackwardResult decoder_backward(
     } else {
       xin = states.select(0, k - 1).narrow(0, 1, S).reshape({S * B, H});
     }
-    d_wih[k] = at::mm(ggi.t(), xin);
-    d_bih[k] = ggi.sum(0);
+    d.w_ih[k] = at::mm(ggi.t(), xin);
+    d.b_ih[k] = ggi.sum(0);
   }
   // Embedding: the embedding columns of layer 0's input gradient, summed per token by ATen's
   // embedding backward (sorts the ids: deterministic, unlike atomics; sums in float for half).
   const at::Tensor d_x = at::mm(Ggi.select(0, 0).view({S * B, 3 * H}), wih[0].narrow(1, H, E));
-  const at::Tensor d_emb = at::embedding_dense_backward(d_x, X.t().reshape({S * B}), embedding.size(0),
+  const at::Tensor d_emb = at::embedding_dense_backward(d_x, X.t().reshape({S * B}), w.embedding.size(0),
                                                         /*padding_idx=*/-1, /*scale_grad_by_freq=*/false);
-  at::Tensor d_wv = dwv_rows.sum(0).view(w_v.sizes()).to(dtype);
-  return {d_enc_acc.to(dtype), dh, d_kp_acc.to(dtype), d_emb, d_Wq, d_wv, d_wih, d_whh, d_bih, d_bhh,
-          d_dense_w, d_dense_b};
+  at::Tensor d_wv = dwv_rows.sum(0).view(w.w_v.sizes()).to(dtype);
+  return {d_enc_acc.to(dtype), dh, d_kp_acc.to(dtype), pack_grads({d_emb, d_Wq, d_wv}, d, {d_dense_w, d_dense_b})};
 }
 
 // ---- greedy decoding --------------------------------------------------------------------------
@@ -489,25 +367,17 @@ struct Event {
 using GreedyResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in,
-                           const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in,
-                           const at::Tensor& embedding, const at::Tensor& W_q, const at::Tensor& w_v,
-                           at::TensorList w_ih, at::TensorList w_hh, at::TensorList b_ih, at::TensorList b_hh,
-                           const at::Tensor& dense_w, const at::Tensor& dense_b,
+                           const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in, at::TensorList params,
                            const c10::optional<at::Tensor>& attn_mask_in,
                            const c10::optional<at::Tensor>& layer_mask_in, int64_t bos, int64_t eos,
                            int64_t max_len, bool return_attention) {
-  Sizes s = check_decoder(enc_in, hidden_in, lens_in, kp_in, embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w,
-                          dense_b);
+  Placement on;
+  Sizes s;
+  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCUDA, kCudaFloats, &on, &s);
   const c10::cuda::CUDAGuard guard(enc_in.device());
-  TORCH_CHECK_VALUE(max_len >= 1, "seq2seq_fast: max_len must be >= 1, got ", max_len);
-  TORCH_CHECK_VALUE(embedding.size(0) == s.V, "seq2seq_fast: embedding must have one row per output token (", s.V,
-                    "), got ", embedding.sizes());
-  TORCH_CHECK_INDEX(bos >= 0 && bos < s.V, "seq2seq_fast: bos must be a token id in [0, ", s.V, "), got ", bos);
-  TORCH_CHECK_INDEX(eos >= 0 && eos < s.V, "seq2seq_fast: eos must be a token id in [0, ", s.V, "), got ", eos);
-  TORCH_CHECK_VALUE(max_len < (int64_t{1} << 31), "seq2seq_fast: max_len must be < 2^31, got ", max_len);
-  s.S = max_len;
-  const auto dtype = enc_in.scalar_type();
-  check_masks(s, max_len, attn_mask_in, layer_mask_in, dtype, enc_in.device());
+  check_greedy(w, hidden_in, bos, eos, max_len, on, &s);
+  const auto dtype = on.dtype;
+  check_masks(s, max_len, attn_mask_in, layer_mask_in, on);
   const at::Tensor enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
   const auto attn_mask = contiguous_opt(attn_mask_in), layer_mask = contiguous_opt(layer_mask_in);
@@ -517,7 +387,10 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
   const auto acc = at::toOpMathType(dtype);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  const Params P(embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh, dense_w, dense_b);
+  const at::Tensor w_cat = w.query_and_top_weights();
+  // The lengths' values are checked in the call's one host read, after the loop (check_values
+  // before it would be a second sync); negative lengths only read as "all keys" meanwhile.
+  const at::Tensor low_len = lens.has_value() ? lens->min() : at::Tensor();
   at::Tensor state = hidden_in.contiguous().clone();
   at::Tensor attn_buf = at::empty({return_attention ? max_len : 1, B, T_}, opts);
   at::Tensor tokens_buf = at::empty({B, max_len}, long_opts);
@@ -540,11 +413,11 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     int32_t* host = host_finished.data_ptr<int32_t>();
     int64_t next_poll = 0;  // the oldest check whose result the host has not read yet
     bool all_done = false;
-    const EmbedArgs first{1, B, E, V, x0.narrow(1, H, E).data_ptr(), H + E, P.embedding.data_ptr(),
+    const EmbedArgs first{1, B, E, V, x0.narrow(1, H, E).data_ptr(), H + E, w.embedding.data_ptr(),
                           bos_ids.data_ptr<int64_t>(), 1, 0};
     embed_rows<T>(first, stream);
     for (int64_t t = 0; t < max_len && !all_done; ++t) {
-      at::mm_out(gi0, x0.narrow(1, H, E), P.w_ih[0].narrow(1, H, E).t());
+      at::mm_out(gi0, x0.narrow(1, H, E), w.w_ih[0].narrow(1, H, E).t());
       StepIO io;
       io.state_prev = state;
       io.state_out = state;
@@ -557,8 +430,8 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
         io.layer_drop = layer_mask->select(1, t);
       }
       io.attn_drop = attn_mask.has_value() ? attn_mask->select(0, t).data_ptr() : nullptr;
-      decoder_step<T>(s, P, kp, enc, opt_ptr<int64_t>(lens), io, sc, stream);
-      at::addmm_out(logits, *P.dense_b, state.select(0, L - 1), P.dense_w.t());
+      decoder_step<T>(s, w, w_cat, kp, enc, opt_ptr<int64_t>(lens), io, sc, stream);
+      at::addmm_out(logits, w.dense_b, state.select(0, L - 1), w.dense_w.t());
       GreedyArgs g{B,
                    V,
                    E,
@@ -572,7 +445,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
                    x0.narrow(1, H, E).data_ptr(),
                    H + E,
                    logits.data_ptr(),
-                   P.embedding.data_ptr()};
+                   w.embedding.data_ptr()};
       greedy_step<T>(g, stream);
       if ((t + 1) % kCheckEvery != 0 || t + 1 >= max_len) {
         continue;
@@ -598,8 +471,18 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
       }
     }
   });
-  // The number of steps any row was unfinished in: the one host sync of the call.
-  const int64_t steps = counters.select(0, 1).item<int32_t>();
+  // The number of steps any row was unfinished in (and the lowest length): the one host sync of
+  // the call.
+  int64_t steps = 0;
+  if (low_len.defined()) {
+    const at::Tensor host = at::stack({counters.select(0, 1).to(at::kLong), low_len}).to(at::kCPU);
+    steps = host.data_ptr<int64_t>()[0];
+    if (host.data_ptr<int64_t>()[1] < 0) {
+      raise_bad_length("valid_lens", host.data_ptr<int64_t>()[1]);
+    }
+  } else {
+    steps = counters.select(0, 1).item<int32_t>();
+  }
   at::Tensor tokens = tokens_buf.narrow(1, 0, steps).contiguous();
   at::Tensor lengths = at::where(first_eos >= 0, first_eos, at::full({}, steps, long_opts));
   at::Tensor attention =

@@ -12,91 +12,33 @@
 
 #include <vector>
 
-#include "cuda/checks.h"
+#include "checks.h"
 #include "cuda/kernels.h"
+#include "cuda/stream.h"
 
 namespace seq2seq_fast::gpu {
 namespace {
 
-struct EncSizes {
-  int64_t B, T, H, E, V, L;
-};
-
-EncSizes check_encoder(const at::Tensor& X, const at::Tensor& embedding, at::TensorList w_ih, at::TensorList w_hh,
-                       at::TensorList b_ih, at::TensorList b_hh) {
-  TORCH_CHECK_TYPE(is_float_dtype(embedding.scalar_type()),
-                   "seq2seq_fast: embedding must be float16, bfloat16, float32 or float64, got ",
-                   embedding.scalar_type());
-  TORCH_CHECK_VALUE(embedding.is_cuda(), "seq2seq_fast: embedding must be a CUDA tensor, got device ",
-                    embedding.device());
-  const auto dtype = embedding.scalar_type();
-  const auto device = embedding.device();
-  TORCH_CHECK_VALUE(embedding.dim() == 2, "seq2seq_fast: embedding must have shape (V, E), got ",
-                    embedding.sizes());
-  EncSizes s{};
-  s.V = embedding.size(0);
-  s.E = embedding.size(1);
-  check_tokens(X, "X", s.V, device);
-  s.B = X.size(0);
-  s.T = X.size(1);
-  TORCH_CHECK_VALUE(s.B >= 1, "seq2seq_fast: X must have at least one row, got shape ", X.sizes());
-  s.L = static_cast<int64_t>(w_ih.size());
-  const bool biases = !b_ih.empty() || !b_hh.empty();  // the backward passes none
-  TORCH_CHECK_VALUE(s.L >= 1 && w_hh.size() == w_ih.size() &&
-                        (!biases || (b_ih.size() == w_ih.size() && b_hh.size() == w_ih.size())),
-                    "seq2seq_fast: w_ih, w_hh, b_ih, b_hh must list one tensor per GRU layer (>= 1)");
-  check_cuda_float(w_hh[0], "w_hh", dtype, device, "embedding");
-  TORCH_CHECK_VALUE(w_hh[0].dim() == 2, "seq2seq_fast: w_hh[layer] must have shape (3H, H), got ",
-                    w_hh[0].sizes());
-  s.H = w_hh[0].size(1);
-  for (int64_t k = 0; k < s.L; ++k) {
-    check_cuda_float(w_ih[k], "w_ih", dtype, device, "embedding");
-    check_shape(w_ih[k], "w_ih[layer]", {3 * s.H, k == 0 ? s.E : s.H});
-    check_cuda_float(w_hh[k], "w_hh", dtype, device, "embedding");
-    check_shape(w_hh[k], "w_hh[layer]", {3 * s.H, s.H});
-    if (biases) {
-      check_cuda_float(b_ih[k], "b_ih", dtype, device, "embedding");
-      check_shape(b_ih[k], "b_ih[layer]", {3 * s.H});
-      check_cuda_float(b_hh[k], "b_hh", dtype, device, "embedding");
-      check_shape(b_hh[k], "b_hh[layer]", {3 * s.H});
-    }
-  }
-  return s;
-}
-
-void check_layer_mask(const EncSizes& s, const c10::optional<at::Tensor>& layer_mask, at::ScalarType dtype,
-                      const at::Device& device) {
-  if (!layer_mask.has_value()) {
-    return;
-  }
-  TORCH_CHECK_VALUE(s.L > 1, "seq2seq_fast: layer_mask needs >= 2 layers");
-  check_cuda_float(*layer_mask, "layer_mask", dtype, device, "embedding");
-  check_shape(*layer_mask, "layer_mask", {s.L - 1, s.T, s.B, s.H});
-}
-
 // Embedding rows of X (B, T) in step-major order: (T, B, E).
 template <typename T>
-void embed_steps(const at::Tensor& X, const at::Tensor& embedding, const at::Tensor& out, const EncSizes& s,
+void embed_steps(const at::Tensor& X, const at::Tensor& embedding, const at::Tensor& out, const Sizes& s,
                  cudaStream_t stream) {
-  const EmbedArgs a{s.T, s.B, s.E, s.V, out.data_ptr(), s.E, embedding.data_ptr(), X.data_ptr<int64_t>(), s.T, 1};
+  const EmbedArgs a{s.S, s.B, s.E, s.V, out.data_ptr(), s.E, embedding.data_ptr(), X.data_ptr<int64_t>(), s.S, 1};
   embed_rows<T>(a, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, const at::Tensor& embedding_in,
-                                                                at::TensorList w_ih_in, at::TensorList w_hh_in,
-                                                                at::TensorList b_ih_in, at::TensorList b_hh_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor& X_in, at::TensorList params,
                                                                 const c10::optional<at::Tensor>& layer_mask_in,
                                                                 bool keep_activations) {
-  TORCH_CHECK_VALUE(embedding_in.is_cuda(), "seq2seq_fast: embedding must be a CUDA tensor, got device ",
-                    embedding_in.device());
-  const c10::cuda::CUDAGuard guard(embedding_in.device());
-  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in);
-  const auto dtype = embedding_in.scalar_type();
-  check_layer_mask(s, layer_mask_in, dtype, embedding_in.device());
-  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
-  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
-  const auto w_ih = contiguous_all(w_ih_in), w_hh = contiguous_all(w_hh_in);
-  const auto b_ih = contiguous_all(b_ih_in), b_hh = contiguous_all(b_hh_in);
+  Placement on;
+  const EncoderWeights w = unpack_encoder_params(params, at::kCUDA, kCudaFloats, &on);
+  const c10::cuda::CUDAGuard guard(on.device);
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, !stream_is_capturing());
+  const auto dtype = on.dtype;
+  const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
+  const at::Tensor X = X_in.contiguous();
+  const at::Tensor& embedding = w.embedding;
+  const std::vector<at::Tensor>&w_ih = w.w_ih, &w_hh = w.w_hh, &b_ih = w.b_ih, &b_hh = w.b_hh;
   const auto layer_mask = contiguous_opt(layer_mask_in);
   const auto opts = embedding.options();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -152,40 +94,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
   return {states, layer_inputs, gates};
 }
 
-using EncoderGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                                std::vector<at::Tensor>, std::vector<at::Tensor>>;
-
-EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor& X_in,
-                              const at::Tensor& embedding_in, at::TensorList w_ih_in, at::TensorList w_hh_in,
-                              const c10::optional<at::Tensor>& layer_mask_in, const at::Tensor& states_in,
-                              const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
-  TORCH_CHECK_VALUE(embedding_in.is_cuda(), "seq2seq_fast: embedding must be a CUDA tensor, got device ",
-                    embedding_in.device());
-  const c10::cuda::CUDAGuard guard(embedding_in.device());
-  const EncSizes s = check_encoder(X_in, embedding_in, w_ih_in, w_hh_in, {}, {});
-  const auto dtype = embedding_in.scalar_type();
-  const auto device = embedding_in.device();
-  check_layer_mask(s, layer_mask_in, dtype, device);
-  const int64_t B = s.B, T_ = s.T, H = s.H, E = s.E, L = s.L;
-  check_cuda_float(grad_states_in, "grad_states", dtype, device, "embedding");
-  check_shape(grad_states_in, "grad_states", {L, T_ + 1, B, H});
-  check_cuda_float(states_in, "states", dtype, device, "embedding");
-  check_shape(states_in, "states", {L, T_ + 1, B, H});
-  check_cuda_float(gates_in, "gates", dtype, device, "embedding");
-  check_shape(gates_in, "gates", {L, T_, B, 4 * H});
-  if (layer_mask_in.has_value()) {
-    check_cuda_float(layer_inputs_in, "layer_inputs", dtype, device, "embedding");
-    check_shape(layer_inputs_in, "layer_inputs", {L - 1, T_, B, H});
-  }
-  const at::Tensor X = X_in.contiguous(), embedding = embedding_in.contiguous();
-  const auto w_ih = contiguous_all(w_ih_in), w_hh = contiguous_all(w_hh_in);
+std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const at::Tensor& X_in,
+                                         at::TensorList params, const c10::optional<at::Tensor>& layer_mask_in,
+                                         const at::Tensor& states_in, const at::Tensor& layer_inputs_in,
+                                         const at::Tensor& gates_in) {
+  Placement on;
+  const EncoderWeights w = unpack_encoder_params(params, at::kCUDA, kCudaFloats, &on);
+  const c10::cuda::CUDAGuard guard(on.device);
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, !stream_is_capturing());
+  const auto dtype = on.dtype;
+  const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
+  check_encoder_activations(s, grad_states_in, states_in, layer_inputs_in, gates_in, layer_mask_in.has_value(), on);
+  const at::Tensor X = X_in.contiguous();
+  const at::Tensor& embedding = w.embedding;
+  const std::vector<at::Tensor>&w_ih = w.w_ih, &w_hh = w.w_hh;
   const at::Tensor D = grad_states_in.contiguous(), states = states_in.contiguous(), gates = gates_in.contiguous();
   const at::Tensor layer_inputs = layer_inputs_in.contiguous();
   const auto layer_mask = contiguous_opt(layer_mask_in);
   const auto opts = embedding.options();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  std::vector<at::Tensor> d_wih(L), d_whh(L), d_bih(L), d_bhh(L);
+  GruWeights d;  // the GRU's gradients
+  d.w_ih.resize(L);
+  d.w_hh.resize(L);
+  d.b_ih.resize(L);
+  d.b_hh.resize(L);
   at::Tensor Ggi = at::empty({T_, B, 3 * H}, opts), Ggh = at::empty({T_, B, 3 * H}, opts);
   // Gradient of the current layer's input for all steps, (T*B, in) with in = E (layer 0) or H;
   // layer k - 1 reads layer k's (and applies the dropout mask in its gate kernel).
@@ -227,10 +160,10 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
         xin = states.select(0, k - 1).narrow(0, 1, T_).reshape({T_ * B, H});
       }
       const at::Tensor gi_all = Ggi.view({T_ * B, 3 * H}), gh_all = Ggh.view({T_ * B, 3 * H});
-      d_wih[k] = at::mm(gi_all.t(), xin);
-      d_whh[k] = at::mm(gh_all.t(), states.select(0, k).narrow(0, 0, T_).reshape({T_ * B, H}));
-      d_bih[k] = gi_all.sum(0);
-      d_bhh[k] = gh_all.sum(0);
+      d.w_ih[k] = at::mm(gi_all.t(), xin);
+      d.w_hh[k] = at::mm(gh_all.t(), states.select(0, k).narrow(0, 0, T_).reshape({T_ * B, H}));
+      d.b_ih[k] = gi_all.sum(0);
+      d.b_hh[k] = gh_all.sum(0);
       at::Tensor d_in_rows = d_in.narrow(0, 0, T_ * B * in).view({T_ * B, in});
       at::mm_out(d_in_rows, gi_all, w_ih[k]);
     }
@@ -240,7 +173,7 @@ EncoderGrads encoder_backward(const at::Tensor& grad_states_in, const at::Tensor
   at::Tensor d_emb = at::embedding_dense_backward(d_in.narrow(0, 0, T_ * B * E).view({T_ * B, E}),
                                                   X.t().reshape({T_ * B}), s.V, /*padding_idx=*/-1,
                                                   /*scale_grad_by_freq=*/false);
-  return {d_emb, d_wih, d_whh, d_bih, d_bhh};
+  return pack_grads({d_emb}, d, {});
 }
 
 }  // namespace

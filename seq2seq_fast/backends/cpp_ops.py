@@ -59,7 +59,8 @@ def cpu_cache_bytes():
 
 
 def _gru_weights(rnn):
-    """(w_ih, w_hh, b_ih, b_hh) lists of an ``nn.GRU`` (zeros for a GRU built with bias=False)."""
+    """[w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0..] of an ``nn.GRU``, as the ops' params list them
+    (zero biases for a GRU built with bias=False)."""
     layers = range(rnn.num_layers)
     w_ih = [getattr(rnn, f"weight_ih_l{k}") for k in layers]
     w_hh = [getattr(rnn, f"weight_hh_l{k}") for k in layers]
@@ -69,7 +70,7 @@ def _gru_weights(rnn):
     else:
         b_ih = [w.new_zeros(w.shape[0]) for w in w_ih]
         b_hh = [w.new_zeros(w.shape[0]) for w in w_hh]
-    return w_ih, w_hh, b_ih, b_hh
+    return [*w_ih, *w_hh, *b_ih, *b_hh]
 
 
 def _keep_mask(shape, p, like):
@@ -108,20 +109,16 @@ def _needs_grad(tensors):
 
 
 def _decoder_params(decoder):
-    w_ih, w_hh, b_ih, b_hh = _gru_weights(decoder.rnn)
+    """The decoder ops' ``params`` (order documented in csrc/ops.cpp): [embedding, W_q, w_v,
+    w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0.., dense weight, dense bias]."""
     attention = decoder.attention
-    return (
-        decoder.embedding.weight, attention.W_q.weight, attention.w_v.weight, w_ih, w_hh, b_ih, b_hh,
-        decoder.dense.weight, decoder.dense.bias,
-    )
+    return [decoder.embedding.weight, attention.W_q.weight, attention.w_v.weight, *_gru_weights(decoder.rnn),
+            decoder.dense.weight, decoder.dense.bias]
 
 
-def _flat(items):
-    for item in items:
-        if isinstance(item, (list, tuple)):
-            yield from item
-        else:
-            yield item
+def _encoder_params(encoder):
+    """The encoder ops' ``params``: [embedding, w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0..]."""
+    return [encoder.embedding.weight, *_gru_weights(encoder.rnn)]
 
 
 # ---- backend entry points --------------------------------------------------------------------------
@@ -147,9 +144,9 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
 def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, attention_dropout=0.0,
                   layer_dropout=0.0):
     """``decoder_forward`` on explicit parameters (what ``torch.compile`` traces: Dynamo does
-    not look into ``nn.GRU`` modules). ``params`` = (embedding (V, E), W_q (H, H), w_v (1, H),
-    w_ih, w_hh, b_ih, b_hh (lists, one per layer), dense weight (V, H), dense bias (V,));
-    the dropout rates apply as in training mode (0: none)."""
+    not look into ``nn.GRU`` modules). ``params``: the flat list of ``_decoder_params``
+    (embedding (V, E), W_q (H, H), w_v (1, H), w_ih, w_hh, b_ih, b_hh of each layer, dense weight
+    (V, H), dense bias (V,)); the dropout rates apply as in training mode (0: none)."""
     _check_ids(X)
     B, S = X.shape
     T = enc_outputs.shape[1]
@@ -158,9 +155,9 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     layer_mask = None
     if layer_dropout > 0 and L > 1:
         layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, enc_outputs)
-    keep = _needs_grad([enc_outputs, hidden, key_proj, *_flat(params)])
+    keep = _needs_grad([enc_outputs, hidden, key_proj, *params])
     logits, attention, states, _, _, _ = _ops().decoder_forward(
-        X, enc_outputs, hidden, valid_lens, key_proj, *params, attn_mask, layer_mask, keep)
+        X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, keep)
     return logits.transpose(0, 1), states[:, S].contiguous(), attention.transpose(0, 1)
 
 
@@ -178,7 +175,7 @@ def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos,
     layer_mask = _layer_mask(decoder.rnn, max_len, B, enc_outputs)
     with torch.no_grad():
         tokens, lengths, attention = _ops().greedy_decode(
-            enc_outputs, hidden, valid_lens, key_proj, *params, attn_mask, layer_mask,
+            enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask,
             int(bos), int(eos), int(max_len), bool(return_attention))
     return tokens, lengths, attention if return_attention else None
 
@@ -191,11 +188,10 @@ def encoder_forward(encoder, X):
     """
     _check_ids(X)
     rnn = encoder.rnn
-    weight = encoder.embedding.weight
-    w_ih, w_hh, b_ih, b_hh = _gru_weights(rnn)
-    layer_mask = _layer_mask(rnn, X.shape[1], X.shape[0], weight)
-    keep = _needs_grad([weight, *w_ih, *w_hh, *b_ih, *b_hh])
-    states, _, _ = _ops().encoder_forward(X, weight, w_ih, w_hh, b_ih, b_hh, layer_mask, keep)
+    params = _encoder_params(encoder)
+    layer_mask = _layer_mask(rnn, X.shape[1], X.shape[0], params[0])
+    keep = _needs_grad(params)
+    states, _, _ = _ops().encoder_forward(X, params, layer_mask, keep)
     L, T = states.shape[0], states.shape[1] - 1
     return states[L - 1, 1:], states[:, T].contiguous()
 
@@ -235,11 +231,21 @@ def _loss_backward_fake(grad_loss, pred, label, valid_len, lse):
     return pred.new_empty((B, S, V))
 
 
-def _decoder_forward_fake(X, enc_outputs, hidden, valid_lens, key_proj, embedding, W_q, w_v, w_ih, w_hh,
-                          b_ih, b_hh, dense_weight, dense_bias, attn_mask, layer_mask, keep_activations):
+def _layers(params, fixed):
+    """L of a packed params list of ``fixed`` + 4L tensors (the C++ ops raise the same error)."""
+    L, rest = divmod(len(params) - fixed, 4)
+    if L < 1 or rest:
+        raise ValueError(f"seq2seq_fast: params must list {fixed} + 4L tensors for L >= 1 GRU layers, "
+                         f"got {len(params)} tensors")
+    return L
+
+
+def _decoder_forward_fake(X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask,
+                          keep_activations):
     B, S = X.shape
     T, H = enc_outputs.shape[1], enc_outputs.shape[2]
-    E, V, L = embedding.shape[1], dense_weight.shape[0], len(w_ih)
+    L = _layers(params, 5)
+    E, V = params[0].shape[1], params[-2].shape[0]
     new = enc_outputs.new_empty
     layer_inputs = new((L - 1, S, B, H)) if layer_mask is not None else new((0,))
     gates = new((S, L, B, 4 * H)) if keep_activations else new((0,))
@@ -252,22 +258,19 @@ def _contiguous_like(t):
     return t.new_empty(t.shape)
 
 
-def _decoder_backward_fake(grad_logits, grad_attention, grad_states, X, enc_outputs, valid_lens, key_proj,
-                           embedding, W_q, w_v, w_ih, w_hh, dense_weight, attn_mask, layer_mask, attention,
-                           states, inputs, layer_inputs, gates):
+def _decoder_backward_fake(grad_logits, grad_attention, grad_states, X, enc_outputs, valid_lens, key_proj, params,
+                           attn_mask, layer_mask, attention, states, inputs, layer_inputs, gates):
+    L = _layers(params, 5)
     H = enc_outputs.shape[2]
-    L = len(w_ih)
     return (
         _contiguous_like(enc_outputs), enc_outputs.new_empty((L, enc_outputs.shape[0], H)),
-        _contiguous_like(key_proj), _contiguous_like(embedding), _contiguous_like(W_q), _contiguous_like(w_v),
-        [_contiguous_like(w) for w in w_ih], [_contiguous_like(w) for w in w_hh],
-        [w.new_empty((w.shape[0],)) for w in w_ih], [w.new_empty((w.shape[0],)) for w in w_hh],
-        _contiguous_like(dense_weight), dense_weight.new_empty((dense_weight.shape[0],)),
+        _contiguous_like(key_proj), [_contiguous_like(p) for p in params],
     )
 
 
-def _greedy_fake(enc_outputs, hidden, valid_lens, key_proj, embedding, W_q, w_v, w_ih, w_hh, b_ih, b_hh,
-                 dense_weight, dense_bias, attn_mask, layer_mask, bos, eos, max_len, return_attention):
+def _greedy_fake(enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, bos, eos, max_len,
+                 return_attention):
+    _layers(params, 5)
     B, T = enc_outputs.shape[:2]
     steps = torch.library.get_ctx().new_dynamic_size(min=1, max=max_len)
     tokens = enc_outputs.new_empty((B, steps), dtype=torch.int64)
@@ -275,20 +278,19 @@ def _greedy_fake(enc_outputs, hidden, valid_lens, key_proj, embedding, W_q, w_v,
     return tokens, enc_outputs.new_empty((B,), dtype=torch.int64), attention
 
 
-def _encoder_forward_fake(X, embedding, w_ih, w_hh, b_ih, b_hh, layer_mask, keep_activations):
+def _encoder_forward_fake(X, params, layer_mask, keep_activations):
     B, T = X.shape
-    L, H = len(w_ih), w_hh[0].shape[1]
-    new = embedding.new_empty
+    L = _layers(params, 1)
+    H = params[1 + L].shape[1]  # w_hh_0 (3H, H)
+    new = params[0].new_empty
     layer_inputs = new((L - 1, T, B, H)) if layer_mask is not None else new((0,))
     gates = new((L, T, B, 4 * H)) if keep_activations else new((0,))
     return new((L, T + 1, B, H)), layer_inputs, gates
 
 
-def _encoder_backward_fake(grad_states, X, embedding, w_ih, w_hh, layer_mask, states, layer_inputs, gates):
-    return (
-        _contiguous_like(embedding), [_contiguous_like(w) for w in w_ih], [_contiguous_like(w) for w in w_hh],
-        [w.new_empty((w.shape[0],)) for w in w_ih], [w.new_empty((w.shape[0],)) for w in w_hh],
-    )
+def _encoder_backward_fake(grad_states, X, params, layer_mask, states, layer_inputs, gates):
+    _layers(params, 1)
+    return [_contiguous_like(p) for p in params]
 
 
 _EXTENSION_ERROR = extension_error()

@@ -1,0 +1,97 @@
+// What every CPU step loop shares (decoder forward, backward and greedy decoding, the encoder):
+// the split of a batch into row chunks, layer 0's embedding gates through a vocabulary table,
+// and named scratch arrays carved out of one allocation.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/gemm.h"
+#include "cpu/rows.h"
+#include "cpu/workspace.h"
+
+namespace seq2seq_fast::cpu {
+
+// A GRU's first-layer input gates from an embedding, W e(x) with W the (3H, E) block of W_ih
+// that reads the embedding (the bias is added in the gate kernel), for many tokens: when the
+// vocabulary has fewer rows than there are tokens, through a (V, 3H) table of every row's
+// product, one GEMM of V rows; else the caller runs the GEMM over the gathered embeddings.
+// (d2l's zh setting: V = 201 rows against 640 tokens a call.)
+template <typename T>
+class EmbeddingGates {
+ public:
+  // w: W's first element, ld_w its row stride; tokens: how many tokens the call projects.
+  EmbeddingGates(const at::Tensor& embedding, const T* w, int64_t ld_w, int64_t H, int64_t tokens) : H_(H) {
+    const int64_t V = embedding.size(0), E = embedding.size(1);
+    if (V < tokens) {
+      table_ = cpu::empty({V, 3 * H}, embedding.options());
+      gemm<T>(false, true, V, 3 * H, E, T(1), embedding.data_ptr<T>(), E, w, ld_w, T(0), table_.data_ptr<T>(),
+              3 * H);
+    }
+  }
+  bool tabled() const { return table_.defined(); }
+  // gi[i] = table[ids[i * id_stride]], rows of 3H with leading dimension 3H.
+  void lookup(const int64_t* ids, int64_t count, int64_t id_stride, T* gi) const {
+    gather_rows<T>(table_.data_ptr<T>(), 3 * H_, ids, count, id_stride, gi, 3 * H_);
+  }
+
+ private:
+  int64_t H_;
+  at::Tensor table_;
+};
+
+// Weights up to this many values (1 MiB of float) count as small: they stay in a core's L2
+// cache across steps, so a per-step GEMM on them belongs inside a row chunk.
+constexpr int64_t kSmallWeightValues = int64_t(1) << 18;
+
+// Runs f(b0, b1) over contiguous chunks of the rows [0, B), one chunk per thread, each a whole
+// step loop whose BLAS calls run single-threaded (MKL does inside a parallel region). Rows of a
+// recurrence never meet, so this split needs no synchronization per step, where threading each
+// step's small GEMMs forks and joins at every call. Splits only when each chunk gets at least
+// `kChunkFlops` of work and 8 rows, and when the weights a step reads (`step_weight_values`)
+// are small: each chunk streams them at every step, where a threaded GEMM splits them between
+// the threads (the large benchmark's forward, 13 MB of step weights and a 16 MB dense layer:
+// 323 ms split by rows, 211 ms unsplit). Otherwise f(0, B) runs on the calling thread and the
+// BLAS threads each GEMM.
+template <typename F>
+void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values, const F& f) {
+  constexpr double kChunkFlops = 2e6;
+  if (step_weight_values > kSmallWeightValues) {
+    f(int64_t(0), B);
+    return;
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / std::max(flops_per_row, 1.0)));
+  const int64_t even = (B + threads - 1) / threads;
+  at::parallel_for(0, B, std::max<int64_t>({8, by_work, even}), f);
+}
+
+// One allocation for a loop's scratch arrays, handed out in pieces that the loop names, e.g.
+//   Slab<T> slab(n * 7 * H, opts);  T* qg = slab.take(n * 4 * H);  T* gi = slab.take(n * 3 * H);
+// (one block from the cache per call instead of one per array; take() checks the total).
+template <typename T>
+class Slab {
+ public:
+  Slab(int64_t values, const at::TensorOptions& options) : block_(cpu::empty({values}, options)), size_(values) {}
+  T* take(int64_t values) {
+    TORCH_INTERNAL_ASSERT(used_ + values <= size_, "seq2seq_fast: scratch slab overrun");
+    T* p = block_.data_ptr<T>() + used_;
+    used_ += values;
+    return p;
+  }
+
+ private:
+  at::Tensor block_;
+  int64_t size_, used_ = 0;
+};
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+}  // namespace seq2seq_fast::cpu
