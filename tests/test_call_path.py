@@ -52,13 +52,15 @@ def test_backend_name_checked_before_the_memo():
 def test_backend_choice_is_remembered_per_grad_mode_and_autocast():
     tensor = torch.zeros(1)
     dispatch._CHOICES.clear()
+    dispatch._RESOLVED.clear()
     with torch.no_grad():
         dispatch.backend_for("auto", "decoder_forward", tensor)
     dispatch.backend_for("auto", "decoder_forward", tensor)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dispatch.backend_for("auto", "decoder_forward", tensor)
-    keys = {key[4:6] for key in dispatch._CHOICES if key[:4] == ("auto", "decoder_forward", "cpu", torch.float32)}
-    assert keys == {(False, False), (True, False), (True, True)}
+    for memo in (dispatch._CHOICES, dispatch._RESOLVED):
+        keys = {key[4:6] for key in memo if key[:4] == ("auto", "decoder_forward", "cpu", torch.float32)}
+        assert keys == {(False, False), (True, False), (True, True)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -173,7 +173,7 @@ def test_given_dropout_masks_match_explicit_loop_with_gradients():
     g = torch.Generator().manual_seed(3)
     attn_mask = keep_mask((S, B, T), p, dtype, g)
     layer_mask = keep_mask((L - 1, S, B, H), p, dtype, g)
-    params = backend()._decoder_params(dec)
+    params = backend().decoder_params(dec)
     enc = enc.requires_grad_()
     hidden = hidden.requires_grad_()
 
@@ -296,7 +296,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
     ref, fast = paired(5, 2, torch.float32)
     X, enc, hidden, lens = inputs(3, 7, 5, 5, 2, torch.float32, "ragged")
 
-    params = backend()._decoder_params(fast)
+    params = backend().decoder_params(fast)
 
     def step(enc, hidden):
         return backend().decoder_apply(X, enc, hidden, lens, fast.attention.W_k(enc), params)

@@ -91,7 +91,7 @@ def test_given_layer_masks_match_layerwise_reference_with_gradients():
     X = torch.randint(0, VOCAB, (B, T))
     mask = keep_mask((L - 1, T, B, H), p, dtype, torch.Generator().manual_seed(2))
     states, layer_inputs, gates = torch.ops.seq2seq_fast.encoder_forward(
-        X, backend()._encoder_params(encoder), mask, True)
+        X, backend().encoder_params(encoder), mask, True)
     out, state = states[L - 1, 1:], states[:, T]
     out_ref, state_ref = layerwise_reference(encoder, X, mask)
     assert_close(out, out_ref, "output", dtype)
@@ -125,7 +125,7 @@ def tiny_args(requires_grad=True, dropout=True):
     B, T, H, L = 2, 3, 3, 2
     encoder = R.Seq2SeqEncoder(5, 2, H, L, 0.3).double()
     X = torch.randint(0, 5, (B, T))
-    params = [p.detach().clone().requires_grad_(requires_grad) for p in backend()._encoder_params(encoder)]
+    params = [p.detach().clone().requires_grad_(requires_grad) for p in backend().encoder_params(encoder)]
     mask = keep_mask((L - 1, T, B, H), 0.3, torch.float64, torch.Generator().manual_seed(3)) if dropout else None
     return X, params, mask, requires_grad
 

@@ -131,7 +131,7 @@ def test_greedy_op_fake_and_schema():
         out, state = backend().encoder_forward(net.encoder, src)
         values = out.permute(1, 0, 2).contiguous()
         kp = net.decoder.attention.W_k(values)
-    params = backend()._decoder_params(net.decoder)
+    params = backend().decoder_params(net.decoder)
     params = [p.detach() for p in params]
     args = (values, state.detach(), src_len, kp, params, None, None, BOS, EOS, 6, True)
     torch.library.opcheck(torch.ops.seq2seq_fast.greedy_decode.default, args,

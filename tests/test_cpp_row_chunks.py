@@ -58,7 +58,7 @@ def test_decoder_forward_and_gradients_with_dropout_split_over_rows(L, dtype):
     expected = python_decoder_with_masks(dec, X, enc, hidden, lens, attn_mask, layer_mask)
     kp = dec.attention.W_k(enc)
     logits, attention, states, *_ = torch.ops.seq2seq_fast.decoder_forward(
-        X, enc, hidden, lens, kp, backend()._decoder_params(dec), attn_mask, layer_mask, True)
+        X, enc, hidden, lens, kp, backend().decoder_params(dec), attn_mask, layer_mask, True)
     actual = (logits.transpose(0, 1), states[:, S], attention.transpose(0, 1))
     for name, a, e in zip(("logits", "final hidden state", "attention weights"), actual, expected):
         assert_close(a, e, name, dtype)

@@ -267,7 +267,7 @@ def run_fast(module, X, enc, hidden, lens):
 
 def run_fast_any_dtype(module, X, enc, hidden, lens):
     """The op through its autograd registration, in any dtype (the backend's dtype gate aside)."""
-    params = backend()._decoder_params(module)
+    params = backend().decoder_params(module)
     return backend().decoder_apply(X, enc, hidden, lens, module.attention.W_k(enc), params)
 
 
@@ -396,7 +396,7 @@ def greedy_args(net, B, T, max_len, return_attention=True, seed=1, masks=False):
         out, state = net.encoder(src)
         values = out.permute(1, 0, 2).contiguous()
         kp = net.decoder.attention.W_k(values)
-    params = [p.detach() for p in backend()._decoder_params(net.decoder)]
+    params = [p.detach() for p in backend().decoder_params(net.decoder)]
     L, H = state.shape[0], state.shape[2]
     attn_mask = keep_mask((max_len, B, T), 0.2, dtype, g) if masks else None
     layer_mask = keep_mask((L - 1, max_len, B, H), 0.2, dtype, g) if masks and L > 1 else None

@@ -14,8 +14,9 @@ import torch
 from seq2seq_fast.backends.extension import extension_error, has_kernel
 
 NAME = "cpp"
-# Whether this backend's ops check their own arguments (else ops.functional checks them first).
-CHECKS_INPUTS = False
+# Whether this backend's ops check their own arguments (else ops.functional checks them first):
+# the ops check every argument in C++ (csrc/checks.h) before reading it.
+CHECKS_INPUTS = True
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.float16, torch.bfloat16)  # CUDA kernels only (fp32 accumulation)
@@ -61,16 +62,13 @@ def cpu_cache_bytes():
 def _gru_weights(rnn):
     """[w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0..] of an ``nn.GRU``, as the ops' params list them
     (zero biases for a GRU built with bias=False)."""
-    layers = range(rnn.num_layers)
-    w_ih = [getattr(rnn, f"weight_ih_l{k}") for k in layers]
-    w_hh = [getattr(rnn, f"weight_hh_l{k}") for k in layers]
+    # nn.GRU keeps its parameters in _flat_weights, layer by layer (w_ih, w_hh, b_ih, b_hh) and
+    # up to date through .to() and assignments: regrouped by slicing, without attribute lookups.
+    flat = rnn._flat_weights
     if rnn.bias:
-        b_ih = [getattr(rnn, f"bias_ih_l{k}") for k in layers]
-        b_hh = [getattr(rnn, f"bias_hh_l{k}") for k in layers]
-    else:
-        b_ih = [w.new_zeros(w.shape[0]) for w in w_ih]
-        b_hh = [w.new_zeros(w.shape[0]) for w in w_hh]
-    return [*w_ih, *w_hh, *b_ih, *b_hh]
+        return [*flat[0::4], *flat[1::4], *flat[2::4], *flat[3::4]]
+    w_ih, w_hh = flat[0::2], flat[1::2]
+    return [*w_ih, *w_hh, *[w.new_zeros(w.shape[0]) for w in w_ih], *[w.new_zeros(w.shape[0]) for w in w_hh]]
 
 
 def _keep_mask(shape, p, like):
@@ -98,27 +96,25 @@ def _attention_mask(decoder, steps, batch, keys, like):
     return _keep_mask((steps, batch, keys), dropout.p, like)
 
 
-def _check_ids(X):
-    if not isinstance(X, torch.Tensor) or X.dim() != 2:
-        shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
-        raise ValueError(f"X must have shape (B, steps) of int64 token ids, got {shape}")
-
-
 def _needs_grad(tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _decoder_params(decoder):
+def decoder_params(decoder):
     """The decoder ops' ``params`` (order documented in csrc/ops.cpp): [embedding, W_q, w_v,
     w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0.., dense weight, dense bias]."""
-    attention = decoder.attention
-    return [decoder.embedding.weight, attention.W_q.weight, attention.w_v.weight, *_gru_weights(decoder.rnn),
-            decoder.dense.weight, decoder.dense.bias]
+    # Straight from _modules and _parameters: nn.Module.__getattr__ costs more than the list.
+    modules = decoder._modules
+    attention = modules["attention"]._modules
+    dense = modules["dense"]._parameters
+    return [modules["embedding"]._parameters["weight"], attention["W_q"]._parameters["weight"],
+            attention["w_v"]._parameters["weight"], *_gru_weights(modules["rnn"]), dense["weight"], dense["bias"]]
 
 
-def _encoder_params(encoder):
+def encoder_params(encoder):
     """The encoder ops' ``params``: [embedding, w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0..]."""
-    return [encoder.embedding.weight, *_gru_weights(encoder.rnn)]
+    modules = encoder._modules
+    return [modules["embedding"]._parameters["weight"], *_gru_weights(modules["rnn"])]
 
 
 # ---- backend entry points --------------------------------------------------------------------------
@@ -132,11 +128,12 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
     (L, B, H), attention weights before dropout (B, S, T)); differentiable w.r.t. every decoder
     parameter, enc_outputs, key_proj and hidden.
     """
-    attention = decoder.attention.dropout
-    rnn = decoder.rnn
+    modules = decoder._modules
+    dropout = modules["attention"]._modules["dropout"]
+    rnn = modules["rnn"]
     return decoder_apply(
-        X, enc_outputs, hidden, valid_lens, key_proj, _decoder_params(decoder),
-        attention_dropout=attention.p if attention.training else 0.0,
+        X, enc_outputs, hidden, valid_lens, key_proj, decoder_params(decoder),
+        attention_dropout=dropout.p if dropout.training else 0.0,
         layer_dropout=rnn.dropout if rnn.training else 0.0,
     )
 
@@ -144,13 +141,13 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
 def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, attention_dropout=0.0,
                   layer_dropout=0.0):
     """``decoder_forward`` on explicit parameters (what ``torch.compile`` traces: Dynamo does
-    not look into ``nn.GRU`` modules). ``params``: the flat list of ``_decoder_params``
+    not look into ``nn.GRU`` modules). ``params``: the flat list of ``decoder_params``
     (embedding (V, E), W_q (H, H), w_v (1, H), w_ih, w_hh, b_ih, b_hh of each layer, dense weight
     (V, H), dense bias (V,)); the dropout rates apply as in training mode (0: none)."""
-    _check_ids(X)
-    B, S = X.shape
-    T = enc_outputs.shape[1]
-    L, H = hidden.shape[0], hidden.shape[2]
+    # The op checks every argument; the masks only need the sizes the op will check them against.
+    S = X.shape[-1] if X.dim() else 0
+    B, T, H = enc_outputs.shape
+    L = len(params) // 4 - 1  # 5 + 4L tensors
     attn_mask = _keep_mask((S, B, T), attention_dropout, enc_outputs) if attention_dropout > 0 else None
     layer_mask = None
     if layer_dropout > 0 and L > 1:
@@ -170,7 +167,7 @@ def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos,
     before the first eos, attention (B, steps, T) or None).
     """
     B, T = enc_outputs.shape[:2]
-    params = _decoder_params(decoder)
+    params = decoder_params(decoder)
     attn_mask = _attention_mask(decoder, max_len, B, T, enc_outputs)
     layer_mask = _layer_mask(decoder.rnn, max_len, B, enc_outputs)
     with torch.no_grad():
@@ -186,10 +183,9 @@ def encoder_forward(encoder, X):
     X int64 (B, T). Inter-layer dropout in training mode; differentiable w.r.t. the embedding and
     every GRU parameter.
     """
-    _check_ids(X)
-    rnn = encoder.rnn
-    params = _encoder_params(encoder)
-    layer_mask = _layer_mask(rnn, X.shape[1], X.shape[0], params[0])
+    rnn = encoder._modules["rnn"]
+    params = encoder_params(encoder)
+    layer_mask = _layer_mask(rnn, X.shape[-1], X.shape[0], params[0]) if X.dim() else None
     keep = _needs_grad(params)
     states, _, _ = _ops().encoder_forward(X, params, layer_mask, keep)
     L, T = states.shape[0], states.shape[1] - 1

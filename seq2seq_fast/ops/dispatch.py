@@ -131,10 +131,23 @@ def backend_for(requested, entry, tensor):
     of call is worked out once per process and remembered: later calls cost one lookup.
     """
     device_type = tensor.device.type
-    name = _selected_name(requested, entry, device_type, tensor.dtype, torch.is_grad_enabled(),
-                          torch.is_autocast_enabled(device_type))
-    module = _LOADED.get(name)
-    return module if module is not None else backend_module(name)
+    key = (requested, entry, device_type, tensor.dtype, torch.is_grad_enabled(), torch.is_autocast_enabled(device_type))
+    try:
+        module = _RESOLVED.get(key)
+    except TypeError:  # an unhashable backend name
+        check_backend_name(requested)
+    if module is not None and not torch.compiler.is_compiling():
+        return module
+    name = _selected_name(*key)
+    module = _LOADED.get(name) or backend_module(name)
+    if requested != "triton":  # a triton request also depends on TRITON_INTERPRET: never short-cut
+        _RESOLVED[key] = module
+    return module
+
+
+# backend_for's answers by its key (requested backend, entry, device type, dtype, grad mode,
+# autocast): the memo of _selected_name, one lookup from the module.
+_RESOLVED = {}
 
 
 def wants_grad(*tensors, module=None):

@@ -5,6 +5,8 @@ backend: a backend whose ops validate their own arguments (``CHECKS_INPUTS = Tru
 compiled ``cpp`` ops, in C++) gets the call after only the normalisation of d2l's loose
 inputs (float or (B, 1) lengths); the others get it after ``validation``'s shared checks.
 """
+import torch
+
 from seq2seq_fast.backends import cpp_ops, torch_ops
 from seq2seq_fast.ops import validation
 from seq2seq_fast.ops.dispatch import backend_for
@@ -54,13 +56,14 @@ def prepare_decoder_call(decoder, X, state):
     the backends read), ``key_proj = W_k(values)`` (from ``state``'s cache when it holds) and
     the lengths as int64 (B,) or None."""
     enc_outputs, hidden, valid_lens = unpack_state(state)
+    validation.check_tensor(X, "X")
     validation.check_tensor(enc_outputs, "enc_outputs (state[0])")
     backend = backend_for(decoder.backend, "decoder_forward", enc_outputs)
     lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
-    W_k = decoder._modules["attention"]._modules["W_k"]
+    W_k = decoder._modules["attention"]._modules["W_k"]  # without nn.Module.__getattr__
     if backend.CHECKS_INPUTS:
         # The key projection runs before the op's checks: its operand must fit W_k first.
-        validation.check_projectable(enc_outputs, "enc_outputs (state[0])", W_k.weight)
+        validation.check_projectable(enc_outputs, "enc_outputs (state[0])", W_k._parameters["weight"])
     else:
         check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
     values, key_proj, cache = projected_keys(state, enc_outputs, W_k)
@@ -74,8 +77,9 @@ def decoder_forward(decoder, X, state):
     Y, hidden_n, attention = backend.decoder_forward(decoder, X, values, hidden, lens, key_proj)
     # d2l's list of S views (B, 1, T) is built on first read of attention_weights (most calls
     # never read it), except when the weights need a gradient: their views must be made in this
-    # call's grad mode. One attribute: nn.Module.__setattr__ costs a microsecond or two.
-    decoder._attention_weights = list(attention.unsqueeze(2).unbind(1)) if attention.requires_grad else attention
+    # call's grad mode. Written to __dict__: a plain attribute, no nn.Module.__setattr__ checks.
+    decoder.__dict__["_attention_weights"] = (
+        list(attention.unsqueeze(2).unbind(1)) if attention.requires_grad else attention)
     return Y, DecoderState([state[0], hidden_n, state[2]], cache)
 
 
@@ -83,6 +87,7 @@ def encoder_forward(encoder, X):
     """``Seq2SeqEncoder.forward``: (outputs (T, B, H), state (L, B, H))."""
     weight = encoder._modules["embedding"].weight
     backend = backend_for(encoder.backend, "encoder_forward", weight)
+    validation.check_tensor(X, "X")
     if not backend.CHECKS_INPUTS:
         validation.check_tokens(X, "X", weight.shape[0])
         validation.check_same_device("embedding.weight", weight, "X", X)
@@ -122,6 +127,14 @@ def masked_softmax(X, valid_lens):
 
 def masked_ce_loss(loss, pred, label, valid_len):
     """``MaskedSoftmaxCELoss.forward``: the per-sequence loss (B,)."""
+    validation.check_tensor(pred, "pred")
+    validation.check_tensor(label, "label")
+    if cpp_ops.loss_unsupported_reason(pred, loss) is None:
+        # One fused pass on CPU; the op checks its arguments. Only d2l's loose inputs are made
+        # what it takes: integer labels of any width, float or (B, 1) lengths.
+        if not label.is_floating_point() and label.dtype not in (torch.int64, torch.bool) and not label.is_complex():
+            label = label.long()
+        return cpp_ops.masked_ce_loss(pred, label, validation.normalize_lengths(valid_len, "valid_len"))
     validation.check_floating(pred, "pred", ndim=3)
     B, S, vocab = pred.shape
     validation.check_tokens(label, "label", vocab)
@@ -130,6 +143,4 @@ def masked_ce_loss(loss, pred, label, valid_len):
     lens = validation.normalize_valid_lens(valid_len, "valid_len", B)
     validation.check_same_device("pred", pred, "label", label)
     validation.check_same_device("pred", pred, "valid_len", lens)
-    if cpp_ops.loss_unsupported_reason(pred, loss) is None:  # one fused pass on CPU
-        return cpp_ops.masked_ce_loss(pred, label.long(), lens)
     return torch_ops.masked_ce_loss(loss, pred, label, lens)

@@ -52,7 +52,7 @@ def projected_keys(state, enc_outputs, W_k):
     otherwise copy on every call, forward and backward), ``W_k(values)``, both taken from
     ``state``'s cache when it still holds, and the cache to hand on (None when a gradient is
     needed: a graph must not outlive one backward)."""
-    weight = W_k.weight
+    weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
         values = enc_outputs.contiguous()
         return values, W_k(values), None
