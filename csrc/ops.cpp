@@ -69,7 +69,8 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // A dropout keep-mask of shape `size` with like's dtype and device: 1 / (1 - p) with
   // probability 1 - p, else 0, from a seed drawn from torch's default generator.
   m.def("keep_mask(Tensor like, SymInt[] size, float p) -> Tensor");
-  // d2l's MaskedSoftmaxCELoss: pred (B, S, V) logits, label (B, S) int64, valid_len (B,) int64.
+  // d2l's MaskedSoftmaxCELoss: pred (B, S, V >= 1) logits (float32/float64, CPU), label (B, S) int64
+  // ids in [0, V), valid_len (B,) int64 >= 0 (called valid_lens in error messages).
   // Returns loss (B,) = mean over the S steps of the cross-entropy, steps >= valid_len weighted 0,
   // and the log-sum-exp (B, S) of every row, which the backward reads.
   m.def("masked_ce_loss(Tensor pred, Tensor label, Tensor valid_len) -> (Tensor loss, Tensor lse)");
