@@ -132,6 +132,10 @@ inline void check_lens_layout(const c10::optional<at::Tensor>& lens, const char*
                     v.sizes());
 }
 
+// A device's "is the current stream being captured into a CUDA graph?" (CUDA: stream_is_capturing);
+// null on the CPU, where reading values syncs nothing.
+using CaptureQuery = bool (*)();
+
 inline void raise_bad_token(const char* name, int64_t bad, int64_t vocab) {
   TORCH_CHECK_INDEX(false, "seq2seq_fast: ", name, " holds token id ", bad, ", outside the vocabulary [0, ", vocab,
                     ")");
@@ -144,11 +148,11 @@ inline void raise_bad_length(const char* name, int64_t low) {
 // The values of the integer arguments (layouts checked before): every token id of `tokens` (if
 // given) in [0, vocab), every length of `lens` (if given) >= 0; lengths >= T are legal and mean
 // all keys. On the CPU the values are read in place. Elsewhere their bounds come to the host in
-// one copy, the call's only host sync; `may_sync` false (a CUDA graph being captured) skips it,
-// and the kernels then rely on their clamps (ids clamped into the table, lengths <= 0 read as
-// "all keys, uniform").
+// one copy, the call's only host sync, skipped while `capturing()` (a CUDA graph being captured):
+// the kernels then rely on their clamps (ids clamped into the table, lengths <= 0 read as "all
+// keys, uniform").
 inline void check_values(const at::Tensor* tokens, const char* tokens_name, int64_t vocab,
-                         const c10::optional<at::Tensor>& lens, const char* lens_name, bool may_sync = true) {
+                         const c10::optional<at::Tensor>& lens, const char* lens_name, CaptureQuery capturing) {
   const bool has_tokens = tokens != nullptr && tokens->numel() > 0;
   const bool has_lens = lens.has_value() && lens->numel() > 0;
   if (!has_tokens && !has_lens) {
@@ -169,7 +173,7 @@ inline void check_values(const at::Tensor* tokens, const char* tokens_name, int6
       const at::Tensor v = lens->contiguous();
       low_len = *std::min_element(v.data_ptr<int64_t>(), v.data_ptr<int64_t>() + v.numel());
     }
-  } else if (may_sync) {
+  } else if (capturing == nullptr || !capturing()) {
     std::vector<at::Tensor> bounds;  // [min id, max id,] [min length]
     if (has_tokens) {
       const auto [low, high] = at::aminmax(*tokens);
@@ -339,27 +343,27 @@ inline Sizes check_enc_outputs(const at::Tensor& enc, const Placement& on) {
   return s;
 }
 
-// What every decoder op shares: enc_outputs (the reference), key_proj (B, T, H), valid_lens
-// (B,) (layout), the params. Fills the sizes but S.
+// What every decoder op shares: enc_outputs (B >= 1, T >= 1, H), whose placement `on` is (from
+// check_reference, run first so that a CUDA op can set its device guard), key_proj (B, T, H),
+// valid_lens (B,) (layout), the params. Fills the sizes but S.
 inline DecoderWeights check_decoder(const at::Tensor& enc, const at::Tensor& key_proj,
-                                    const c10::optional<at::Tensor>& lens, at::TensorList params,
-                                    at::DeviceType device_type, c10::ArrayRef<at::ScalarType> allowed,
-                                    Placement* on, Sizes* s) {
-  *on = check_reference(enc, "enc_outputs", device_type, allowed);
-  *s = check_enc_outputs(enc, *on);
-  DecoderWeights w = unpack_decoder_params(params, s->H, *on);
+                                    const c10::optional<at::Tensor>& lens, at::TensorList params, const Placement& on,
+                                    Sizes* s) {
+  *s = check_enc_outputs(enc, on);
+  DecoderWeights w = unpack_decoder_params(params, s->H, on);
   s->E = w.E;
   s->V = w.V;
   s->L = w.L;
-  check_float(key_proj, "key_proj", *on, {s->B, s->T, s->H});
-  check_lens_layout(lens, "valid_lens", s->B, *on);
+  check_float(key_proj, "key_proj", on, {s->B, s->T, s->H});
+  check_lens_layout(lens, "enc_valid_lens", s->B, on);
   return w;
 }
 
 // Token ids X of a decoder call: (B, S) with S >= 0 (layout only; values: check_values).
 inline void check_decoder_tokens(const at::Tensor& X, const Placement& on, Sizes* s) {
   check_token_layout(X, "X", on);
-  TORCH_CHECK_VALUE(X.size(0) == s->B, "seq2seq_fast: X must have shape (B=", s->B, ", S), got ", X.sizes());
+  TORCH_CHECK_VALUE(X.size(0) == s->B, "seq2seq_fast: X must have the state's batch size B=", s->B,
+                    " (shape (B, S)), got ", X.sizes());
   s->S = X.size(1);
 }
 
@@ -390,7 +394,7 @@ inline void check_decoder_activations(const Sizes& s, const at::Tensor& attentio
 // 32-bit), one embedding row per output token, bos and eos in [0, V). Sets S = max_len.
 inline void check_greedy(const DecoderWeights& w, const at::Tensor& hidden, int64_t bos, int64_t eos,
                          int64_t max_len, const Placement& on, Sizes* s) {
-  check_float(hidden, "hidden", on, {s->L, s->B, s->H});
+  check_float(hidden, "hidden_state", on, {s->L, s->B, s->H});
   TORCH_CHECK_VALUE(max_len >= 1, "seq2seq_fast: max_len must be >= 1, got ", max_len);
   TORCH_CHECK_VALUE(max_len < (int64_t{1} << 31), "seq2seq_fast: max_len must be < 2^31, got ", max_len);
   TORCH_CHECK_VALUE(w.embedding.size(0) == s->V, "seq2seq_fast: params[0] (embedding) must have one row per ",
@@ -401,9 +405,9 @@ inline void check_greedy(const DecoderWeights& w, const at::Tensor& hidden, int6
 }
 
 // An encoder call's token ids X (B >= 1, T) and layer_mask, checked against its weights; X's
-// values as check_values (`may_sync` as there). Returns the sizes, S = T.
+// values as check_values (`capturing` as there). Returns the sizes, S = T.
 inline Sizes check_encoder(const at::Tensor& X, const EncoderWeights& w, const c10::optional<at::Tensor>& layer_mask,
-                           const Placement& on, bool may_sync = true) {
+                           const Placement& on, CaptureQuery capturing) {
   check_token_layout(X, "X", on);
   TORCH_CHECK_VALUE(X.size(0) >= 1, "seq2seq_fast: X must have at least one row, got shape ", X.sizes());
   Sizes s;
@@ -414,7 +418,7 @@ inline Sizes check_encoder(const at::Tensor& X, const EncoderWeights& w, const c
   s.V = w.V;
   s.L = w.L;
   check_layer_mask(s, s.S, layer_mask, on);
-  check_values(&X, "X", w.V, c10::nullopt, "", may_sync);
+  check_values(&X, "X", w.V, c10::nullopt, "", capturing);
   return s;
 }
 
@@ -429,6 +433,55 @@ inline void check_encoder_activations(const Sizes& s, const at::Tensor& grad_sta
   if (masked) {
     check_float(layer_inputs, "layer_inputs", on, {s.L - 1, s.S, s.B, s.H});
   }
+}
+
+// ---- each decoder op's checks, for every device ---------------------------------------------------
+// `on`: check_reference(enc_outputs, ...); `capturing`: as check_values. Each returns the
+// unpacked params and fills the sizes.
+
+inline DecoderWeights check_decoder_forward(const at::Tensor& X, const at::Tensor& enc, const at::Tensor& hidden,
+                                            const c10::optional<at::Tensor>& lens, const at::Tensor& key_proj,
+                                            at::TensorList params, const c10::optional<at::Tensor>& attn_mask,
+                                            const c10::optional<at::Tensor>& layer_mask, const Placement& on,
+                                            Sizes* s, CaptureQuery capturing) {
+  DecoderWeights w = check_decoder(enc, key_proj, lens, params, on, s);
+  check_float(hidden, "hidden_state", on, {s->L, s->B, s->H});
+  check_decoder_tokens(X, on, s);
+  check_masks(*s, s->S, attn_mask, layer_mask, on);
+  check_values(&X, "X", w.embedding.size(0), lens, "enc_valid_lens", capturing);
+  return w;
+}
+
+inline DecoderWeights check_decoder_backward(
+    const c10::optional<at::Tensor>& grad_logits, const c10::optional<at::Tensor>& grad_attention,
+    const c10::optional<at::Tensor>& grad_states, const at::Tensor& X, const at::Tensor& enc,
+    const c10::optional<at::Tensor>& lens, const at::Tensor& key_proj, at::TensorList params,
+    const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& layer_mask,
+    const at::Tensor& attention, const at::Tensor& states, const at::Tensor& inputs, const at::Tensor& layer_inputs,
+    const at::Tensor& gates, const Placement& on, Sizes* s, CaptureQuery capturing) {
+  DecoderWeights w = check_decoder(enc, key_proj, lens, params, on, s);
+  check_decoder_tokens(X, on, s);
+  check_masks(*s, s->S, attn_mask, layer_mask, on);
+  check_decoder_activations(*s, attention, states, inputs, layer_inputs, gates, layer_mask.has_value(), grad_logits,
+                            grad_attention, grad_states, on);
+  check_values(&X, "X", w.embedding.size(0), lens, "enc_valid_lens", capturing);
+  return w;
+}
+
+// `lens_values`: whether to check valid_lens' values here (the CUDA op folds them into its one
+// host read at the end instead).
+inline DecoderWeights check_greedy_decode(const at::Tensor& enc, const at::Tensor& hidden,
+                                          const c10::optional<at::Tensor>& lens, const at::Tensor& key_proj,
+                                          at::TensorList params, const c10::optional<at::Tensor>& attn_mask,
+                                          const c10::optional<at::Tensor>& layer_mask, int64_t bos, int64_t eos,
+                                          int64_t max_len, const Placement& on, Sizes* s, bool lens_values) {
+  DecoderWeights w = check_decoder(enc, key_proj, lens, params, on, s);
+  check_greedy(w, hidden, bos, eos, max_len, on, s);
+  check_masks(*s, max_len, attn_mask, layer_mask, on);
+  if (lens_values) {
+    check_values(nullptr, "", 0, lens, "enc_valid_lens", nullptr);
+  }
+  return w;
 }
 
 // Gradients of the packed params, in their order: [embedding, W_q, w_v, w_ih.., w_hh.., b_ih..,

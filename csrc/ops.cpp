@@ -23,9 +23,10 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   //   X            int64 (B, S) token ids in [0, V) (teacher forcing: step t reads X[:, t])
   //   enc_outputs  (B >= 1, T >= 1, H) keys = values; its device and dtype are the call's
   //                (CPU: float32/float64; CUDA also float16/bfloat16), every float argument shares them
-  //   hidden       (L, B, H) initial GRU state
-  //   valid_lens   None or int64 (B,): keys j >= valid_lens[b] are hidden (d2l's -1e6 fill; 0
-  //                makes the weights uniform; values >= T mean all keys; negative raise)
+  //   hidden       (L, B, H) initial GRU state (messages say hidden_state, as d2l's decoder state)
+  //   valid_lens   None or int64 (B,): keys j >= valid_lens[b] are hidden (d2l's -1e6 fill; 0 makes
+  //                the weights uniform; values >= T mean all keys; negative raise); messages call it
+  //                enc_valid_lens, as d2l's decoder state
   //   key_proj     (B, T, H) = W_k(enc_outputs), computed once per sequence by the caller
   //   params       the decoder's weights, one ordered list of 5 + 4L tensors, L >= 1:
   //                  [0]            embedding     (V, E)
@@ -69,7 +70,8 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // A dropout keep-mask of shape `size` with like's dtype and device: 1 / (1 - p) with
   // probability 1 - p, else 0, from a seed drawn from torch's default generator.
   m.def("keep_mask(Tensor like, SymInt[] size, float p) -> Tensor");
-  // d2l's MaskedSoftmaxCELoss: pred (B, S, V) logits, label (B, S) int64, valid_len (B,) int64.
+  // d2l's MaskedSoftmaxCELoss: pred (B, S, V >= 1) logits (float32/float64, CPU), label (B, S) int64
+  // ids in [0, V), valid_len (B,) int64 >= 0 (called valid_lens in error messages).
   // Returns loss (B,) = mean over the S steps of the cross-entropy, steps >= valid_len weighted 0,
   // and the log-sum-exp (B, S) of every row, which the backward reads.
   m.def("masked_ce_loss(Tensor pred, Tensor label, Tensor valid_len) -> (Tensor loss, Tensor lse)");

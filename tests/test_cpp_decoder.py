@@ -326,15 +326,15 @@ def test_bad_inputs_raise_named_errors_before_touching_memory():
         run(fast, torch.full_like(X, -1), enc, hidden, lens, kp)
     with pytest.raises(TypeError, match="X must hold int64"):
         run(fast, X.int(), enc, hidden, lens, kp)
-    with pytest.raises(TypeError, match="hidden must have dtype"):
+    with pytest.raises(TypeError, match="hidden_state must have dtype"):
         run(fast, X, enc, hidden.double(), lens, kp)
     with pytest.raises(TypeError, match="enc_outputs must be float32 or float64"):
         run(fast, X, enc.half(), hidden, lens, kp)
-    with pytest.raises(ValueError, match="hidden must have shape"):
+    with pytest.raises(ValueError, match="hidden_state must have shape"):
         run(fast, X, enc, hidden[:, :2], lens, kp)
     with pytest.raises(ValueError, match="key_proj must have shape"):
         run(fast, X, enc, hidden, lens, kp[:, :3])
-    with pytest.raises(ValueError, match="X must have shape"):
+    with pytest.raises(ValueError, match="X must have the state's batch size"):
         run(fast, X[:2], enc, hidden, lens, kp)
     with pytest.raises(ValueError, match="valid_lens must have shape"):
         run(fast, X, enc, hidden, lens[:2], kp)

@@ -152,7 +152,7 @@ def test_bad_arguments():
         loop(net.decoder, values, state, src_len, kp, bos=BOS, eos=-1, max_len=3, return_attention=False)
     with pytest.raises(ValueError, match="max_len must be >= 1"):
         loop(net.decoder, values, state, src_len, kp, bos=BOS, eos=EOS, max_len=0, return_attention=False)
-    with pytest.raises(ValueError, match="hidden must have shape"):
+    with pytest.raises(ValueError, match="hidden_state must have shape"):
         loop(net.decoder, values, state[:1], src_len, kp, bos=BOS, eos=EOS, max_len=3, return_attention=False)
     with pytest.raises(TypeError, match="valid_lens must be int64"):
         loop(net.decoder, values, state, src_len.float(), kp, bos=BOS, eos=EOS, max_len=3, return_attention=False)

@@ -103,7 +103,7 @@ def test_bad_inputs_raise_named_errors():
         ops.masked_ce_loss(pred, label.int(), valid_len)
     with pytest.raises(ValueError, match=r"label must have shape \[3, 4\]"):
         ops.masked_ce_loss(pred, label[:, :3], valid_len)
-    with pytest.raises(ValueError, match=r"valid_lens must have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"valid_len must have shape \(3,\)"):
         ops.masked_ce_loss(pred, label, valid_len[:2])
     with pytest.raises(ValueError, match="pred must have shape"):
         ops.masked_ce_loss(pred[0], label, valid_len)

@@ -641,9 +641,9 @@ def test_cuda_ops_raise_named_errors():
         call(X=X.int())
     with pytest.raises(ValueError, match="X must be on device"):
         call(X=X.cpu())
-    with pytest.raises(TypeError, match="hidden must have dtype"):
+    with pytest.raises(TypeError, match="hidden_state must have dtype"):
         call(hidden=hidden.double())
-    with pytest.raises(ValueError, match="hidden must be on enc_outputs's device"):
+    with pytest.raises(ValueError, match="hidden_state must be on enc_outputs's device"):
         call(hidden=hidden.cpu())
     with pytest.raises(ValueError, match="key_proj must have shape"):
         call(kp=kp[:, :3])

@@ -12,6 +12,7 @@ Run one op's cases by hand: ``python tests/test_ops_fuzz.py decoder_forward``.
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -352,17 +353,31 @@ def _extension_error():
     return extension_error()
 
 
-@pytest.mark.skipif(_extension_error() is not None, reason=f"{_extension_error()}")
-@pytest.mark.parametrize("op_name", sorted(CASES))
-def test_malformed_calls_raise_clean_errors(op_name):
+def _run_child(op_name):
     import seq2seq_fast
 
     # The child imports the same seq2seq_fast as this process (not another checkout's).
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(seq2seq_fast.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), op_name], env=env, capture_output=True,
-                           text=True, timeout=300)
+    return subprocess.run([sys.executable, os.path.abspath(__file__), op_name], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def children(request):
+    """The selected ops' children, started two at a time as soon as the first test asks (most of a
+    child's time is its import of torch: two overlap on two cores)."""
+    selected = sorted({item.callspec.params["op_name"] for item in request.session.items
+                       if item.originalname == "test_malformed_calls_raise_clean_errors"})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {op: pool.submit(_run_child, op) for op in selected}
+
+
+@pytest.mark.skipif(_extension_error() is not None, reason=f"{_extension_error()}")
+@pytest.mark.parametrize("op_name", sorted(CASES))
+def test_malformed_calls_raise_clean_errors(op_name, children):
+    child = children[op_name].result()
     lines = child.stdout.splitlines()
     started = [line[len("START "):] for line in lines if line.startswith("START ")]
     results = dict(line.split(": ", 1) for line in lines if not line.startswith("START ") and ": " in line)

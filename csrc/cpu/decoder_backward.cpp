@@ -17,15 +17,12 @@ BackwardResult decoder_backward(
     const c10::optional<at::Tensor>& attn_mask_in, const c10::optional<at::Tensor>& layer_mask_in,
     const at::Tensor& attention_in, const at::Tensor& states_in, const at::Tensor& inputs_in,
     const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
-  Placement on;
+  const Placement on = check_reference(enc_in, "enc_outputs", at::kCPU, kCpuFloats);
   Sizes s;
-  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCPU, kCpuFloats, &on, &s);
-  check_decoder_tokens(X_in, on, &s);
+  const DecoderWeights w = check_decoder_backward(grad_logits_in, grad_attention_in, grad_states_in, X_in, enc_in,
+                                                  lens_in, kp_in, params, attn_mask_in, layer_mask_in, attention_in,
+                                                  states_in, inputs_in, layer_inputs_in, gates_in, on, &s, nullptr);
   const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
-  check_masks(s, S, attn_mask_in, layer_mask_in, on);
-  check_decoder_activations(s, attention_in, states_in, inputs_in, layer_inputs_in, gates_in,
-                            layer_mask_in.has_value(), grad_logits_in, grad_attention_in, grad_states_in, on);
-  check_values(&X_in, "X", w.embedding.size(0), lens_in, "valid_lens");
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);

@@ -12,13 +12,10 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
                               const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in,
                               at::TensorList params, const c10::optional<at::Tensor>& attn_mask_in,
                               const c10::optional<at::Tensor>& layer_mask_in, bool keep_activations) {
-  Placement on;
+  const Placement on = check_reference(enc_in, "enc_outputs", at::kCPU, kCpuFloats);
   Sizes s;
-  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCPU, kCpuFloats, &on, &s);
-  check_float(hidden_in, "hidden", on, {s.L, s.B, s.H});
-  check_decoder_tokens(X_in, on, &s);
-  check_masks(s, s.S, attn_mask_in, layer_mask_in, on);
-  check_values(&X_in, "X", w.embedding.size(0), lens_in, "valid_lens");
+  const DecoderWeights w = check_decoder_forward(X_in, enc_in, hidden_in, lens_in, kp_in, params, attn_mask_in,
+                                                 layer_mask_in, on, &s, nullptr);
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const at::Tensor hidden = hidden_in.contiguous();

@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
                                                                 bool keep_activations) {
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
-  const Sizes s = check_encoder(X_in, w, layer_mask_in, on);
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, nullptr);
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   const at::Tensor X = X_in.contiguous();
   const at::Tensor& embedding = w.embedding;
@@ -123,7 +123,7 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
                                          const at::Tensor& gates_in) {
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
-  const Sizes s = check_encoder(X_in, w, layer_mask_in, on);
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, nullptr);
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   check_encoder_activations(s, grad_states_in, states_in, layer_inputs_in, gates_in, layer_mask_in.has_value(), on);
   const at::Tensor X = X_in.contiguous();

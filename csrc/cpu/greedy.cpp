@@ -16,12 +16,10 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
                            const c10::optional<at::Tensor>& attn_mask_in,
                            const c10::optional<at::Tensor>& layer_mask_in, int64_t bos, int64_t eos,
                            int64_t max_len, bool return_attention) {
-  Placement on;
+  const Placement on = check_reference(enc_in, "enc_outputs", at::kCPU, kCpuFloats);
   Sizes s;
-  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCPU, kCpuFloats, &on, &s);
-  check_greedy(w, hidden_in, bos, eos, max_len, on, &s);
-  check_masks(s, max_len, attn_mask_in, layer_mask_in, on);
-  check_values(nullptr, "", 0, lens_in, "valid_lens");
+  const DecoderWeights w = check_greedy_decode(enc_in, hidden_in, lens_in, kp_in, params, attn_mask_in,
+                                               layer_mask_in, bos, eos, max_len, on, &s, true);
   const at::Tensor enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
   const auto attn_mask = contiguous_opt(attn_mask_in), layer_mask = contiguous_opt(layer_mask_in);

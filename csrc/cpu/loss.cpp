@@ -23,8 +23,8 @@ Sizes check_loss(const at::Tensor& pred, const at::Tensor& label, const at::Tens
   check_token_layout(label, "label", *on);
   check_shape(label, "label", {s.B, s.S});
   // Named valid_lens in messages, as the decoder's lengths (callers match on that name).
-  check_lens_layout(valid_len, "valid_lens", s.B, *on);
-  check_values(&label, "label", s.V, valid_len, "valid_lens");
+  check_lens_layout(valid_len, "valid_len", s.B, *on);
+  check_values(&label, "label", s.V, valid_len, "valid_len", nullptr);
   return s;
 }
 

@@ -1,6 +1,6 @@
 // The attention decoder's step loop on CUDA: teacher-forced forward, hand-written backward
 // through time and batched greedy decoding, with the CPU ops' semantics and layouts
-// (csrc/cpu/decoder.cpp):
+// (csrc/cpu/decoder_step.h):
 //   logits (S, B, V), attention (S, B, T), states (L, S + 1, B, H) with states[:, 0] = hidden,
 //   inputs (S, B, H + E) = layer 0's input [context ; embedding] per step,
 //   layer_inputs (L - 1, S, B, H) = dropped-out inputs of layers 1.. (with a layer mask),
@@ -106,14 +106,11 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
                               const c10::optional<at::Tensor>& lens_in, const at::Tensor& kp_in,
                               at::TensorList params, const c10::optional<at::Tensor>& attn_mask_in,
                               const c10::optional<at::Tensor>& layer_mask_in, bool keep_activations) {
-  Placement on;
+  const Placement on = check_reference(enc_in, "enc_outputs", at::kCUDA, kCudaFloats);
+  const c10::cuda::CUDAGuard guard(on.device);
   Sizes s;
-  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCUDA, kCudaFloats, &on, &s);
-  const c10::cuda::CUDAGuard guard(enc_in.device());
-  check_float(hidden_in, "hidden", on, {s.L, s.B, s.H});
-  check_decoder_tokens(X_in, on, &s);
-  check_masks(s, s.S, attn_mask_in, layer_mask_in, on);
-  check_values(&X_in, "X", w.embedding.size(0), lens_in, "valid_lens", !stream_is_capturing());
+  const DecoderWeights w = check_decoder_forward(X_in, enc_in, hidden_in, lens_in, kp_in, params, attn_mask_in,
+                                                 layer_mask_in, on, &s, stream_is_capturing);
   const auto dtype = on.dtype;
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
@@ -181,17 +178,15 @@ BackwardResult decoder_backward(
     const c10::optional<at::Tensor>& attn_mask_in, const c10::optional<at::Tensor>& layer_mask_in,
     const at::Tensor& attention_in, const at::Tensor& states_in, const at::Tensor& inputs_in,
     const at::Tensor& layer_inputs_in, const at::Tensor& gates_in) {
-  Placement on;
+  const Placement on = check_reference(enc_in, "enc_outputs", at::kCUDA, kCudaFloats);
+  const c10::cuda::CUDAGuard guard(on.device);
   Sizes s;
-  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCUDA, kCudaFloats, &on, &s);
-  const c10::cuda::CUDAGuard guard(enc_in.device());
-  check_decoder_tokens(X_in, on, &s);
+  const DecoderWeights w = check_decoder_backward(grad_logits_in, grad_attention_in, grad_states_in, X_in, enc_in,
+                                                  lens_in, kp_in, params, attn_mask_in, layer_mask_in, attention_in,
+                                                  states_in, inputs_in, layer_inputs_in, gates_in, on, &s,
+                                                  stream_is_capturing);
   const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
   const auto dtype = on.dtype;
-  check_masks(s, S, attn_mask_in, layer_mask_in, on);
-  check_decoder_activations(s, attention_in, states_in, inputs_in, layer_inputs_in, gates_in,
-                            layer_mask_in.has_value(), grad_logits_in, grad_attention_in, grad_states_in, on);
-  check_values(&X_in, "X", w.embedding.size(0), lens_in, "valid_lens", !stream_is_capturing());
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
@@ -371,13 +366,12 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
                            const c10::optional<at::Tensor>& attn_mask_in,
                            const c10::optional<at::Tensor>& layer_mask_in, int64_t bos, int64_t eos,
                            int64_t max_len, bool return_attention) {
-  Placement on;
+  const Placement on = check_reference(enc_in, "enc_outputs", at::kCUDA, kCudaFloats);
+  const c10::cuda::CUDAGuard guard(on.device);
   Sizes s;
-  const DecoderWeights w = check_decoder(enc_in, kp_in, lens_in, params, at::kCUDA, kCudaFloats, &on, &s);
-  const c10::cuda::CUDAGuard guard(enc_in.device());
-  check_greedy(w, hidden_in, bos, eos, max_len, on, &s);
+  const DecoderWeights w = check_greedy_decode(enc_in, hidden_in, lens_in, kp_in, params, attn_mask_in,
+                                               layer_mask_in, bos, eos, max_len, on, &s, false);
   const auto dtype = on.dtype;
-  check_masks(s, max_len, attn_mask_in, layer_mask_in, on);
   const at::Tensor enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
   const auto attn_mask = contiguous_opt(attn_mask_in), layer_mask = contiguous_opt(layer_mask_in);
@@ -478,7 +472,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
     const at::Tensor host = at::stack({counters.select(0, 1).to(at::kLong), low_len}).to(at::kCPU);
     steps = host.data_ptr<int64_t>()[0];
     if (host.data_ptr<int64_t>()[1] < 0) {
-      raise_bad_length("valid_lens", host.data_ptr<int64_t>()[1]);
+      raise_bad_length("enc_valid_lens", host.data_ptr<int64_t>()[1]);
     }
   } else {
     steps = counters.select(0, 1).item<int32_t>();

@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCUDA, kCudaFloats, &on);
   const c10::cuda::CUDAGuard guard(on.device);
-  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, !stream_is_capturing());
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, stream_is_capturing);
   const auto dtype = on.dtype;
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   const at::Tensor X = X_in.contiguous();
@@ -101,7 +101,7 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCUDA, kCudaFloats, &on);
   const c10::cuda::CUDAGuard guard(on.device);
-  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, !stream_is_capturing());
+  const Sizes s = check_encoder(X_in, w, layer_mask_in, on, stream_is_capturing);
   const auto dtype = on.dtype;
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   check_encoder_activations(s, grad_states_in, states_in, layer_inputs_in, gates_in, layer_mask_in.has_value(), on);
