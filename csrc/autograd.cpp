@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace seq2seq_fast {
@@ -48,6 +49,21 @@ struct Saved {
   }
 };
 
+// Whether autograd records a call: grad mode is on and some input needs a gradient. When it
+// does not (no_grad, frozen weights), the op runs below autograd without a Function node: no
+// graph, nothing saved, none of the node's bookkeeping on the per-step decoding path.
+bool records(std::initializer_list<const at::Tensor*> tensors, at::TensorList params = {}) {
+  if (!at::GradMode::is_enabled()) {
+    return false;
+  }
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) {
+      return true;
+    }
+  }
+  return std::any_of(params.begin(), params.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+}
+
 void check_kept(AutogradContext* ctx, const char* op) {
   TORCH_CHECK(ctx->saved_data["keep"].toBool(), "seq2seq_fast::", op,
               " was run with keep_activations=False; run it with keep_activations=True to differentiate it");
@@ -71,22 +87,26 @@ struct DecoderSaved : Saved<DecoderSaved> {
   }
 };
 
+const auto& decoder_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("seq2seq_fast::decoder_forward", "")
+                       .typed<DecoderOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                             const at::Tensor&, at::TensorList, const OptTensor&, const OptTensor&,
+                                             bool)>();
+  return op;
+}
+
 class DecoderFunction : public torch::autograd::Function<DecoderFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& X, const at::Tensor& enc,
                                const at::Tensor& hidden, const OptTensor& lens, const at::Tensor& kp,
                                at::TensorList params, const OptTensor& attn_mask, const OptTensor& layer_mask,
                                bool keep) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("seq2seq_fast::decoder_forward", "")
-                         .typed<DecoderOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const OptTensor&, const at::Tensor&, at::TensorList,
-                                               const OptTensor&, const OptTensor&, bool)>();
     at::Tensor logits, attention, states, inputs, layer_inputs, gates;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(logits, attention, states, inputs, layer_inputs, gates) =
-          op.call(X, enc, hidden, lens, kp, params, attn_mask, layer_mask, keep);
+          decoder_forward_op().call(X, enc, hidden, lens, kp, params, attn_mask, layer_mask, keep);
     }
     ctx->set_materialize_grads(false);  // unused outputs arrive undefined, not as zeros
     ctx->mark_non_differentiable({inputs, layer_inputs, gates});
@@ -135,6 +155,10 @@ class DecoderFunction : public torch::autograd::Function<DecoderFunction> {
 DecoderOutputs decoder_forward_autograd(const at::Tensor& X, const at::Tensor& enc, const at::Tensor& hidden,
                                         const OptTensor& lens, const at::Tensor& kp, at::TensorList params,
                                         const OptTensor& attn_mask, const OptTensor& layer_mask, bool keep) {
+  if (!records({&enc, &hidden, &kp}, params)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return decoder_forward_op().call(X, enc, hidden, lens, kp, params, attn_mask, layer_mask, keep);
+  }
   auto out = DecoderFunction::apply(X, enc, hidden, lens, kp, params, attn_mask, layer_mask, keep);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
@@ -155,18 +179,21 @@ struct EncoderSaved : Saved<EncoderSaved> {
   }
 };
 
+const auto& encoder_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("seq2seq_fast::encoder_forward", "")
+                       .typed<EncoderOutputs(const at::Tensor&, at::TensorList, const OptTensor&, bool)>();
+  return op;
+}
+
 class EncoderFunction : public torch::autograd::Function<EncoderFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& X, at::TensorList params,
                                const OptTensor& layer_mask, bool keep) {
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("seq2seq_fast::encoder_forward", "")
-            .typed<EncoderOutputs(const at::Tensor&, at::TensorList, const OptTensor&, bool)>();
     at::Tensor states, layer_inputs, gates;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(states, layer_inputs, gates) = op.call(X, params, layer_mask, keep);
+      std::tie(states, layer_inputs, gates) = encoder_forward_op().call(X, params, layer_mask, keep);
     }
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({layer_inputs, gates});
@@ -204,6 +231,10 @@ class EncoderFunction : public torch::autograd::Function<EncoderFunction> {
 
 EncoderOutputs encoder_forward_autograd(const at::Tensor& X, at::TensorList params, const OptTensor& layer_mask,
                                         bool keep) {
+  if (!records({}, params)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return encoder_forward_op().call(X, params, layer_mask, keep);
+  }
   auto out = EncoderFunction::apply(X, params, layer_mask, keep);
   return {out[0], out[1], out[2]};
 }

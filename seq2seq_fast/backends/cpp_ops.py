@@ -155,7 +155,9 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     keep = _needs_grad([enc_outputs, hidden, key_proj, *params])
     logits, attention, states, _, _, _ = _ops().decoder_forward(
         X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, keep)
-    return logits.transpose(0, 1), states[:, S].contiguous(), attention.transpose(0, 1)
+    # The final state is a view of the states the op returns (the backward reads them anyway);
+    # the next call's op lays it out itself, without a copy from Python here.
+    return logits.transpose(0, 1), states[:, S], attention.transpose(0, 1)
 
 
 def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention):
