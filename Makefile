@@ -34,7 +34,7 @@ bench: build
 # of its own with the extension built against that venv's torch and installed there (not in
 # place: the source tree's _C stays the one `make test` built). PYTHONSAFEPATH keeps the source
 # tree's package off sys.path, so the tests import the installed one. The suite includes the
-# interpreted Triton tests and tests/test_triton_gpu_compile.py (sm_80/sm_90 cubins).
+# interpreted Triton tests and tests/backends/test_triton_gpu_compile.py (sm_80/sm_90 cubins).
 # The first Python 3.12 that runs (a pyenv shim may exist and refuse), else $(PYTHON).
 COMPAT_PYTHON ?= $(firstword $(shell for p in $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12; do \
                    $$p -c "" 2>/dev/null && command -v $$p && break; done) $(PYTHON))

@@ -1,6 +1,11 @@
 import os
+import sys
 
 import torch
+
+# The tests mirror the package (tests/backends, tests/ops, ...) and share tests/helpers.py: pytest
+# puts each test's own folder on sys.path, this one puts the shared folder there too.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Triton runs kernels on CPU tensors only under its interpreter, which must be switched on
 # before triton is imported; on a GPU machine the real compiler runs.

@@ -1,9 +1,14 @@
 """Shared pieces of the parity tests: paired models with one set of weights, tolerances, and
 the comparison of outputs and every gradient."""
+import os
+
 import torch
 
 import seq2seq_fast as sf
 from seq2seq_fast import reference as R
+
+# The source tree's root (csrc/, kernels/, benchmarks/ are read from there).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # dtype: (atol, rtol) for fast path vs reference in the same dtype.
 TOLERANCES = {

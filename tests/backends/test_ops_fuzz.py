@@ -7,7 +7,7 @@ segfault fails its op's test and names the case that was running: the child prin
 Expectations per case: "raise" (malformed), "work" (legal but unusual: non-contiguous inputs,
 lengths >= T, no gradients), "any" (meta tensors: the fake implementation may answer them).
 
-Run one op's cases by hand: ``python tests/test_ops_fuzz.py decoder_forward``.
+Run one op's cases by hand: ``python tests/backends/test_ops_fuzz.py decoder_forward``.
 """
 import os
 import subprocess

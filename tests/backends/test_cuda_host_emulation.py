@@ -20,9 +20,9 @@ import sys
 import pytest
 import torch
 
+from helpers import REPO_ROOT as ROOT
 from seq2seq_fast.backends.extension import extension_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 
 pytestmark = [
