@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import seq2seq_fast as sf
-from seq2seq_fast.backends import torch_ops
 from seq2seq_fast.ops import dispatch, functional
 from seq2seq_fast import reference as R
 from seq2seq_fast.ops import validation
@@ -49,18 +48,23 @@ def test_backend_name_checked_before_the_memo():
             dispatch.backend_for(bad, "decoder_forward", torch.zeros(1))
 
 
-def test_backend_choice_is_remembered_per_grad_mode_and_autocast():
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference", "autocast"])
+def test_each_grad_mode_and_autocast_state_gets_its_answer(mode):
+    # Asked in every mode in turn, each answer is the one a fresh process would give: a memo that
+    # ignored the mode would hand one mode's answer to another.
+    contexts = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode,
+                "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
     tensor = torch.zeros(1)
-    dispatch._CHOICES.clear()
-    dispatch._RESOLVED.clear()
-    with torch.no_grad():
-        dispatch.backend_for("auto", "decoder_forward", tensor)
-    dispatch.backend_for("auto", "decoder_forward", tensor)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        dispatch.backend_for("auto", "decoder_forward", tensor)
-    for memo in (dispatch._CHOICES, dispatch._RESOLVED):
-        keys = {key[4:6] for key in memo if key[:4] == ("auto", "decoder_forward", "cpu", torch.float32)}
-        assert keys == {(False, False), (True, False), (True, True)}
+    for first in (True, False):
+        with contexts[mode]():
+            grad_mode = torch.is_grad_enabled()
+            for requested in ("auto", "torch", "cpp"):
+                fresh = dispatch._choose(requested, "decoder_forward", "cpu", torch.float32, grad_mode)
+                if fresh[1] is None:
+                    assert dispatch.backend_for(requested, "decoder_forward", tensor).NAME == fresh[0]
+                else:
+                    with pytest.raises(ValueError):
+                        dispatch.backend_for(requested, "decoder_forward", tensor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,13 +156,20 @@ def test_loss_with_cached_positions_over_changing_lengths(layout):
         valid = torch.tensor([0, S, S + 2])
         expected = R.MaskedSoftmaxCELoss()(pred, label, valid)
         assert_close(loss(pred, label, valid), expected, f"loss S={S}")
-    assert torch.equal(torch_ops._positions(4, torch.device("cpu")), torch.arange(4))
 
 
-def test_positions_cache_stays_small():
-    for steps in range(1, 200):
-        assert torch.equal(torch_ops._positions(steps, torch.device("cpu")), torch.arange(steps))
-    assert len(torch_ops._POSITIONS) <= 64
+def test_loss_over_many_lengths_on_the_torch_path():
+    # Class weights send the loss to ATen's path, whose step positions are remembered per length.
+    weights = torch.rand(5, dtype=torch.float64)
+    loss = sf.MaskedSoftmaxCELoss(weight=weights)
+    for S in list(range(1, 80)) + [3, 1]:
+        pred = torch.randn(2, S, 5, dtype=torch.float64)
+        label = torch.randint(0, 5, (2, S))
+        valid = torch.tensor([S // 2, S + 1])
+        kept = (torch.arange(S) < valid[:, None]).double()
+        ce = torch.nn.functional.cross_entropy(pred.reshape(-1, 5), label.reshape(-1), weight=weights,
+                                               reduction="none").view(2, S)
+        assert_close(loss(pred, label, valid), (ce * kept).mean(dim=1), f"loss S={S}")
 
 
 def test_plain_list_state_and_decoder_state_give_the_same_logits():
