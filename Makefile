@@ -8,7 +8,7 @@ DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test test-slow test-compat bench build clean
+.PHONY: test test-slow test-compat bench build clean gpu-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ test-compat: $(COMPAT_OLDEST)/.deps-installed $(COMPAT_NEWEST)/.deps-installed
 	  MAX_JOBS=$${MAX_JOBS:-2} $$venv/bin/python -m pip install --no-build-isolation --no-deps --force-reinstall . -q || exit 1; \
 	  PYTHONSAFEPATH=1 $$venv/bin/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
 	done
+
+# make gpu-check: on a lent GPU machine (torch, triton, pytest, pytest-benchmark, hypothesis
+# installed; no network), with its own python3: build, CUDA/Triton tests, compute-sanitizer,
+# benchmarks and memory, each stage time-limited (GPU_CHECK_STAGES, GPU_CHECK_OUT: see the script).
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info seq2seq_fast/_C*.so

@@ -3,6 +3,7 @@ for the reference, ``torch.compile`` of the reference, each available backend an
 as ratios measured in one process. Prints a table and writes markdown, JSON and a plot.
 
     python benchmarks/runner.py [--configs zh,en,large] [--workloads ...] [--device cpu]
+                                [--dtypes float32,bfloat16]
 """
 import argparse
 import datetime
@@ -77,15 +78,26 @@ def implementations(device, compile_reference, requested=None):
     for name in sf.available_backends():
         if sf.unavailable_reason(name, device_type) is None and not (name == "triton" and device_type == "cpu"):
             impls.append(name)
+    if device_type == "cuda":  # the decoder's CUDA-graph option, where a backend supports it
+        impls += [f"{name}+graph" for name in ("cpp", "triton") if name in impls]
     if requested:
         impls = [i for i in impls if i in requested]
     return impls
 
 
-def _step_memory(config_name, workload, impl, device, enabled, log):
-    """Memory of a training step in a subprocess of its own (not for compiled rows: compiling
-    in every subprocess would cost minutes)."""
-    if not enabled or workload != "train_step" or impl == "reference+compile" or config_name == "smoke":
+def _applies(impl, workload, dtype):
+    """Whether a row of ``impl`` exists: CUDA graphs replay inference (decoder_forward) only;
+    the compiled reference is timed in float32 only (its compile time dominates a short run)."""
+    if impl.endswith("+graph"):
+        return workload == "decoder_forward"
+    return impl != "reference+compile" or dtype == torch.float32
+
+
+def _step_memory(config_name, workload, impl, device, enabled, log, dtype=torch.float32):
+    """Memory of a float32 training step in a subprocess of its own (not for compiled rows:
+    compiling in every subprocess would cost minutes)."""
+    if (not enabled or workload != "train_step" or impl == "reference+compile" or config_name == "smoke"
+            or dtype != torch.float32):
         return None
     try:
         return train_step_peak(config_name, impl, device)
@@ -95,16 +107,18 @@ def _step_memory(config_name, workload, impl, device, enabled, log):
 
 
 def run(configs, workloads, device, compile_reference=True, min_time=0.5, requested_impls=None, log=print,
-        memory=True):
+        memory=True, dtype=torch.float32):
     rate = gemm_rate(device)
     bandwidth = copy_rate(device)
     log(f"measured GEMM rate {rate / 1e9:.1f} GFLOP/s, copy rate {bandwidth / 1e9:.1f} GB/s on {device}")
     rows = []
-    impls = implementations(device, compile_reference, requested_impls)
+    all_impls = implementations(device, compile_reference, requested_impls)
+    dtype_name = str(dtype).replace("torch.", "")
     for config_name, cfg in configs.items():
-        reference = W.reference_model(cfg, device)
-        data = W.inputs(cfg, device)
+        reference = W.reference_model(cfg, device, dtype)
+        data = W.inputs(cfg, device, dtype)
         for workload in workloads:
+            impls = [impl for impl in all_impls if _applies(impl, workload, dtype)]
             flops = W.workload_flops(workload, cfg)
             floor = max(flops / rate, W.weight_bytes(reference) / bandwidth)
             fns, times = {}, {}
@@ -121,16 +135,17 @@ def run(configs, workloads, device, compile_reference=True, min_time=0.5, reques
             times = {impl: times[impl] for impl in impls}
             base = times.get("reference")
             for impl, seconds in times.items():
-                mem = _step_memory(config_name, workload, impl, device, memory, log)
+                mem = _step_memory(config_name, workload, impl, device, memory, log, dtype)
                 rows.append(dict(
-                    config=config_name, workload=workload, impl=impl, median_s=seconds,
+                    config=config_name, dtype=dtype_name, workload=workload, impl=impl, median_s=seconds,
                     speedup=(base / seconds) if base and seconds else None,
                     over_floor=(seconds / floor) if seconds else None,
                     peak_mib=mem and mem["peak_bytes"] / 2**20, step_mib=mem and mem["step_bytes"] / 2**20,
                 ))
-            rows.append(dict(config=config_name, workload=workload, impl="floor", median_s=floor,
+            rows.append(dict(config=config_name, dtype=dtype_name, workload=workload, impl="floor", median_s=floor,
                              speedup=base / floor if base else None, over_floor=1.0, flops=flops))
-            log(format_rows([r for r in rows if r["config"] == config_name and r["workload"] == workload]))
+            log(format_rows([r for r in rows if r["config"] == config_name and r["workload"] == workload
+                             and r["dtype"] == dtype_name]))
     return dict(gemm_flops_per_s=rate, copy_bytes_per_s=bandwidth, rows=rows)
 
 
@@ -139,12 +154,12 @@ def _fmt(value, spec, missing="n/a"):
 
 
 def format_rows(rows, markdown=False):
-    header = ["config", "workload", "impl", "median ms", "speedup vs reference", "x floor",
+    header = ["config", "dtype", "workload", "impl", "median ms", "speedup vs reference", "x floor",
               "step MiB / peak MiB"]
     lines = []
     for r in rows:
         memory = "" if r.get("step_mib") is None else f"{r['step_mib']:.1f} / {r['peak_mib']:.0f}"
-        lines.append([r["config"], r["workload"], r["impl"], _fmt(r["median_s"] and r["median_s"] * 1e3, ".3f"),
+        lines.append([r["config"], r.get("dtype", "float32"), r["workload"], r["impl"], _fmt(r["median_s"] and r["median_s"] * 1e3, ".3f"),
                       _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), _fmt(r["over_floor"], ".2f"),
                       memory])
     if markdown:
@@ -163,19 +178,20 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["config"], r["workload"]) for r in rows}, key=lambda g: (g[0], g[1]))
+    key = lambda r: (r["config"], r.get("dtype", "float32"), r["workload"])  # noqa: E731
+    groups = sorted({key(r) for r in rows})
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i not in ("reference",)]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         values = []
         for g in groups:
-            match = [r for r in rows if (r["config"], r["workload"]) == g and r["impl"] == impl]
+            match = [r for r in rows if key(r) == g and r["impl"] == impl]
             values.append(match[0]["speedup"] or 0 if match else 0)
         ax.bar([i + k * width for i in range(len(groups))], values, width, label=impl)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"{c}\n{w}" for c, w in groups], fontsize=8)
+    ax.set_xticklabels([f"{c} {d}\n{w}" for c, d, w in groups], fontsize=8)
     ax.set_ylabel("speedup over d2l reference (x)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -202,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--no-attention", action="store_true", help="skip the attention-only rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the training step's memory (subprocesses)")
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma-separated dtypes of the model and inputs, e.g. float32,bfloat16")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per row")
     parser.add_argument("--smoke", action="store_true", help="one tiny configuration, to check the runner works")
     parser.add_argument("--out", default="bench-out", help="folder for results.md, results.json, speedups.png")
@@ -212,11 +230,19 @@ def main(argv=None):
     for w in workloads:
         if w not in WORKLOADS:
             parser.error(f"--workloads: unknown workload {w!r}, expected some of {WORKLOADS}")
+    dtypes = []
+    for name in args.dtypes.split(","):
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            parser.error(f"--dtypes: {name!r} is not a torch dtype")
+        dtypes.append(getattr(torch, name))
     info = machine_info(args.device)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
-    result = run(configs, workloads, args.device, compile_reference=not args.no_compile,
-                 min_time=args.min_time, requested_impls=args.impls and args.impls.split(","),
-                 memory=not args.no_memory)
+    result = {"rows": []}
+    for dtype in dtypes:
+        part = run(configs, workloads, args.device, compile_reference=not args.no_compile,
+                   min_time=args.min_time, requested_impls=args.impls and args.impls.split(","),
+                   memory=not args.no_memory, dtype=dtype)
+        result.update(part, rows=result["rows"] + part["rows"])
     attention = [] if args.no_attention or args.smoke else attention_section(args.device, args.min_time, print)
     os.makedirs(args.out, exist_ok=True)
     result.update(machine=info, configs={n: c.as_dict() for n, c in configs.items()}, attention=attention)

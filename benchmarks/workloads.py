@@ -1,7 +1,8 @@
 """The benchmarked workloads, built once per (config, implementation) with inputs made up front.
 
 Implementations: ``reference`` (d2l's modules, eager), ``reference+compile`` (the same under
-``torch.compile``, what a user would try first) and each backend of seq2seq_fast by name.
+``torch.compile``, what a user would try first), each backend of seq2seq_fast by name, and
+``<backend>+graph``: that backend's decoder with ``capture_cuda_graph=True`` (CUDA inference).
 """
 import torch
 
@@ -44,7 +45,10 @@ def make_model(impl, reference, cfg):
         model.load_state_dict(reference.state_dict())
         model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
         return model
-    return fast_model(reference, cfg, impl)
+    backend, _, graph = impl.partition("+")
+    model = fast_model(reference, cfg, backend)
+    model.decoder.capture_cuda_graph = graph == "graph"
+    return model
 
 
 def inputs(cfg, device, dtype=torch.float32, seed=1):

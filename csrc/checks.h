@@ -484,6 +484,54 @@ inline DecoderWeights check_greedy_decode(const at::Tensor& enc, const at::Tenso
   return w;
 }
 
+// ---- the loss and the dropout keep-mask, for every device ------------------------------------
+
+// masked_ce_loss(_backward)'s pred (B, S, V >= 1), whose placement `on` is (from check_reference,
+// run first so that a CUDA op can set its device guard); label (B, S) int64 ids in [0, V);
+// valid_len (B,) int64 >= 0 (values as check_values, `capturing` as there). Returns (B, S, V).
+inline Sizes check_loss(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len,
+                        const Placement& on, CaptureQuery capturing) {
+  TORCH_CHECK_VALUE(pred.dim() == 3 && pred.size(2) >= 1, "seq2seq_fast: pred must have shape (B, S, V >= 1), got ",
+                    pred.sizes());
+  Sizes s;
+  s.B = pred.size(0);
+  s.S = pred.size(1);
+  s.V = pred.size(2);
+  check_token_layout(label, "label", on);
+  check_shape(label, "label", {s.B, s.S});
+  // Named valid_lens in messages, as the decoder's lengths (callers match on that name).
+  check_lens_layout(valid_len, "valid_len", s.B, on);
+  check_values(&label, "label", s.V, valid_len, "valid_len", capturing);
+  return s;
+}
+
+// The rows the loss kernels read: step-major logits (a (B, S, V) view of (S, B, V) memory, as the
+// decoder hands them out) stay as they are, anything else is made contiguous. Rows keep V
+// contiguous values either way, at b * stride(0) + s * stride(1).
+inline at::Tensor loss_rows(const at::Tensor& pred) {
+  return pred.transpose(0, 1).is_contiguous() ? pred : pred.contiguous();
+}
+
+// What masked_ce_loss_backward reads besides the forward's arguments: grad_loss (B,), lse (B, S).
+inline void check_loss_backward(const Sizes& s, const at::Tensor& grad_loss, const at::Tensor& lse,
+                                const Placement& on) {
+  check_float(grad_loss, "grad_loss", on, {s.B});
+  check_float(lse, "lse", on, {s.B, s.S});
+}
+
+// keep_mask's like (its dtype one of `allowed`; the dispatcher chose the device) and p in [0, 1].
+inline void check_keep_mask(const at::Tensor& like, double p, c10::ArrayRef<at::ScalarType> allowed) {
+  TORCH_CHECK_TYPE(std::find(allowed.begin(), allowed.end(), like.scalar_type()) != allowed.end(),
+                   "seq2seq_fast: keep_mask makes ", dtype_names(allowed), " masks, got ", like.scalar_type());
+  TORCH_CHECK_VALUE(p >= 0 && p <= 1, "seq2seq_fast: the dropout probability p must be in [0, 1], got ", p);
+}
+
+// The keep-mask's threshold on 32 random bits: u >= threshold with u uniform over 2^32 values
+// has probability 1 - p (to 2^-32). Both devices compare the high 32 bits of a SplitMix64 output.
+inline uint32_t keep_threshold(double p) {
+  return static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+}
+
 // Gradients of the packed params, in their order: [embedding, W_q, w_v, w_ih.., w_hh.., b_ih..,
 // b_hh.., dense_weight, dense_bias] (decoder) or [embedding, w_ih.., w_hh.., b_ih.., b_hh..].
 inline std::vector<at::Tensor> pack_grads(std::initializer_list<at::Tensor> head, const GruWeights& gru,

@@ -68,9 +68,11 @@ TORCH_LIBRARY(seq2seq_fast, m) {
       "Tensor? attn_mask, Tensor? layer_mask, int bos, int eos, int max_len, bool return_attention) "
       "-> (Tensor tokens, Tensor lengths, Tensor attention)");
   // A dropout keep-mask of shape `size` with like's dtype and device: 1 / (1 - p) with
-  // probability 1 - p, else 0, from a seed drawn from torch's default generator.
+  // probability 1 - p, else 0, from a counter-based stream keyed by torch's default generator of
+  // like's device (CPU: float32/float64; CUDA also float16/bfloat16; see csrc/random.h).
   m.def("keep_mask(Tensor like, SymInt[] size, float p) -> Tensor");
-  // d2l's MaskedSoftmaxCELoss: pred (B, S, V >= 1) logits (float32/float64, CPU), label (B, S) int64
+  // d2l's MaskedSoftmaxCELoss: pred (B, S, V >= 1) logits (CPU: float32/float64; CUDA also
+  // float16/bfloat16, accumulated in float32), label (B, S) int64
   // ids in [0, V), valid_len (B,) int64 >= 0 (called valid_lens in error messages).
   // Returns loss (B,) = mean over the S steps of the cross-entropy, steps >= valid_len weighted 0,
   // and the log-sum-exp (B, S) of every row, which the backward reads.

@@ -58,10 +58,17 @@ def _tile_scores(q_row, stride_qh, k_base, stride_kt, stride_kh, wv_ptr, stride_
 
 
 @triton.jit
-def _keep(seed, row, T, offs_t, dropout_p):
-    """The dropout mask of one tile: Philox uniform at counter row·T + j (int32: counters repeat
-    past 2^31 weights in one call), kept when >= p, so with probability 1 - p."""
-    return tl.rand(seed, (row * T + offs_t).to(tl.int32)) >= dropout_p
+def _keep(seed, row, offs_t, dropout_p):
+    """The dropout mask of one tile of row ``row`` (int64, b·Q + i) at keys ``offs_t``: kept when
+    a Philox uniform >= p, so with probability 1 - p. The key and the row's low and high 32 bits
+    are three separate counter words, so no two (row, key) pairs of any size of call share a
+    counter (a single 32-bit counter row·T + j wraps at 2^32 weights and repeats masks)."""
+    zero = offs_t.to(tl.uint32) * 0  # the counters as blocks of offs_t's shape
+    row_lo = zero + (row & 0xFFFFFFFF).to(tl.uint32)
+    row_hi = zero + ((row >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, offs_t.to(tl.uint32), row_lo, row_hi, zero)
+    # The top 24 bits as a float32 in [0, 1), exactly.
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
 
 
 @triton.jit
@@ -123,7 +130,7 @@ def _additive_attn_fwd_kernel(
         p = tl.exp(s - m_new)
         l = l * alpha + tl.sum(p, 0)
         if HAS_DROPOUT:
-            p = tl.where(_keep(seed, row, T, offs_t, dropout_p), p * scale, 0.0)
+            p = tl.where(_keep(seed, row, offs_t, dropout_p), p * scale, 0.0)
         v = tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                     mask=in_t[:, None] & in_d[None, :], other=0.0).to(ACC)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
@@ -205,7 +212,7 @@ def _additive_attn_bwd_kernel(
         p = tl.where(in_t, tl.exp(s - m) / l, 0.0)
         a = p
         if HAS_DROPOUT:
-            keep = _keep(seed, row, T, offs_t, dropout_p)
+            keep = _keep(seed, row, offs_t, dropout_p)
             a = tl.where(keep, p * scale, 0.0)
 
         dcv = tl.zeros([BLOCK_T], dtype=ACC)

@@ -1,8 +1,8 @@
 // Dropout keep-masks on CPU: 1 / (1 - p) with probability 1 - p, else 0.
 //
-// Element i of a mask is decided by the i-th output of a SplitMix64 stream whose seed is drawn
-// from torch's default CPU generator, so torch.manual_seed makes masks reproducible and every
-// call gets fresh ones. Counter-based, so the loop vectorizes and splits over threads with the
+// Element i of a mask is decided by the i-th output of a SplitMix64 stream (csrc/random.h)
+// whose seed is drawn from torch's default CPU generator, so torch.manual_seed makes masks
+// reproducible and every call gets fresh ones. Counter-based, so the loop vectorizes and splits over threads with the
 // same result: 20k elements take ~10 us where bernoulli_ takes ~125 us (d2l's zh training
 // step draws three such masks).
 #include <ATen/CPUGeneratorImpl.h>
@@ -12,8 +12,10 @@
 
 #include <mutex>
 
+#include "checks.h"
 #include "cpu/math.h"
 #include "cpu/workspace.h"
+#include "random.h"
 
 namespace seq2seq_fast::cpu {
 namespace {
@@ -22,13 +24,6 @@ uint64_t draw_seed() {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(c10::nullopt, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   return gen->random64();
-}
-
-SEQ2SEQ_FAST_INLINE uint32_t splitmix64_high(uint64_t seed, uint64_t i) {
-  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
 }
 
 template <typename T>
@@ -49,16 +44,13 @@ void fill_mask_range(double* out, int64_t begin, int64_t end, uint64_t seed, uin
 }
 
 at::Tensor keep_mask(const at::Tensor& like, at::IntArrayRef size, double p) {
-  TORCH_CHECK_TYPE(like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble,
-                   "seq2seq_fast: keep_mask makes float32 or float64 masks, got ", like.scalar_type());
-  TORCH_CHECK_VALUE(p >= 0 && p <= 1, "seq2seq_fast: the dropout probability p must be in [0, 1], got ", p);
+  check_keep_mask(like, p, kCpuFloats);
   at::Tensor mask = cpu::empty(size, like.options());
   if (p >= 1) {
     return mask.zero_();
   }
   const uint64_t seed = draw_seed();
-  // u >= threshold with u uniform over 2^32 values: probability 1 - p (to 2^-32).
-  const auto threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+  const uint32_t threshold = keep_threshold(p);
   AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "seq2seq_fast::keep_mask", [&] {
     using T = scalar_t;
     T* out = mask.data_ptr<T>();

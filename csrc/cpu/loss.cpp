@@ -11,34 +11,11 @@
 namespace seq2seq_fast::cpu {
 namespace {
 
-// pred (B, S, V >= 1) float; label (B, S) int64 ids in [0, V); valid_len (B,) int64 >= 0.
-Sizes check_loss(const at::Tensor& pred, const at::Tensor& label, const at::Tensor& valid_len, Placement* on) {
-  *on = check_reference(pred, "pred", at::kCPU, kCpuFloats);
-  TORCH_CHECK_VALUE(pred.dim() == 3 && pred.size(2) >= 1, "seq2seq_fast: pred must have shape (B, S, V >= 1), got ",
-                    pred.sizes());
-  Sizes s;
-  s.B = pred.size(0);
-  s.S = pred.size(1);
-  s.V = pred.size(2);
-  check_token_layout(label, "label", *on);
-  check_shape(label, "label", {s.B, s.S});
-  // Named valid_lens in messages, as the decoder's lengths (callers match on that name).
-  check_lens_layout(valid_len, "valid_len", s.B, *on);
-  check_values(&label, "label", s.V, valid_len, "valid_len", nullptr);
-  return s;
-}
-
-// Step-major logits (a (B, S, V) view of (S, B, V) memory) stay as they are; anything else is
-// made contiguous. Rows keep V contiguous values either way.
-at::Tensor rows_view(const at::Tensor& pred) {
-  return pred.transpose(0, 1).is_contiguous() ? pred : pred.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> masked_ce_loss(const at::Tensor& pred_in, const at::Tensor& label_in,
                                                   const at::Tensor& valid_len_in) {
-  Placement on;
-  const Sizes s = check_loss(pred_in, label_in, valid_len_in, &on);
-  const at::Tensor pred = rows_view(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
+  const Placement on = check_reference(pred_in, "pred", at::kCPU, kCpuFloats);
+  const Sizes s = check_loss(pred_in, label_in, valid_len_in, on, nullptr);
+  const at::Tensor pred = loss_rows(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
   const auto opts = pred.options();
   at::Tensor lse = cpu::empty({s.B, s.S}, opts), nll = cpu::empty({s.B, s.S}, opts);
   at::Tensor loss = cpu::empty({s.B}, opts);
@@ -63,11 +40,10 @@ std::tuple<at::Tensor, at::Tensor> masked_ce_loss(const at::Tensor& pred_in, con
 
 at::Tensor masked_ce_loss_backward(const at::Tensor& grad_loss, const at::Tensor& pred_in, const at::Tensor& label_in,
                                    const at::Tensor& valid_len_in, const at::Tensor& lse_in) {
-  Placement on;
-  const Sizes s = check_loss(pred_in, label_in, valid_len_in, &on);
-  check_float(grad_loss, "grad_loss", on, {s.B});
-  check_float(lse_in, "lse", on, {s.B, s.S});
-  const at::Tensor pred = rows_view(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
+  const Placement on = check_reference(pred_in, "pred", at::kCPU, kCpuFloats);
+  const Sizes s = check_loss(pred_in, label_in, valid_len_in, on, nullptr);
+  check_loss_backward(s, grad_loss, lse_in, on);
+  const at::Tensor pred = loss_rows(pred_in), label = label_in.contiguous(), lens = valid_len_in.contiguous();
   const at::Tensor lse = lse_in.contiguous(), g = grad_loss.contiguous();
   const auto opts = pred.options();
   const bool step_major = !pred.is_contiguous();

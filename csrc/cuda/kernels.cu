@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/kernels.h"
+#include "random.h"
 
 namespace seq2seq_fast::gpu {
 namespace {
@@ -36,6 +37,9 @@ __device__ __forceinline__ double tanh_acc(double x) { return tanh(x); }
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 __device__ __forceinline__ float sigmoid_acc(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ double sigmoid_acc(double x) { return 1.0 / (1.0 + exp(-x)); }
@@ -99,6 +103,9 @@ __device__ __forceinline__ int64_t visible_keys(const int64_t* valid_lens, int64
   const int64_t v = valid_lens[b];
   return v < 0 ? 0 : (v > T ? T : v);
 }
+
+// v clamped into [0, high].
+__device__ __forceinline__ int64_t clamp_index(int64_t v, int64_t high) { return v < 0 ? 0 : (v > high ? high : v); }
 
 // Threads per block of the row kernels: a multiple of the warp size, at most 256.
 int row_threads(int64_t width) {
@@ -424,6 +431,82 @@ __global__ void greedy_step_kernel(int64_t* __restrict__ tokens, int32_t* __rest
   }
 }
 
+// ---- loss ---------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void ce_rows_kernel(T* __restrict__ lse, Acc<T>* __restrict__ nll, const T* __restrict__ pred,
+                               int64_t stride_b, int64_t stride_s, const int64_t* __restrict__ label, int64_t S,
+                               int64_t V) {
+  using A = Acc<T>;
+  __shared__ A smem[kWarp + 1];
+  const int64_t r = blockIdx.x, b = r / S, s = r % S;
+  const T* x = pred + b * stride_b + s * stride_s;
+  A m = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    m = MaxOp()(m, ld<A>(x, v));
+  }
+  m = block_reduce(m, MaxOp(), A(-INFINITY), smem);
+  A sum = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    sum += exp_acc(ld<A>(x, v) - m);  // argument <= 0
+  }
+  sum = block_reduce(sum, SumOp(), A(0), smem);
+  if (threadIdx.x == 0) {
+    const A l = m + log_acc(sum);
+    const int64_t y = clamp_index(label[r], V - 1);
+    lse[r] = static_cast<T>(l);
+    nll[r] = l - ld<A>(x, y);
+  }
+}
+
+template <typename T>
+__global__ void ce_sum_kernel(T* __restrict__ loss, const Acc<T>* __restrict__ nll,
+                              const int64_t* __restrict__ valid_len, int64_t B, int64_t S) {
+  using A = Acc<T>;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t kept = clamp_index(valid_len[b], S);
+    A sum = 0;
+    for (int64_t s = 0; s < kept; ++s) {  // in step order, as the CPU op: deterministic
+      sum += nll[b * S + s];
+    }
+    loss[b] = static_cast<T>(sum / static_cast<A>(S));
+  }
+}
+
+template <typename T>
+__global__ void ce_bwd_kernel(T* __restrict__ grad, const T* __restrict__ pred, int64_t stride_b, int64_t stride_s,
+                              const int64_t* __restrict__ label, const int64_t* __restrict__ valid_len,
+                              const T* __restrict__ lse, const T* __restrict__ grad_loss, int64_t S, int64_t V) {
+  using A = Acc<T>;
+  const int64_t r = blockIdx.x, b = r / S, s = r % S;
+  const int64_t offset = b * stride_b + s * stride_s;
+  const T* x = pred + offset;
+  T* g = grad + offset;
+  const A scale = s < valid_len[b] ? ld<A>(grad_loss, b) / static_cast<A>(S) : A(0);
+  const A l = ld<A>(lse, r);
+  const int64_t y = clamp_index(label[r], V - 1);
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const A p = exp_acc(ld<A>(x, v) - l);
+    g[v] = static_cast<T>(scale * (v == y ? p - A(1) : p));
+  }
+}
+
+// ---- dropout keep-mask ---------------------------------------------------------------------------
+
+template <typename T>
+__global__ void keep_mask_kernel(T* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset,
+                                 const int64_t* seed_ptr, const int64_t* offset_ptr, uint64_t offset_intragraph,
+                                 uint32_t threshold, T keep) {
+  // Under capture the generator's state lives on the device (torch's graph-safe philox state).
+  const uint64_t key = seed_ptr != nullptr ? static_cast<uint64_t>(*seed_ptr) : seed;
+  const uint64_t first = offset_ptr != nullptr ? static_cast<uint64_t>(*offset_ptr) + offset_intragraph : offset;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = splitmix64_high(key, first + static_cast<uint64_t>(i)) >= threshold ? keep : T(0);
+  }
+}
+
 }  // namespace
 
 // ---- launchers ----------------------------------------------------------------------------------
@@ -505,13 +588,54 @@ void greedy_step(const GreedyArgs& a, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T>
+void cross_entropy_forward(const CeFwdArgs& a, cudaStream_t stream) {
+  const int64_t rows = a.B * a.S;
+  if (rows == 0) {
+    return;
+  }
+  ce_rows_kernel<T><<<static_cast<unsigned>(rows), row_threads(a.V), 0, stream>>>(
+      static_cast<T*>(a.lse), static_cast<Acc<T>*>(a.nll), static_cast<const T*>(a.pred), a.stride_b, a.stride_s,
+      a.label, a.S, a.V);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ce_sum_kernel<T><<<elementwise_blocks(a.B), kElementwiseThreads, 0, stream>>>(
+      static_cast<T*>(a.loss), static_cast<const Acc<T>*>(a.nll), a.valid_len, a.B, a.S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void cross_entropy_backward(const CeBwdArgs& a, cudaStream_t stream) {
+  const int64_t rows = a.B * a.S;
+  if (rows == 0) {
+    return;
+  }
+  ce_bwd_kernel<T><<<static_cast<unsigned>(rows), row_threads(a.V), 0, stream>>>(
+      static_cast<T*>(a.grad), static_cast<const T*>(a.pred), a.stride_b, a.stride_s, a.label, a.valid_len,
+      static_cast<const T*>(a.lse), static_cast<const T*>(a.grad_loss), a.S, a.V);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void keep_mask_fill(const KeepMaskArgs& a, cudaStream_t stream) {
+  if (a.n == 0) {
+    return;
+  }
+  keep_mask_kernel<T><<<elementwise_blocks(a.n), kElementwiseThreads, 0, stream>>>(
+      static_cast<T*>(a.out), a.n, a.seed, a.offset, a.seed_ptr, a.offset_ptr, a.offset_intragraph, a.threshold,
+      static_cast<T>(a.keep));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 #define SEQ2SEQ_FAST_INSTANTIATE(T)                                          \
   template void gates_forward<T>(const GatesFwdArgs&, cudaStream_t);         \
   template void gates_backward<T>(const GatesBwdArgs&, cudaStream_t);        \
   template void attention_forward<T>(const AttnFwdArgs&, cudaStream_t);      \
   template void attention_backward<T>(const AttnBwdArgs&, cudaStream_t);     \
   template void embed_rows<T>(const EmbedArgs&, cudaStream_t);               \
-  template void greedy_step<T>(const GreedyArgs&, cudaStream_t);
+  template void greedy_step<T>(const GreedyArgs&, cudaStream_t);             \
+  template void cross_entropy_forward<T>(const CeFwdArgs&, cudaStream_t);    \
+  template void cross_entropy_backward<T>(const CeBwdArgs&, cudaStream_t);   \
+  template void keep_mask_fill<T>(const KeepMaskArgs&, cudaStream_t);
 
 SEQ2SEQ_FAST_INSTANTIATE(float)
 SEQ2SEQ_FAST_INSTANTIATE(double)

@@ -1,6 +1,6 @@
-// The fused CUDA kernels of the step loops (csrc/cuda/kernels.cu), behind plain host launchers
-// so that the host code (decoder.cpp, encoder.cpp) is compiled by the C++ compiler and only the
-// kernels by nvcc. Every launcher takes the stream to launch on, checks the launch with
+// The fused CUDA kernels of the step loops, the loss and the keep-mask (csrc/cuda/kernels.cu),
+// behind plain host launchers so that the host code (decoder.cpp, encoder.cpp, loss.cpp,
+// dropout.cpp) is compiled by the C++ compiler and only the kernels by nvcc. Every launcher takes the stream to launch on, checks the launch with
 // C10_CUDA_KERNEL_LAUNCH_CHECK and launches nothing for an empty problem. Pointers are device
 // pointers of the dtype T the launcher is instantiated with (float, double, c10::Half,
 // c10::BFloat16); `Acc` buffers are of at::opmath_type<T> (float, or double for double).
@@ -127,6 +127,50 @@ struct GreedyArgs {
   const void* table;       // (V, E)
 };
 
+// d2l's masked softmax cross-entropy over logits rows x = pred[b, s, :] (V contiguous values at
+// b * stride_b + s * stride_s), one block per row (b, s), fp32 (double for double) accumulation:
+//   lse[b, s] = log sum_v exp(x_v);  nll[b, s] = lse - x[label[b, s]]   (nll: Acc (B, S) scratch)
+// then one thread per b, summing in step order: loss[b] = sum_{s < valid_len[b]} nll[b, s] / S.
+// Labels are clamped into [0, V) and lengths into [0, S] (callers validate them).
+struct CeFwdArgs {
+  int64_t B, S, V;
+  void* loss;                // (B,)
+  void* lse;                 // (B, S)
+  void* nll;                 // (B, S) Acc scratch
+  const void* pred;
+  int64_t stride_b, stride_s;
+  const int64_t* label;      // (B, S)
+  const int64_t* valid_len;  // (B,)
+};
+
+// Its gradient: grad[b, s, v] = scale * (exp(x_v - lse[b, s]) - [v == label]) with
+// scale = grad_loss[b] / S for s < valid_len[b], else 0; grad has pred's strides.
+struct CeBwdArgs {
+  int64_t B, S, V;
+  void* grad;
+  const void* pred;
+  int64_t stride_b, stride_s;
+  const int64_t* label;
+  const int64_t* valid_len;
+  const void* lse;           // (B, S)
+  const void* grad_loss;     // (B,)
+};
+
+// A dropout keep-mask of n elements: out[i] = keep if splitmix64_high(seed, offset + i) >=
+// threshold, else 0 (csrc/random.h). While a CUDA graph is captured, seed and offset are read on
+// the device from seed_ptr and *offset_ptr + offset_intragraph (torch's graph-safe philox state),
+// so that each replay draws fresh masks.
+struct KeepMaskArgs {
+  int64_t n;
+  void* out;
+  uint64_t seed, offset;
+  const int64_t* seed_ptr;    // null outside capture
+  const int64_t* offset_ptr;  // null outside capture
+  uint64_t offset_intragraph;
+  uint32_t threshold;
+  double keep;                // 1 / (1 - p)
+};
+
 template <typename T>
 void gates_forward(const GatesFwdArgs& a, cudaStream_t stream);
 template <typename T>
@@ -139,5 +183,11 @@ template <typename T>
 void embed_rows(const EmbedArgs& a, cudaStream_t stream);
 template <typename T>
 void greedy_step(const GreedyArgs& a, cudaStream_t stream);
+template <typename T>
+void cross_entropy_forward(const CeFwdArgs& a, cudaStream_t stream);
+template <typename T>
+void cross_entropy_backward(const CeBwdArgs& a, cudaStream_t stream);
+template <typename T>
+void keep_mask_fill(const KeepMaskArgs& a, cudaStream_t stream);
 
 }  // namespace seq2seq_fast::gpu

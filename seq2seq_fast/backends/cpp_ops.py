@@ -12,6 +12,7 @@ modules to the ops.
 import torch
 
 from seq2seq_fast.backends.extension import extension_error, has_kernel
+from seq2seq_fast.backends.verified import gpu_verified
 
 NAME = "cpp"
 # Whether this backend's ops check their own arguments (else ops.functional checks them first):
@@ -72,9 +73,9 @@ def _gru_weights(rnn):
 
 
 def _keep_mask(shape, p, like):
-    """nn.Dropout's scaled keep-mask: 1/(1-p) with probability 1-p, else 0 (on CPU the
-    extension's counter-based op, seeded from torch's generator; elsewhere bernoulli_)."""
-    if like.device.type == "cpu" and like.dtype in _FLOATS and _EXTENSION_ERROR is None:
+    """nn.Dropout's scaled keep-mask: 1/(1-p) with probability 1-p, else 0 (on CPU and CUDA the
+    extension's counter-based op, keyed by torch's generator of that device; else bernoulli_)."""
+    if like.dtype in _KEEP_MASK_DTYPES.get(like.device.type, ()):
         return _ops().keep_mask(like, shape, p)
     if p >= 1:
         return like.new_zeros(shape)
@@ -195,14 +196,19 @@ def encoder_forward(encoder, X):
 
 
 def loss_unsupported_reason(pred, loss_module):
-    """``None`` if the fused CPU op can compute ``loss_module``'s loss of ``pred``, else why not."""
-    if pred.device.type != "cpu":
-        return "the fused loss runs on CPU only"
-    if pred.dtype not in _FLOATS:
-        return f"the fused loss runs in float32 and float64, not {pred.dtype}"
+    """``None`` if the fused op can compute ``loss_module``'s loss of ``pred``, else why not. On
+    CUDA only once ``make gpu-check`` verified the cpp path there (MaskedSoftmaxCELoss has no
+    backend argument: it is always "auto")."""
+    device = pred.device.type
+    if device not in _LOSS_KERNEL_MISSING:
+        return f"the fused loss runs on CPU and CUDA, not {device}"
+    if device == "cuda" and not gpu_verified("cpp", "cuda"):
+        return "the fused loss's CUDA kernel has not run on a GPU yet (make gpu-check)"
+    if pred.dtype not in (_FLOATS + _HALVES if device == "cuda" else _FLOATS):
+        return f"the fused loss runs on {device} in float32 and float64 (CUDA also float16, bfloat16), not {pred.dtype}"
     if loss_module.weight is not None or loss_module.label_smoothing != 0 or loss_module.ignore_index >= 0:
         return "the fused loss has no class weights, label smoothing or ignored class"
-    return _LOSS_KERNEL_MISSING
+    return _LOSS_KERNEL_MISSING[device]
 
 
 def masked_ce_loss(pred, label, valid_len):
@@ -292,9 +298,17 @@ def _encoder_backward_fake(grad_states, X, params, layer_mask, states, layer_inp
 
 
 _EXTENSION_ERROR = extension_error()
-# Why the fused loss cannot run (None: it can), decided once: a constant to torch.compile.
-_LOSS_KERNEL_MISSING = _EXTENSION_ERROR or (
-    None if has_kernel("masked_ce_loss", "cpu") else "the C++ extension has no fused loss kernel")
+# Per device, why the fused loss cannot run (None: it can), decided once: a constant to
+# torch.compile. And the dtypes the keep-mask op makes on each device that has it.
+_LOSS_KERNEL_MISSING = {
+    device: _EXTENSION_ERROR or (
+        None if has_kernel("masked_ce_loss", device) else f"the C++ extension has no {device} fused loss kernel")
+    for device in ("cpu", "cuda")
+}
+_KEEP_MASK_DTYPES = {
+    device: dtypes for device, dtypes in (("cpu", _FLOATS), ("cuda", _FLOATS + _HALVES))
+    if _EXTENSION_ERROR is None and has_kernel("keep_mask", device)
+}
 
 
 def _register():

@@ -13,6 +13,7 @@ import os
 import torch
 
 from seq2seq_fast.backends.extension import extension_error, has_kernel
+from seq2seq_fast.backends.verified import gpu_verified
 
 BACKEND_NAMES = ("torch", "triton", "cpp")
 
@@ -69,8 +70,11 @@ def check_backend_name(name):
 
 def _auto_order(device_type):
     # The compiled loop first, then the Triton kernel (CUDA only: the interpreter is for tests),
-    # then plain torch, which runs everything.
-    return ("cpp", "triton", "torch") if device_type == "cuda" else ("cpp", "torch")
+    # then plain torch, which runs everything. On CUDA only the paths a GPU has run the tests of
+    # (backends/verified_gpu.json, written by make gpu-check): compiling is not running.
+    if device_type == "cuda":
+        return tuple(name for name in ("cpp", "triton") if gpu_verified(name, "cuda")) + ("torch",)
+    return ("cpp", "torch")
 
 
 def _call_unsupported(name, entry, device_type, dtype, grad_mode):
@@ -127,7 +131,8 @@ def backend_for(requested, entry, tensor):
     ``tensor``'s device and dtype in the current grad mode and autocast state.
 
     A named backend that cannot run the call raises ``ValueError`` saying why; ``auto`` takes
-    the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch``. The answer for each kind
+    the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch`` (on CUDA only paths that
+    ``make gpu-check`` verified: ``backends/verified_gpu.json``). The answer for each kind
     of call is worked out once per process and remembered: later calls cost one lookup.
     """
     device_type = tensor.device.type

@@ -130,7 +130,7 @@ def masked_ce_loss(loss, pred, label, valid_len):
     validation.check_tensor(pred, "pred")
     validation.check_tensor(label, "label")
     if cpp_ops.loss_unsupported_reason(pred, loss) is None:
-        # One fused pass on CPU; the op checks its arguments. Only d2l's loose inputs are made
+        # One fused pass (CPU; CUDA once verified); the op checks its arguments. Only d2l's loose inputs are made
         # what it takes: integer labels of any width, float or (B, 1) lengths.
         if not label.is_floating_point() and label.dtype not in (torch.int64, torch.bool) and not label.is_complex():
             label = label.long()

@@ -49,12 +49,23 @@ REWRITES = [
     ("(void)cudaGetLastError();", "", False),
     ("C10_CUDA_CHECK(status);", "(void)status;", False),
     (".pinned_memory(true)", "", False),
+    # keep_mask: torch's CPU generator instead of the CUDA one, at offset 0 of the stream keyed by
+    # one 64-bit draw, which is exactly how the CPU op seeds: the two must then agree bit for bit.
+    ("#include <ATen/cuda/CUDAGeneratorImpl.h>",
+     "#include <ATen/CPUGeneratorImpl.h>\n#include <ATen/cuda/PhiloxCudaState.h>", False),
+    (r"at::get_generator_or_default<at::CUDAGeneratorImpl>\(\s*c10::nullopt, "
+     r"at::cuda::detail::getDefaultCUDAGenerator\(device\.index\(\)\)\);",
+     "at::get_generator_or_default<at::CPUGeneratorImpl>(c10::nullopt, at::detail::getDefaultCPUGenerator());",
+     True),
+    ("gen->philox_cuda_state(static_cast<uint64_t>((n + 3) / 4 * 4))", "at::PhiloxCudaState(gen->random64(), 0)",
+     False),
 ]
 
 LAUNCHERS = r"""#include <ATen/OpMathType.h>
 #include <cmath>
 #include <vector>
 #include "cuda/kernels.h"
+#include "random.h"
 
 namespace seq2seq_fast::gpu {
 
@@ -193,7 +204,52 @@ void greedy_step(const GreedyArgs& a, cudaStream_t) {
   }
 }
 
+template <typename T>
+void cross_entropy_forward(const CeFwdArgs& a, cudaStream_t) {
+  using A = at::opmath_type<T>;
+  std::vector<A> nll(a.B * a.S);
+  for (int64_t r = 0; r < a.B * a.S; ++r) {
+    const T* x = static_cast<const T*>(a.pred) + (r / a.S) * a.stride_b + (r % a.S) * a.stride_s;
+    A m = -INFINITY, sum = 0;
+    for (int64_t v = 0; v < a.V; ++v) m = std::max(m, A(x[v]));
+    for (int64_t v = 0; v < a.V; ++v) sum += std::exp(A(x[v]) - m);
+    static_cast<T*>(a.lse)[r] = m + std::log(sum);
+    nll[r] = m + std::log(sum) - A(x[a.label[r]]);
+  }
+  for (int64_t b = 0; b < a.B; ++b) {
+    A sum = 0;
+    for (int64_t s = 0; s < std::min<int64_t>(std::max<int64_t>(a.valid_len[b], 0), a.S); ++s) sum += nll[b * a.S + s];
+    static_cast<T*>(a.loss)[b] = sum / A(a.S);
+  }
+}
+
+template <typename T>
+void cross_entropy_backward(const CeBwdArgs& a, cudaStream_t) {
+  using A = at::opmath_type<T>;
+  for (int64_t r = 0; r < a.B * a.S; ++r) {
+    const int64_t b = r / a.S, s = r % a.S, off = b * a.stride_b + s * a.stride_s;
+    const T* x = static_cast<const T*>(a.pred) + off;
+    T* g = static_cast<T*>(a.grad) + off;
+    const A scale = s < a.valid_len[b] ? A(static_cast<const T*>(a.grad_loss)[b]) / A(a.S) : A(0);
+    for (int64_t v = 0; v < a.V; ++v) {
+      const A p = std::exp(A(x[v]) - A(static_cast<const T*>(a.lse)[r]));
+      g[v] = scale * (v == a.label[r] ? p - 1 : p);
+    }
+  }
+}
+
+template <typename T>
+void keep_mask_fill(const KeepMaskArgs& a, cudaStream_t) {
+  const uint64_t seed = a.seed_ptr ? uint64_t(*a.seed_ptr) : a.seed;
+  const uint64_t first = a.offset_ptr ? uint64_t(*a.offset_ptr) + a.offset_intragraph : a.offset;
+  for (int64_t i = 0; i < a.n; ++i)
+    static_cast<T*>(a.out)[i] = seq2seq_fast::splitmix64_high(seed, first + i) >= a.threshold ? T(a.keep) : T(0);
+}
+
 #define INST(T) \
+  template void cross_entropy_forward<T>(const CeFwdArgs&, cudaStream_t); \
+  template void cross_entropy_backward<T>(const CeBwdArgs&, cudaStream_t); \
+  template void keep_mask_fill<T>(const KeepMaskArgs&, cudaStream_t); \
   template void gates_forward<T>(const GatesFwdArgs&, cudaStream_t); \
   template void gates_backward<T>(const GatesBwdArgs&, cudaStream_t); \
   template void attention_forward<T>(const AttnFwdArgs&, cudaStream_t); \
@@ -317,7 +373,7 @@ def kernels_for_cpu(source):
         out.append(source[i:k] + f"emu::launch({source[k:j]}, {parts[0]}, {parts[1]}, ")
         i = end + 4
         launches += 1
-    assert launches == 6, f"expected the 6 kernel launches of kernels.h, found {launches}"
+    assert launches == 10, f"expected the 10 kernel launches of kernels.cu, found {launches}"
     return "".join(out) + source[i:]
 
 
@@ -337,7 +393,8 @@ def build(out, library, kernels):
 
     (out / "cuda").mkdir()
     used = [0] * len(REWRITES)
-    for name in ("cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/stream.h", "cuda/kernels.h", "checks.h"):
+    for name in ("cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/loss.cpp", "cuda/dropout.cpp", "cuda/stream.h",
+                 "cuda/kernels.h", "checks.h", "random.h"):
         with open(os.path.join(ROOT, "csrc", name)) as f:
             text = rewrite(f.read(), used).replace("seq2seq_fast_emu,", f"{library},")
         (out / name).write_text(text)
@@ -357,7 +414,8 @@ def build(out, library, kernels):
     includes = [str(out), "/usr/local/cuda/include"]
     includes += [os.path.join(p, "nvidia", sub, "include") for p in sys.path for sub in ("cu13", "cu12")
                  if os.path.isdir(os.path.join(p, "nvidia", sub, "include"))]
-    sources = [str(out / n) for n in ("ops_emu.cpp", "cuda/decoder.cpp", "cuda/encoder.cpp", "launchers.cpp")]
+    sources = [str(out / n) for n in ("ops_emu.cpp", "cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/loss.cpp",
+                                      "cuda/dropout.cpp", "launchers.cpp")]
     load(name=library, sources=sources, extra_include_paths=includes, extra_cflags=["-O1", "-std=c++20", "-pthread"],
          extra_ldflags=["-pthread"], build_directory=str(out), is_python_module=False)
     return getattr(torch.ops, library)
@@ -439,6 +497,46 @@ def test_greedy_host_code_matches_cpu_op(emu):
                 T.assert_close(actual[2], expected[2], f"{tag}: attention", torch.float64)
             else:
                 assert actual[2].numel() == 0
+
+
+def check_loss_and_keep_mask(emu, dtype):
+    """The emulated CUDA loss ops equal the CPU ops (both layouts, lengths 0 and > S, no steps), and
+    the emulated keep_mask equals the CPU op bit for bit (the rewrite seeds both the same way)."""
+    T = cuda_tests()
+    cpu = torch.ops.seq2seq_fast
+    for shape, layout in itertools.product([(1, 1, 1), (3, 4, 5), (5, 7, 70)], ["contiguous", "step-major"]):
+        pred, label, valid_len, grad = T.loss_case(*shape, dtype, layout)
+        tag = f"{shape} {layout}"
+        expected, actual = cpu.masked_ce_loss(pred, label, valid_len), emu.masked_ce_loss(pred, label, valid_len)
+        for name, a, e in zip(("loss", "lse"), actual, expected):
+            T.assert_close(a, e, f"{tag}: {name}", dtype)
+        e_grad = cpu.masked_ce_loss_backward(grad, pred, label, valid_len, expected[1])
+        a_grad = emu.masked_ce_loss_backward(grad, pred, label, valid_len, actual[1])
+        T.assert_close(a_grad, e_grad, f"{tag}: grad_pred", dtype)
+        assert a_grad.stride() == e_grad.stride(), f"{tag}: the gradient keeps the logits' layout"
+    empty = emu.masked_ce_loss(torch.zeros(2, 0, 3, dtype=dtype), torch.zeros(2, 0, dtype=torch.long),
+                               torch.tensor([0, 1]))[0]
+    assert torch.isnan(empty).all(), "no steps: NaN, as d2l"
+    with pytest.raises(IndexError, match="label holds token id 70"):  # V = 70
+        emu.masked_ce_loss(pred, torch.full_like(label, 70), valid_len)
+    like = torch.zeros((), dtype=dtype)
+    for shape, p in (((7, 9), 0.3), ((1000,), 0.5), ((3, 5, 11), 0.0)):
+        torch.manual_seed(5)
+        expected = cpu.keep_mask(like, shape, p)
+        torch.manual_seed(5)
+        assert torch.equal(emu.keep_mask(like, shape, p), expected), f"keep_mask {shape} p={p}"
+    assert torch.count_nonzero(emu.keep_mask(like, (4, 4), 1.0)) == 0
+    with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\]"):
+        emu.keep_mask(like, (3,), 1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_loss_and_keep_mask_host_code_match_cpu_ops(emu, dtype):
+    check_loss_and_keep_mask(emu, dtype)
+
+
+def test_loss_and_keep_mask_kernels_run_on_cpu_threads_match_cpu_ops(emu_kernels):
+    check_loss_and_keep_mask(emu_kernels, torch.float64)
 
 
 def test_kernels_run_on_cpu_threads_match_cpu_ops(emu_kernels):

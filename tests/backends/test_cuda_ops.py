@@ -24,7 +24,8 @@ def gpu(test):
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
-OPS = ("decoder_forward", "decoder_backward", "greedy_decode", "encoder_forward", "encoder_backward")
+OPS = ("decoder_forward", "decoder_backward", "greedy_decode", "encoder_forward", "encoder_backward",
+       "masked_ce_loss", "masked_ce_loss_backward", "keep_mask")
 VOCAB, EMBED, BOS, EOS = 13, 6, 1, 2
 # dtype: (atol, rtol) of the CUDA op against the CPU op / the reference in the same dtype.
 TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-4, 1e-3)}
@@ -661,3 +662,155 @@ def test_cuda_ops_raise_named_errors():
     enc_args = to_device(encoder_args(3, 4, 5, 2, torch.float32, dropout=False), "cuda")
     with pytest.raises(IndexError, match="X holds token id 13"):
         ops().encoder_forward(torch.full_like(enc_args[0], VOCAB), *enc_args[1:])
+
+
+# ---- the loss and the keep-mask: CUDA == CPU ----------------------------------------------------------
+
+
+def loss_case(B, S, V, dtype, layout, seed=0):
+    """CPU logits (B, S, V) in ``layout``, labels, lengths with 0 and > S, a gradient of the loss."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "step-major":  # the decoder's (B, S, V) view of (S, B, V) logits
+        pred = (4 * torch.randn(S, B, V, generator=g, dtype=torch.float64)).transpose(0, 1).to(dtype)
+    else:
+        pred = (4 * torch.randn(B, S, V, generator=g, dtype=torch.float64)).to(dtype)
+    label = torch.randint(0, V, (B, S), generator=g)
+    valid_len = torch.randint(0, S + 3, (B,), generator=g)
+    valid_len[0] = 0
+    if B > 1:
+        valid_len[1] = S + 5
+    return pred, label, valid_len, torch.randn(B, generator=g, dtype=torch.float64).to(dtype)
+
+
+def cuda_loss(pred, label, valid_len, grad):
+    """(loss, lse, grad_pred) of the CUDA ops, on the CPU; pred keeps its layout on the device."""
+    dev = pred.transpose(0, 1).contiguous().cuda().transpose(0, 1) if not pred.is_contiguous() else pred.cuda()
+    loss, lse = ops().masked_ce_loss(dev, label.cuda(), valid_len.cuda())
+    grad_pred = ops().masked_ce_loss_backward(grad.cuda(), dev, label.cuda(), valid_len.cuda(), lse)
+    assert grad_pred.stride() == dev.stride(), "the gradient keeps the logits' layout"
+    return loss.cpu(), lse.cpu(), grad_pred.cpu()
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["contiguous", "step-major"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 13), (64, 10, 201), (3, 4, 1000), (2, 3, 8000)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_loss_ops_match_cpu_ops(shape, layout, dtype):
+    pred, label, valid_len, grad = loss_case(*shape, dtype, layout)
+    loss, lse = ops().masked_ce_loss(pred, label, valid_len)
+    grad_pred = ops().masked_ce_loss_backward(grad, pred, label, valid_len, lse)
+    for name, actual, expected in zip(("loss", "lse", "grad_pred"), cuda_loss(pred, label, valid_len, grad),
+                                      (loss, lse, grad_pred)):
+        assert_close(actual, expected, f"{shape} {layout}: {name}", dtype)
+
+
+@gpu
+def test_loss_without_steps_is_nan_and_gradcheck_passes():
+    pred = torch.randn(3, 0, 5, dtype=torch.float64, device="cuda")
+    loss, _ = ops().masked_ce_loss(pred, torch.zeros(3, 0, dtype=torch.long, device="cuda"),
+                                   torch.tensor([0, 1, 2], device="cuda"))
+    assert torch.isnan(loss).all()
+    from seq2seq_fast.backends import cpp_ops as backend_cpp
+
+    pred, label, valid_len, _ = loss_case(3, 4, 5, torch.float64, "step-major", seed=3)
+    pred = pred.cuda().requires_grad_()
+    torch.autograd.gradcheck(lambda p: backend_cpp.masked_ce_loss(p, label.cuda(), valid_len.cuda()), (pred,))
+    torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss.default,
+                          (pred.detach().float(), label.cuda(), valid_len.cuda()))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_loss_half_precision_error_at_most_twice_the_frameworks_own(dtype):
+    pred, label, valid_len, grad = loss_case(16, 9, 301, torch.float64, "step-major", seed=5)
+    exact = ops().masked_ce_loss(pred, label, valid_len)[0]
+    fast = cuda_loss(pred.to(dtype), label, valid_len, grad.to(dtype))[0].double()
+    framework = R.MaskedSoftmaxCELoss()(pred.to(dtype).cuda(), label.cuda(), valid_len.cuda()).cpu().double()
+    err_fast, err_framework = (fast - exact).abs().max().item(), (framework - exact).abs().max().item()
+    floor = torch.finfo(dtype).eps * exact.abs().max().item()  # one rounding of the output
+    assert err_fast <= max(2 * err_framework, floor), (err_fast, err_framework)
+
+
+def cuda_keep_mask(shape, p, dtype=torch.float32):
+    return ops().keep_mask(torch.zeros((), dtype=dtype, device="cuda"), shape, p)
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_keep_mask_rate_values_and_scale(p, dtype):
+    mask = cuda_keep_mask((400, 1000), p, dtype)
+    assert mask.shape == (400, 1000) and mask.dtype == dtype and mask.is_cuda
+    dropped = (mask == 0).double().mean().item()
+    assert abs(dropped - p) < 0.005, f"dropped {dropped:.4f}, expected {p}"
+    assert torch.all((mask == 0) | (mask == torch.tensor(1 / (1 - p), dtype=dtype, device="cuda")))
+    assert abs(mask.double().mean().item() - 1) < 0.01 + (p > 0) * 2 * torch.finfo(dtype).eps
+    assert torch.count_nonzero(cuda_keep_mask((7, 9), 1.0, dtype)) == 0
+
+
+@gpu
+def test_keep_mask_reproducible_fresh_and_the_documented_stream():
+    torch.manual_seed(0)
+    first, second = cuda_keep_mask((300, 1000), 0.3), cuda_keep_mask((300, 1000), 0.3)
+    torch.manual_seed(0)
+    assert torch.equal(first, cuda_keep_mask((300, 1000), 0.3)), "same seed, same mask"
+    assert not torch.equal(first, second), "every call draws a fresh mask"
+    kept = (cuda_keep_mask((1_000_000,), 0.5) != 0).double()
+    for lag in (1, 2, 64):
+        corr = torch.corrcoef(torch.stack([kept[:-lag], kept[lag:]]))[0, 1].item()
+        assert abs(corr) < 0.005, f"lag {lag}: correlation {corr:.4f}"
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    if hasattr(gen, "get_offset"):  # element i = output offset + i of the stream keyed by the seed
+        seed, offset = gen.initial_seed(), gen.get_offset()
+        mask = cuda_keep_mask((1000,), 0.5).cpu()
+        M = 2**64 - 1
+        expected = []
+        for i in range(1000):
+            z = (seed + (offset + i + 1) * 0x9E3779B97F4A7C15) & M
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+            expected.append(2.0 if ((z ^ (z >> 31)) >> 32) >= 2**31 else 0.0)
+        assert torch.equal(mask, torch.tensor(expected)), "the mask is not the documented SplitMix64 stream"
+
+
+@gpu
+def test_keep_mask_syncs_nothing_and_replays_fresh_masks_in_a_cuda_graph():
+    like = torch.zeros((), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops().keep_mask(like, (64, 64), 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops().keep_mask(like, (64, 64), 0.5)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops().keep_mask(like, (64, 64), 0.5)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        masks.append(captured.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]), "replays draw fresh masks"
+    assert all(abs((m == 0).double().mean().item() - 0.5) < 0.05 for m in masks)
+
+
+@gpu
+def test_loss_and_keep_mask_raise_named_errors():
+    pred, label, valid_len, _ = loss_case(3, 4, 5, torch.float32, "contiguous")
+    pred, label, valid_len = pred.cuda(), label.cuda(), valid_len.cuda()
+    with pytest.raises(IndexError, match="label holds token id 5"):
+        ops().masked_ce_loss(pred, torch.full_like(label, 5), valid_len)
+    with pytest.raises(ValueError, match=r"valid_len must hold lengths >= 0"):
+        ops().masked_ce_loss(pred, label, torch.full_like(valid_len, -1))
+    with pytest.raises(ValueError, match="label must be on device"):
+        ops().masked_ce_loss(pred, label.cpu(), valid_len)
+    with pytest.raises(TypeError, match="pred must be float16, bfloat16, float32 or float64"):
+        ops().masked_ce_loss(pred.long(), label, valid_len)
+    with pytest.raises(ValueError, match=r"dropout probability p must be in \[0, 1\], got 1.5"):
+        cuda_keep_mask((3,), 1.5)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64 masks, got Long"):
+        ops().keep_mask(torch.zeros((), dtype=torch.long, device="cuda"), (3,), 0.5)
