@@ -29,20 +29,32 @@ def graph_replay(decoder, X, state):
     enc_outputs, hidden, valid_lens = functional.unpack_state(state)
     lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
     functional.check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
-    # Everything a capture depends on is in the key: shapes and dtypes of every input (a graph
-    # copies new inputs into its static buffers, which keep the captured dtype), the mode, and
-    # the parameters' addresses (moved or replaced parameters, e.g. by .to(), make it stale).
-    key = (tuple(X.shape), X.dtype, tuple(enc_outputs.shape), enc_outputs.dtype, enc_outputs.device,
-           None if valid_lens is None else (tuple(valid_lens.shape), valid_lens.dtype), decoder.training,
-           tuple(p.data_ptr() for p in decoder.parameters()))
-    graph = decoder._graphs.get(key)
-    if graph is None:
-        if len(decoder._graphs) >= MAX_GRAPHS:  # each holds device memory: drop the oldest
-            del decoder._graphs[next(iter(decoder._graphs))]
-        graph = decoder._graphs[key] = CUDAGraphDecoder(decoder, X, list(state), validate=False)
+    graph = cached_graph(decoder._graphs, graph_key(decoder, X, enc_outputs, valid_lens),
+                         lambda: CUDAGraphDecoder(decoder, X, list(state), validate=False))
     Y, new_state = graph(X, list(state))
     decoder._attention_weights = graph.attention_weights
     return Y, new_state
+
+
+def graph_key(decoder, X, enc_outputs, valid_lens):
+    """What a capture of ``decoder(X, [enc_outputs, ., valid_lens])`` depends on: the shapes and
+    dtypes of every input (a graph copies new inputs into static buffers that keep the captured
+    dtype: int32 ids or lengths must not replay a graph captured with int64 ones), the device,
+    the mode, and the parameters' addresses (moved or replaced parameters make it stale)."""
+    return (tuple(X.shape), X.dtype, tuple(enc_outputs.shape), enc_outputs.dtype, enc_outputs.device,
+            None if valid_lens is None else (tuple(valid_lens.shape), valid_lens.dtype), decoder.training,
+            tuple(p.data_ptr() for p in decoder.parameters()))
+
+
+def cached_graph(graphs, key, capture):
+    """``graphs[key]``, captured by ``capture()`` on first use; past MAX_GRAPHS entries the
+    oldest is dropped (each graph holds device memory)."""
+    graph = graphs.get(key)
+    if graph is None:
+        if len(graphs) >= MAX_GRAPHS:
+            del graphs[next(iter(graphs))]
+        graph = graphs[key] = capture()
+    return graph
 
 
 class CUDAGraphDecoder:

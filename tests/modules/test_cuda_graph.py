@@ -5,6 +5,7 @@ import torch
 
 import seq2seq_fast as sf
 from seq2seq_fast.ops.dispatch import unavailable_reason
+from seq2seq_fast.modules import cuda_graph
 from seq2seq_fast.modules.cuda_graph import CUDAGraphDecoder
 
 VOCAB, EMBED, H, L = 13, 8, 32, 2
@@ -60,3 +61,35 @@ def test_cpu_tensors_are_refused_with_a_named_error():
         CUDAGraphDecoder(dec, X, state)
     with pytest.raises(TypeError, match="state must be"):
         CUDAGraphDecoder(dec, X, state[:2])
+
+
+def test_graph_key_covers_every_dtype_that_changes_a_capture():
+    dec = decoder("torch", device="cpu")
+    X, (enc, _, lens) = call_inputs(dec, 3, 5, 2, seed=0, device="cpu")
+    key = cuda_graph.graph_key(dec, X, enc, lens)
+    assert key == cuda_graph.graph_key(dec, X.clone(), enc.clone(), lens.clone())  # same call, same graph
+    for other in (cuda_graph.graph_key(dec, X.int(), enc, lens),            # int32 ids
+                  cuda_graph.graph_key(dec, X, enc, lens.int()),            # int32 lengths
+                  cuda_graph.graph_key(dec, X, enc, None),                  # no lengths
+                  cuda_graph.graph_key(dec, X, enc.double(), lens),         # dtype of the state
+                  cuda_graph.graph_key(dec, X[:, :1], enc, lens),           # steps
+                  cuda_graph.graph_key(dec.train(), X, enc, lens)):          # mode
+        assert other != key
+    dec.eval()
+    dec.dense.weight = torch.nn.Parameter(dec.dense.weight.detach().clone())  # a replaced parameter
+    assert cuda_graph.graph_key(dec, X, enc, lens) != key
+
+
+def test_graph_cache_is_bounded_and_drops_the_oldest():
+    graphs, captured = {}, []
+
+    def capture(i):
+        captured.append(i)
+        return f"graph {i}"
+
+    for i in range(cuda_graph.MAX_GRAPHS + 3):
+        assert cuda_graph.cached_graph(graphs, i, lambda: capture(i)) == f"graph {i}"
+    assert len(graphs) == cuda_graph.MAX_GRAPHS
+    assert list(graphs) == list(range(3, cuda_graph.MAX_GRAPHS + 3))  # the oldest three dropped
+    assert cuda_graph.cached_graph(graphs, 5, lambda: capture(-1)) == "graph 5"  # a hit captures nothing
+    assert -1 not in captured
