@@ -39,7 +39,7 @@ SEQ2SEQ_FAST_INLINE float exp_f(float x) {
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
   const int32_t e = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;  // 2^fx from its exponent bits (memcpy: std::bit_cast is C++20, torch 2.11 builds C++17)
+  float scale;  // 2^fx from its exponent bits (memcpy: C++20's bit cast is not in C++17, which torch 2.11 builds)
   std::memcpy(&scale, &e, sizeof scale);
   return y * scale;
 }
