@@ -50,7 +50,6 @@ BackwardResult decoder_backward(
 
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::decoder_backward", [&] {
     using T = scalar_t;
-    const at::Tensor w_cat = w.query_and_top_weights();
     const T* st = ptr<T>(states);
     const int64_t state_ld = (S + 1) * B * H;
     const T* tops = st + (L - 1) * state_ld + B * H;     // (S*B, H) outputs of the top layer
@@ -95,7 +94,7 @@ BackwardResult decoder_backward(
           hh_b[k] = PackedWeight<T>(false, n, H, 3 * H, ptr<T>(w.w_hh[k]), H);
         }
       }
-      const PackedWeight<T> cat_b(false, n, H, 4 * H, ptr<T>(w_cat), H);
+      const PackedWeight<T> cat_b(false, n, H, 4 * H, {{ptr<T>(w.W_q), H, H}, {ptr<T>(w.w_hh.back()), 3 * H, H}});
       for (int64_t t = S - 1; t >= 0; --t) {
         const int64_t row = t * B + b0;  // first row of the chunk in (S, B, ...) buffers
         T* gcat_t = Gcat.data_ptr<T>() + row * 4 * H;

@@ -35,7 +35,6 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
 
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::decoder_forward", [&] {
     using T = scalar_t;
-    const at::Tensor w_cat = w.query_and_top_weights();
     const EmbeddingGates<T> emb_gates(w.embedding, ptr<T>(w.w_ih[0]) + H, H + E, H, S * B);
     T* x0 = inputs.data_ptr<T>();
     T* st = states.data_ptr<T>();
@@ -67,7 +66,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
       Sizes c = s;
       c.B = b1 - b0;
       const int64_t n = c.B;
-      const StepGemms<T> G(c, w, w_cat);
+      const StepGemms<T> G(c, w);
       const PackedWeight<T> dense = dense_per_step ? PackedWeight<T>(true, n, V, H, ptr<T>(w.dense_w), H)
                                                    : PackedWeight<T>();
       Slab<T> slab(n * 13 * H, opts);

@@ -15,7 +15,7 @@
 
 namespace seq2seq_fast::cpu {
 
-// The weights of the per-step GEMMs, packed once per call (M = B rows each).
+// The weights of the per-step GEMMs, packed (M = B rows each).
 template <typename T>
 struct StepGemms {
   PackedWeight<T> qg;                // (B, 4H) = top state @ [W_q ; W_hh_top]^T
@@ -23,10 +23,9 @@ struct StepGemms {
   std::vector<PackedWeight<T>> ih;   // layers k > 0: (B, 3H) = input @ W_ih_k^T
   std::vector<PackedWeight<T>> hh;   // layers k < L - 1: (B, 3H) = h @ W_hh_k^T
 
-  // w_cat: w.query_and_top_weights().
-  StepGemms(const Sizes& s, const DecoderWeights& w, const at::Tensor& w_cat) {
+  StepGemms(const Sizes& s, const DecoderWeights& w) {
     const int64_t B = s.B, H = s.H, E = s.E;
-    qg = PackedWeight<T>(true, B, 4 * H, H, w_cat.data_ptr<T>(), H);
+    qg = PackedWeight<T>(true, B, 4 * H, H, {{ptr<T>(w.W_q), H, H}, {ptr<T>(w.w_hh.back()), 3 * H, H}});
     ctx0 = PackedWeight<T>(true, B, 3 * H, H, w.w_ih[0].data_ptr<T>(), H + E);
     ih.resize(s.L);
     hh.resize(s.L);

@@ -13,8 +13,10 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "cpu/math.h"
+#include "cpu/weight_cache.h"
 #include "cpu/workspace.h"
 
 // The Fortran BLAS symbols that libtorch_cpu exports on x86-64 builds (MKL, LP64). Weak, so a
@@ -187,24 +189,71 @@ void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, 
   gemm_impl<double>(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-template <typename T>
-PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
-    : trans_(trans), M_(M), N_(N), K_(K), ldw_(ldw), W_(W) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (panel_kernel_available() && N > 0 && K > 0 && K * N <= kPanelMaxValues) {
-      const int64_t panels = (N + kPanel - 1) / kPanel;
-      panels_ = cpu::empty({panels, K, kPanel}, at::TensorOptions().dtype(at::kFloat));
-      float* out = panels_.data_ptr<float>();
-      for (int64_t p = 0; p < panels; ++p) {
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t j = 0; j < kPanel; ++j) {
-            const int64_t n = p * kPanel + j;
-            out[(p * K + k) * kPanel + j] = n >= N ? 0.0f : (trans ? W[n * ldw + k] : W[k * ldw + n]);
-          }
-        }
+namespace {
+
+// Panels of the panel kernel from the rows of W (rows[i]: row i of W, N x K when trans, else K x N).
+at::Tensor pack_panels(bool trans, int64_t N, int64_t K, const std::vector<const float*>& rows) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::Tensor packed = cpu::zeros({panels, K, kPanel}, at::TensorOptions().dtype(at::kFloat));
+  float* out = packed.data_ptr<float>();
+  if (trans) {  // row n of W is column n of op(W): panel n / 16, lane n % 16
+    for (int64_t n = 0; n < N; ++n) {
+      float* lane = out + (n / kPanel) * K * kPanel + n % kPanel;
+      for (int64_t k = 0; k < K; ++k) {
+        lane[k * kPanel] = rows[n][k];
+      }
+    }
+  } else {  // row k of W is row k of op(W), split across the panels
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = 0; n < N; ++n) {
+        out[((n / kPanel) * K + k) * kPanel + n % kPanel] = rows[k][n];
       }
     }
   }
+  return packed;
+}
+
+}  // namespace
+
+template <typename T>
+PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::initializer_list<RowBlock<T>> blocks)
+    : trans_(trans), M_(M), N_(N), K_(K) {
+  const int64_t cols = trans ? K : N;
+  const auto stacked_rows = [&] {
+    std::vector<const T*> rows;
+    for (const RowBlock<T>& b : blocks) {
+      for (int64_t r = 0; r < b.rows; ++r) {
+        rows.push_back(b.data + r * b.ld);
+      }
+    }
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(rows.size()) == (trans ? N : K), "seq2seq_fast: weight blocks");
+    return rows;
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (panel_kernel_available() && N > 0 && K > 0 && K * N <= kPanelMaxValues) {
+      std::vector<WeightRows> sources;
+      for (const RowBlock<T>& b : blocks) {
+        sources.push_back({b.data, b.rows, cols * int64_t(sizeof(T)), b.ld * int64_t(sizeof(T))});
+      }
+      // kind: the two layouts of one weight (W^T or W) pack differently.
+      panels_ = derived_from_weights(trans ? 1 : 2, sources, [&] { return pack_panels(trans, N, K, stacked_rows()); });
+      return;
+    }
+  }
+  if (blocks.size() == 1) {
+    W_ = blocks.begin()->data;
+    ldw_ = blocks.begin()->ld;
+    return;
+  }
+  const std::vector<const T*> rows = stacked_rows();
+  stacked_ = cpu::empty({static_cast<int64_t>(rows.size()), cols},
+                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = stacked_.data_ptr<T>();
+  for (size_t r = 0; r < rows.size(); ++r) {
+    std::copy(rows[r], rows[r] + cols, out + r * cols);
+  }
+  W_ = out;
+  ldw_ = cols;
 }
 
 template <typename T>

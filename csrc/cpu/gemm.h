@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace seq2seq_fast::cpu {
 
@@ -27,12 +28,23 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T 
 // register-blocked kernel: on this package's 2-core Zen 4 VM MKL runs M = 32, N = 96..201,
 // K = 32 at ~80 GFLOP/s, the panel kernel at ~112 (a standalone timing on one thread). Anything
 // else goes to the BLAS (MKL's own packed API measured no faster than plain sgemm here).
+// Rows of a weight: `rows` rows of a row-major matrix with row stride `ld` (in elements).
+template <typename T>
+struct RowBlock {
+  const T* data;
+  int64_t rows, ld;
+};
+
 template <typename T>
 class PackedWeight {
  public:
   PackedWeight() = default;
   // op(W) = W^T when trans (W is N x K), else W (K x N); ldw is W's row stride. M: rows of A.
-  PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw);
+  PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, const T* W, int64_t ldw)
+      : PackedWeight(trans, M, N, K, {RowBlock<T>{W, trans ? N : K, ldw}}) {}
+  // W stacked from row blocks (e.g. [W_q ; W_hh] without a concatenated copy): their rows
+  // add up to N when trans, else to K. Panels are cached across calls (csrc/cpu/weight_cache.h).
+  PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::initializer_list<RowBlock<T>> blocks);
   // beta is 0 or 1.
   void gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) const;
 
@@ -40,7 +52,8 @@ class PackedWeight {
   bool trans_ = false;
   int64_t M_ = 0, N_ = 0, K_ = 0, ldw_ = 0;
   const T* W_ = nullptr;
-  at::Tensor panels_;  // (ceil(N / 16), K, 16) when the panel kernel runs it
+  at::Tensor stacked_;  // W of several blocks, for the BLAS (which takes one matrix)
+  at::Tensor panels_;   // (ceil(N / 16), K, 16) when the panel kernel runs it
 };
 
 }  // namespace seq2seq_fast::cpu

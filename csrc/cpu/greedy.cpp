@@ -33,7 +33,6 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
   std::mutex steps_mutex;
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::greedy_decode", [&] {
     using T = scalar_t;
-    const at::Tensor w_cat = w.query_and_top_weights();
     int64_t* out = tokens_buf.data_ptr<int64_t>();
     T* st = state.data_ptr<T>();
     T* attn = attn_buf.data_ptr<T>();
@@ -44,7 +43,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
       Sizes c = s;
       c.B = b1 - b0;
       const int64_t n = c.B;
-      const StepGemms<T> G(c, w, w_cat);
+      const StepGemms<T> G(c, w);
       PackedWeight<T> emb0;
       if (!emb_gates.tabled()) {
         emb0 = PackedWeight<T>(true, n, 3 * H, E, ptr<T>(w.w_ih[0]) + H, H + E);

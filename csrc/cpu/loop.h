@@ -12,26 +12,39 @@
 
 #include "cpu/gemm.h"
 #include "cpu/rows.h"
+#include "cpu/weight_cache.h"
 #include "cpu/workspace.h"
 
 namespace seq2seq_fast::cpu {
 
+// Weights up to this many values (1 MiB of float) count as small: they stay in a core's L2
+// cache across steps, so a per-step GEMM on them belongs inside a row chunk.
+constexpr int64_t kSmallWeightValues = int64_t(1) << 18;
+
 // A GRU's first-layer input gates from an embedding, W e(x) with W the (3H, E) block of W_ih
-// that reads the embedding (the bias is added in the gate kernel), for many tokens: when the
-// vocabulary has fewer rows than there are tokens, through a (V, 3H) table of every row's
-// product, one GEMM of V rows; else the caller runs the GEMM over the gathered embeddings.
-// (d2l's zh setting: V = 201 rows against 640 tokens a call.)
+// that reads the embedding (the bias is added in the gate kernel), for many tokens: through a
+// (V, 3H) table of every row's product (one GEMM of V rows) when the vocabulary has fewer rows
+// than there are tokens, or when the table is small - it is kept across calls while the weights
+// are unchanged (csrc/cpu/weight_cache.h), so decoding one step per call looks tokens up too;
+// else the caller runs the GEMM over the gathered embeddings. (d2l's zh setting: V = 201 rows
+// against 640 tokens a call.)
 template <typename T>
 class EmbeddingGates {
  public:
   // w: W's first element, ld_w its row stride; tokens: how many tokens the call projects.
   EmbeddingGates(const at::Tensor& embedding, const T* w, int64_t ld_w, int64_t H, int64_t tokens) : H_(H) {
     const int64_t V = embedding.size(0), E = embedding.size(1);
-    if (V < tokens) {
-      table_ = cpu::empty({V, 3 * H}, embedding.options());
-      gemm<T>(false, true, V, 3 * H, E, T(1), embedding.data_ptr<T>(), E, w, ld_w, T(0), table_.data_ptr<T>(),
-              3 * H);
+    if (V >= tokens && V * 3 * H > kSmallWeightValues) {
+      return;
     }
+    const T* emb = embedding.data_ptr<T>();
+    const auto bytes = static_cast<int64_t>(sizeof(T));
+    const WeightRows sources[] = {{emb, V, E * bytes, E * bytes}, {w, 3 * H, E * bytes, ld_w * bytes}};
+    table_ = derived_from_weights(kKind, sources, [&] {
+      at::Tensor table = cpu::empty({V, 3 * H}, embedding.options());
+      gemm<T>(false, true, V, 3 * H, E, T(1), emb, E, w, ld_w, T(0), table.data_ptr<T>(), 3 * H);
+      return table;
+    });
   }
   bool tabled() const { return table_.defined(); }
   // gi[i] = table[ids[i * id_stride]], rows of 3H with leading dimension 3H.
@@ -40,13 +53,10 @@ class EmbeddingGates {
   }
 
  private:
+  static constexpr int64_t kKind = 16 + sizeof(T);  // weight_cache kinds: one per dtype
   int64_t H_;
   at::Tensor table_;
 };
-
-// Weights up to this many values (1 MiB of float) count as small: they stay in a core's L2
-// cache across steps, so a per-step GEMM on them belongs inside a row chunk.
-constexpr int64_t kSmallWeightValues = int64_t(1) << 18;
 
 // Runs f(b0, b1) over contiguous chunks of the rows [0, B), one chunk per thread, each a whole
 // step loop whose BLAS calls run single-threaded (MKL does inside a parallel region). Rows of a

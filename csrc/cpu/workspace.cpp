@@ -12,6 +12,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu/weight_cache.h"
+
 namespace seq2seq_fast::cpu {
 namespace {
 
@@ -160,9 +162,24 @@ int64_t release_cached_blocks() { return BlockCache::instance().release_all(); }
 
 int64_t cached_bytes() { return BlockCache::instance().cached(); }
 
+namespace {
+
+// The ops cpu_cache_bytes and release_cpu_cache: the cached blocks and the derived weights
+// (csrc/cpu/weight_cache.h), released first so that their blocks are among those freed.
+int64_t cpu_cache_bytes() { return cached_bytes() + derived_weight_bytes(); }
+
+int64_t release_cpu_cache() {
+  const int64_t held = cpu_cache_bytes();
+  release_derived_weights();
+  release_cached_blocks();
+  return held;
+}
+
+}  // namespace
+
 }  // namespace seq2seq_fast::cpu
 
 TORCH_LIBRARY_IMPL(seq2seq_fast, CompositeExplicitAutograd, m) {
-  m.impl("cpu_cache_bytes", &seq2seq_fast::cpu::cached_bytes);
-  m.impl("release_cpu_cache", &seq2seq_fast::cpu::release_cached_blocks);
+  m.impl("cpu_cache_bytes", &seq2seq_fast::cpu::cpu_cache_bytes);
+  m.impl("release_cpu_cache", &seq2seq_fast::cpu::release_cpu_cache);
 }

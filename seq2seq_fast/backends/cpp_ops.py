@@ -47,13 +47,15 @@ def _ops():
 
 
 def empty_cache():
-    """Frees the blocks the CPU ops keep for reuse (see csrc/cpu/workspace.h); returns the bytes
-    freed. The cache holds at most ``SEQ2SEQ_FAST_CPU_CACHE_MB`` megabytes (default 512)."""
+    """Frees what the CPU ops keep for reuse: the cache of freed blocks (csrc/cpu/workspace.h)
+    and the weights packed for their GEMMs (csrc/cpu/weight_cache.h); returns the bytes they held
+    (``cpu_cache_bytes()`` just before). The block cache holds at most ``SEQ2SEQ_FAST_CPU_CACHE_MB``
+    megabytes (default 512), the packed weights at most 64 entries."""
     return 0 if _EXTENSION_ERROR is not None else int(torch.ops.seq2seq_fast.release_cpu_cache())
 
 
 def cpu_cache_bytes():
-    """Bytes held by the CPU ops' block cache (freed blocks waiting for reuse)."""
+    """Bytes the CPU ops keep for reuse: freed blocks waiting for the next call, and packed weights."""
     return 0 if _EXTENSION_ERROR is not None else int(torch.ops.seq2seq_fast.cpu_cache_bytes())
 
 
@@ -158,7 +160,7 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
         X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, keep)
     # The final state is a view of the states the op returns (the backward reads them anyway);
     # the next call's op lays it out itself, without a copy from Python here.
-    return logits.transpose(0, 1), states[:, S], attention.transpose(0, 1)
+    return logits.transpose(0, 1), states.select(1, S), attention.transpose(0, 1)
 
 
 def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention):
