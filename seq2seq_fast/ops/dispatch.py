@@ -135,23 +135,34 @@ def backend_for(requested, entry, tensor):
     ``make gpu-check`` verified: ``backends/verified_gpu.json``). The answer for each kind
     of call is worked out once per process and remembered: later calls cost one lookup.
     """
-    device_type = tensor.device.type
-    key = (requested, entry, device_type, tensor.dtype, torch.is_grad_enabled(), torch.is_autocast_enabled(device_type))
+    # The memo's key: torch.device hashes as cheaply as its type string is made, and autocast
+    # outside any autocast region (the usual case) is one call.
+    device = tensor.device
+    autocast = _any_autocast() and torch.is_autocast_enabled(device.type)
+    key = (requested, entry, device, tensor.dtype, torch.is_grad_enabled(), autocast)
     try:
         module = _RESOLVED.get(key)
     except TypeError:  # an unhashable backend name
         check_backend_name(requested)
     if module is not None and not torch.compiler.is_compiling():
         return module
-    name = _selected_name(*key)
+    name = _selected_name(requested, entry, device.type, tensor.dtype, key[4], autocast)
     module = _LOADED.get(name) or backend_module(name)
     if requested != "triton":  # a triton request also depends on TRITON_INTERPRET: never short-cut
         _RESOLVED[key] = module
     return module
 
 
-# backend_for's answers by its key (requested backend, entry, device type, dtype, grad mode,
-# autocast): the memo of _selected_name, one lookup from the module.
+def _any_autocast():
+    # torch._C._is_any_autocast_enabled where this torch has it, else asked per device type.
+    return True
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast)
+
+
+# backend_for's answers by its key (requested backend, entry, device, dtype, grad mode, autocast):
+# the memo of _selected_name, one lookup from the module.
 _RESOLVED = {}
 
 

@@ -1,6 +1,8 @@
 """The decoder state: d2l's three items, plus the projected keys cached for incremental decoding."""
 import torch
 
+from seq2seq_fast.ops.validation import check_projectable
+
 
 class DecoderState(list):
     """``[enc_outputs (B, T, H), hidden_state (L, B, H), enc_valid_lens]``, unpacking as d2l's state.
@@ -54,6 +56,7 @@ def projected_keys(state, enc_outputs, W_k):
     needed: a graph must not outlive one backward)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
+        check_projectable(enc_outputs, "enc_outputs (state[0])", weight)
         values = enc_outputs.contiguous()
         return values, W_k(values), None
     needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
@@ -61,6 +64,8 @@ def projected_keys(state, enc_outputs, W_k):
         cache = state.key_cache
         if cache is not None and cache.matches(enc_outputs, weight):
             return cache.values, cache.key_proj, cache
+    # The projection runs before any backend's checks: its operand must fit W_k first.
+    check_projectable(enc_outputs, "enc_outputs (state[0])", weight)
     values = enc_outputs.contiguous()
     key_proj = W_k(values)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values)

@@ -114,6 +114,8 @@ def normalize_lengths(valid_lens, name):
     if valid_lens is None:
         return None
     check_tensor(valid_lens, name)
+    if valid_lens.dtype is torch.int64 and valid_lens.dim() == 1:  # what the backends take
+        return valid_lens
     if valid_lens.is_floating_point():
         if not _capturing(valid_lens) and bool(torch.isnan(valid_lens).any()):
             raise ValueError(f"{name} must hold lengths >= 0, got nan")
