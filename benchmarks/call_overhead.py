@@ -8,6 +8,9 @@ interleaved pairs (the two sides alternate call by call, so a drifting machine t
   projection already cached, so both sides do the same arithmetic), each side holding its
   outputs until its next call as a caller does;
 * ``step``: the same with X (B, 1), one incremental step as d2l's ``predict_seq2seq`` makes;
+  for both, also the module call with the op answered at once from a saved result: its Python
+  path alone (the pairs' difference adds what the op loses to caches that Python code, any
+  Python code, leaves cold between calls: back-to-back raw op calls keep them warm);
 * ``decode``: S one-step calls ``Y, state = decoder(X, state); X = Y.argmax(2)`` through the
   module against the same loop through d2l's reference decoder.
 
@@ -19,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -66,6 +70,38 @@ def raw_op_call(decoder, X, state):
     return call
 
 
+class _SavedOps:
+    """Stands in for ``torch.ops.seq2seq_fast`` and answers ``decoder_forward`` at once with
+    one saved result: a module call through it costs its Python alone."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def decoder_forward(self, *args):
+        return self.result
+
+
+def python_path_seconds(decoder, X, state, calls=2000):
+    """Median seconds of ``decoder(X, state)`` with the op stubbed out (its Python path alone)."""
+    stub = _SavedOps(torch.ops.seq2seq_fast.decoder_forward(
+        X, state.key_cache.values, state[1], state[2], state.key_cache.key_proj, cpp_ops.decoder_params(decoder),
+        None, None, False))
+    with mock.patch.object(cpp_ops, "_ops", lambda: stub):
+        return median_seconds(lambda: decoder(X, state), calls)
+
+
+def median_seconds(call, calls, warmup=50):
+    for _ in range(warmup):
+        call()
+    times = []
+    clock = time.perf_counter
+    for _ in range(calls):
+        t0 = clock()
+        call()
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
 def measure(pairs, steps_decode):
     cfg = CONFIGS["zh"]
     torch.manual_seed(0)
@@ -82,7 +118,9 @@ def measure(pairs, steps_decode):
             _, state = fast.decoder(X, state)  # fills the key cache the next calls reuse
             state = type(state)([state[0], enc[1], state[2]], state.key_cache)
             module_s, op_s = interleaved_pairs(lambda: fast.decoder(X, state), raw_op_call(fast.decoder, X, state), pairs)
-            out[name] = {"module_us": module_s * 1e6, "op_us": op_s * 1e6, "overhead_us": (module_s - op_s) * 1e6}
+            python_s = python_path_seconds(fast.decoder, X, state, pairs)
+            out[name] = {"module_us": module_s * 1e6, "op_us": op_s * 1e6, "overhead_us": (module_s - op_s) * 1e6,
+                         "python_path_us": python_s * 1e6}
 
         bos = data["tgt"][:, :1].contiguous()
 
@@ -114,7 +152,8 @@ def main(argv=None):
     result["threads"] = torch.get_num_threads()
     for name in ("forward", "step"):
         r = result[name]
-        print(f"{name:8s} module {r['module_us']:8.1f} us   op {r['op_us']:8.1f} us   overhead {r['overhead_us']:6.1f} us")
+        print(f"{name:8s} module {r['module_us']:8.1f} us   op {r['op_us']:8.1f} us   overhead {r['overhead_us']:6.1f} us"
+              f"   (Python path alone {r['python_path_us']:5.1f} us)")
     d = result["decode"]
     print(f"decode   reference {d['reference_us_per_step']:8.1f} us/step   module {d['module_us_per_step']:8.1f} us/step"
           f"   speedup {d['speedup']:.2f}x  ({d['steps']} one-step calls, batch {CONFIGS['zh'].batch})")

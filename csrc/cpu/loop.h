@@ -77,7 +77,11 @@ void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values,
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / std::max(flops_per_row, 1.0)));
   const int64_t even = (B + threads - 1) / threads;
-  at::parallel_for(0, B, std::max<int64_t>({8, by_work, even}), f);
+  // As many chunks as the smallest chunk allows, of equal size: B = 64 rows at 49 rows each
+  // would split 49 + 15, the whole call waiting for the larger; 32 + 32 finishes sooner.
+  const int64_t smallest = std::max<int64_t>({8, by_work, even});
+  const int64_t chunks = (B + smallest - 1) / smallest;
+  at::parallel_for(0, B, (B + chunks - 1) / chunks, f);
 }
 
 // One allocation for a loop's scratch arrays, handed out in pieces that the loop names, e.g.

@@ -149,13 +149,15 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     (V, H), dense bias (V,)); the dropout rates apply as in training mode (0: none)."""
     # The op checks every argument; the masks only need the sizes the op will check them against.
     S = X.shape[-1] if X.dim() else 0
-    B, T, H = enc_outputs.shape
-    L = len(params) // 4 - 1  # 5 + 4L tensors
-    attn_mask = _keep_mask((S, B, T), attention_dropout, enc_outputs) if attention_dropout > 0 else None
-    layer_mask = None
-    if layer_dropout > 0 and L > 1:
-        layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, enc_outputs)
-    keep = _needs_grad([enc_outputs, hidden, key_proj, *params])
+    attn_mask = layer_mask = None
+    if attention_dropout > 0 or layer_dropout > 0:
+        B, T, H = enc_outputs.shape
+        L = len(params) // 4 - 1  # 5 + 4L tensors
+        if attention_dropout > 0:
+            attn_mask = _keep_mask((S, B, T), attention_dropout, enc_outputs)
+        if layer_dropout > 0 and L > 1:
+            layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, enc_outputs)
+    keep = torch.is_grad_enabled() and _needs_grad([enc_outputs, hidden, key_proj, *params])
     logits, attention, states, _, _, _ = _ops().decoder_forward(
         X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, keep)
     # The final state is a view of the states the op returns (the backward reads them anyway);
