@@ -17,7 +17,9 @@ $(DEPS): requirements-dev.txt | $(VPY)
 	$(VPY) -m pip install --upgrade-strategy only-if-needed -r requirements-dev.txt
 	touch $@
 
-# Ninja rebuilds only what changed; --no-build-isolation builds against the venv's torch.
+# --no-build-isolation builds against the venv's torch. setup.py keeps the objects in
+# build/<torch version>-<hash of the build settings>/, so ninja recompiles only the sources that
+# changed (pip's editable build would otherwise start from a fresh temporary folder every time).
 build: $(DEPS)
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip install --no-build-isolation --no-deps -e .
 
