@@ -17,7 +17,9 @@ $(DEPS): requirements-dev.txt | $(VPY)
 	$(VPY) -m pip install --upgrade-strategy only-if-needed -r requirements-dev.txt
 	touch $@
 
-# Ninja rebuilds only what changed; --no-build-isolation builds against the venv's torch.
+# --no-build-isolation builds against the venv's torch. setup.py keeps the objects in
+# build/<torch version>-<hash of the build settings>/, so ninja recompiles only the sources that
+# changed (pip's editable build would otherwise start from a fresh temporary folder every time).
 build: $(DEPS)
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip install --no-build-isolation --no-deps -e .
 
@@ -57,7 +59,7 @@ test-compat: $(COMPAT_OLDEST)/.deps-installed $(COMPAT_NEWEST)/.deps-installed
 	@for venv in $(COMPAT_OLDEST) $(COMPAT_NEWEST); do \
 	  echo "== test-compat: $$venv: $$($$venv/bin/python -c 'import sys, torch, triton, numpy; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")')"; \
 	  MAX_JOBS=$${MAX_JOBS:-2} $$venv/bin/python -m pip install --no-build-isolation --no-deps --force-reinstall . -q || exit 1; \
-	  PYTHONSAFEPATH=1 $$venv/bin/python -m pytest -q -rs -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+	  PYTHONSAFEPATH=1 $$venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
 	done
 
 # make gpu-check: on a lent GPU machine (torch, triton, pytest, pytest-benchmark, hypothesis

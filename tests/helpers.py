@@ -9,6 +9,15 @@ from seq2seq_fast import reference as R
 
 # The source tree's root (csrc/, kernels/, benchmarks/ are read from there).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding the seq2seq_fast under test (the source tree, or site-packages under test-compat).
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sf.__file__)))
+
+
+def child_env(*first):
+    """The environment of a child Python that imports the seq2seq_fast under test from any working
+    folder; ``first``: folders to import from before it."""
+    path = [*first, PACKAGE_ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
 
 # dtype: (atol, rtol) for fast path vs reference in the same dtype.
 TOLERANCES = {

@@ -8,6 +8,7 @@ materialised by a forward pass) and may be saved from a ``DistributedDataParalle
 (``module.`` prefix). ``convert_d2l_state_dict`` maps any of these to our keys.
 """
 import os
+import pickle
 import re
 
 import torch
@@ -96,7 +97,10 @@ def save_checkpoint(path, payload):
 
 def load_checkpoint(path, map_location="cpu"):
     """A checkpoint written by ``save_checkpoint`` (our trainer or ``python -m seq2seq_fast train``)."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        raise ValueError(f"{os.fspath(path)!r} is not a seq2seq_fast checkpoint: torch.load failed ({exc})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(
             f"{os.fspath(path)!r} is not a seq2seq_fast checkpoint (for a d2l state_dict use load_d2l_checkpoint)"

@@ -121,15 +121,21 @@ def build_array_nmt(lines, vocab, num_steps):
     return array, valid_len
 
 
-def read_data_nmt(path):
-    """The text of ``path``: a ``fra.txt`` file or a folder holding one (d2l's ``fra-eng``)."""
+def nmt_data_path(path):
+    """The ``fra.txt`` that ``path`` names: the file itself or ``fra.txt`` in the folder ``path``.
+    Raises ``FileNotFoundError`` when there is none."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file or folder path, got {type(path).__name__}")
     if os.path.isdir(path):
         path = os.path.join(path, "fra.txt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"path must name fra.txt or a folder holding it; {path!r} does not exist")
-    with open(path, "r", encoding="utf-8") as f:
+        raise FileNotFoundError(f"{os.fspath(path)!r} does not exist: name d2l's fra.txt or a folder holding it")
+    return path
+
+
+def read_data_nmt(path):
+    """The text of ``path``: a ``fra.txt`` file or a folder holding one (d2l's ``fra-eng``)."""
+    with open(nmt_data_path(path), "r", encoding="utf-8") as f:
         return f.read()
 
 
@@ -191,7 +197,7 @@ def load_data_nmt(path, batch_size, num_steps, num_examples=600, *, min_freq=2, 
     source, target = tokenize_nmt(text, num_examples)
     if not source:
         raise ValueError(
-            f"path {os.fspath(path)!r} holds no line of two tab-separated fields (English<TAB>French)"
+            f"{os.fspath(path)!r} holds no line of two tab-separated fields (English<TAB>French)"
         )
     src_vocab = Vocab(source, min_freq=min_freq, reserved_tokens=list(RESERVED_TOKENS))
     tgt_vocab = Vocab(target, min_freq=min_freq, reserved_tokens=list(RESERVED_TOKENS))

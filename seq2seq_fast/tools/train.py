@@ -13,6 +13,7 @@ from torch import nn
 from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
 from seq2seq_fast.ops import validation
 from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
+from seq2seq_fast.tools.extras import optional_import
 
 
 def xavier_init_weights(m):
@@ -48,12 +49,10 @@ class _Progress:
         self.bar = None
         self.enabled, self.log_every = enabled, log_every
         if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
+            instead = f"progress is printed every {log_every} steps" if log_every else "no progress is shown"
+            tqdm = optional_import("tqdm.auto", instead)
             if tqdm is not None:
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+                self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def update(self, step, loss, tokens_per_s):
         if self.bar is not None:

@@ -156,3 +156,8 @@ def test_training_checkpoint_round_trip(tmp_path):
     torch.save(model.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a seq2seq_fast checkpoint"):
         load_checkpoint(tmp_path / "plain.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("notes.txt", "empty.pt"):
+        with pytest.raises(ValueError, match=f"{name}' is not a seq2seq_fast checkpoint: torch.load failed"):
+            load_checkpoint(tmp_path / name)
