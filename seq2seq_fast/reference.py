@@ -219,6 +219,76 @@ def predict_tokens(net, src_tokens, src_valid_len, bos, eos, num_steps):
     return output_seq, attention_weight_seq
 
 
+def truncate_pad(line, num_steps, padding_token):
+    """Truncate or pad a token list to ``num_steps``."""
+    if len(line) > num_steps:
+        return line[:num_steps]
+    return line + [padding_token] * (num_steps - len(line))
+
+
+def load_array(data_arrays, batch_size, is_train=True):
+    """d2l's data iterator: a ``DataLoader`` reshuffled each epoch from torch's generator."""
+    dataset = torch.utils.data.TensorDataset(*data_arrays)
+    return torch.utils.data.DataLoader(dataset, batch_size, shuffle=is_train)
+
+
+def train_seq2seq(net, data_iter, lr, num_epochs, tgt_vocab, device):
+    """d2l 0.17.6's ``train_seq2seq``, op for op, without its plot and timer: returns the loss
+    per token of every epoch (the animator plots those of epochs 10, 20, ...)."""
+    net.apply(xavier_init_weights)
+    net.to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    loss = MaskedSoftmaxCELoss()
+    net.train()
+    losses = []
+    for epoch in range(num_epochs):
+        metric = [0.0, 0.0]  # sum of training loss, number of tokens
+        for batch in data_iter:
+            optimizer.zero_grad()
+            X, X_valid_len, Y, Y_valid_len = [x.to(device) for x in batch]
+            bos = torch.tensor([tgt_vocab['<bos>']] * Y.shape[0],
+                               device=device).reshape(-1, 1)
+            dec_input = torch.cat([bos, Y[:, :-1]], 1)
+            Y_hat, _ = net(X, dec_input, X_valid_len)
+            l = loss(Y_hat, Y, Y_valid_len)
+            l.sum().backward()
+            grad_clipping(net, 1)
+            num_tokens = Y_valid_len.sum()
+            optimizer.step()
+            with torch.no_grad():
+                metric = [metric[0] + float(l.sum()), metric[1] + float(num_tokens)]
+        losses.append(metric[0] / metric[1])
+    return losses
+
+
+def predict_seq2seq(net, src_sentence, src_vocab, tgt_vocab, num_steps,
+                    device, save_attention_weights=False):
+    """d2l 0.17.6's ``predict_seq2seq``: the translation and, when asked, each step's
+    ``net.decoder.attention_weights`` (a list of one (1, 1, T) tensor)."""
+    net.eval()
+    src_tokens = src_vocab[src_sentence.lower().split(' ')] + [
+        src_vocab['<eos>']]
+    enc_valid_len = torch.tensor([len(src_tokens)], device=device)
+    src_tokens = truncate_pad(src_tokens, num_steps, src_vocab['<pad>'])
+    enc_X = torch.unsqueeze(
+        torch.tensor(src_tokens, dtype=torch.long, device=device), dim=0)
+    enc_outputs = net.encoder(enc_X, enc_valid_len)
+    dec_state = net.decoder.init_state(enc_outputs, enc_valid_len)
+    dec_X = torch.unsqueeze(torch.tensor(
+        [tgt_vocab['<bos>']], dtype=torch.long, device=device), dim=0)
+    output_seq, attention_weight_seq = [], []
+    for _ in range(num_steps):
+        Y, dec_state = net.decoder(dec_X, dec_state)
+        dec_X = Y.argmax(dim=2)
+        pred = dec_X.squeeze(dim=0).type(torch.int32).item()
+        if save_attention_weights:
+            attention_weight_seq.append(net.decoder.attention_weights)
+        if pred == tgt_vocab['<eos>']:
+            break
+        output_seq.append(pred)
+    return ' '.join(tgt_vocab.to_tokens(output_seq)), attention_weight_seq
+
+
 def bleu(pred_seq, label_seq, k):
     """d2l's BLEU of a predicted sentence against one label sentence (space-separated)."""
     pred_tokens, label_tokens = pred_seq.split(' '), label_seq.split(' ')
