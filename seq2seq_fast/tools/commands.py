@@ -50,7 +50,7 @@ def _task_data(task, args):
     if task == "nmt":
         try:
             train_iter, src_vocab, tgt_vocab = load_data_nmt(
-                args["data"], args["batch_size"], args["num_steps"], args["num_examples"], seed=args["seed"])
+                args["batch_size"], args["num_steps"], args["num_examples"], path=args["data"], seed=args["seed"])
         except (OSError, ValueError) as exc:
             raise CliError(f"--data: {exc}") from exc
         return train_iter, src_vocab, tgt_vocab, args["num_steps"], []

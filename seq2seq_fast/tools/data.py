@@ -1,5 +1,6 @@
-"""d2l's English-French data pipeline (zh edition, ``d2l.torch`` 0.17), reading a ``fra.txt``
-the user points at (nothing is downloaded), and the batching the trainer resumes from.
+"""d2l's English-French data pipeline (``d2l.torch`` 0.17.6, the chapter's edition) with d2l's
+signatures, reading ``fra.txt`` where d2l keeps it or where the user points (nothing is
+downloaded), and the batching the trainer resumes from.
 
 The functions keep d2l's names and semantics, quirks included: ``tokenize_nmt`` reads lines
 while ``i <= num_examples`` (one line more than asked), keeps only lines of exactly two
@@ -121,20 +122,41 @@ def build_array_nmt(lines, vocab, num_steps):
     return array, valid_len
 
 
-def nmt_data_path(path):
-    """The ``fra.txt`` that ``path`` names: the file itself or ``fra.txt`` in the folder ``path``.
-    Raises ``FileNotFoundError`` when there is none."""
-    if not isinstance(path, (str, os.PathLike)):
+NMT_DATA_ENV = "SEQ2SEQ_FAST_NMT_DATA"
+NMT_DATA_DEFAULT = os.path.join("..", "data", "fra-eng", "fra.txt")  # where d2l's download_extract puts it
+NMT_DATA_URL = "http://d2l-data.s3-accelerate.amazonaws.com/fra-eng.zip"
+
+
+def nmt_data_path(path=None):
+    """The ``fra.txt`` to read: ``path`` (the file or a folder holding it), else the environment
+    variable ``SEQ2SEQ_FAST_NMT_DATA`` (same), else d2l's ``../data/fra-eng/fra.txt``.
+
+    Raises ``FileNotFoundError`` saying where it looked, where to put the file and where it comes
+    from (nothing is downloaded).
+    """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file or folder path, got {type(path).__name__}")
-    if os.path.isdir(path):
-        path = os.path.join(path, "fra.txt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.fspath(path)!r} does not exist: name d2l's fra.txt or a folder holding it")
-    return path
+    env = os.environ.get(NMT_DATA_ENV) if path is None else None
+    found = path if path is not None else env or NMT_DATA_DEFAULT
+    if os.path.isdir(found):
+        found = os.path.join(found, "fra.txt")
+    if os.path.isfile(found):
+        return found
+    origin = f"it comes from {NMT_DATA_URL} (unzip it into ../data, as d2l does); nothing is downloaded"
+    if path is not None:
+        raise FileNotFoundError(f"{os.fspath(found)!r} does not exist: name d2l's fra.txt or a folder holding it; "
+                                + origin)
+    if env:
+        raise FileNotFoundError(f"{found!r} (${NMT_DATA_ENV}) does not exist: name d2l's fra.txt or a folder "
+                                f"holding it; {origin}")
+    raise FileNotFoundError(
+        f"d2l's English-French data is not at {found!r} ({os.path.abspath(found)}): put fra.txt there, or name "
+        f"the file or its folder with path= or ${NMT_DATA_ENV}; {origin}")
 
 
-def read_data_nmt(path):
-    """The text of ``path``: a ``fra.txt`` file or a folder holding one (d2l's ``fra-eng``)."""
+def read_data_nmt(path=None):
+    """d2l's ``read_data_nmt()``: the text of the English-French ``fra.txt``, found by
+    ``nmt_data_path(path)`` (d2l's ``../data/fra-eng/fra.txt`` unless told otherwise)."""
     with open(nmt_data_path(path), "r", encoding="utf-8") as f:
         return f.read()
 
@@ -144,7 +166,7 @@ class BatchIterator:
 
     The order of epoch ``e`` depends only on ``(seed, e)``, so a trainer can resume in the middle
     of an epoch: ``batches(epoch, start)`` yields that epoch's batches from number ``start`` on.
-    Iterating the object itself yields epoch 0, like ``d2l.load_array``'s ``DataLoader``.
+    Iterating the object itself yields the next epoch each time, as a ``DataLoader`` does.
     """
 
     def __init__(self, arrays, batch_size, shuffle=True, seed=0):
@@ -158,6 +180,7 @@ class BatchIterator:
 
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         self.arrays, self.shuffle, self.seed = arrays, bool(shuffle), int(seed)
+        self.epochs_iterated = 0  # passes made by iterating the object itself
 
     def __len__(self):
         return -(-self.arrays[0].shape[0] // self.batch_size)
@@ -176,29 +199,61 @@ class BatchIterator:
             yield tuple(a[index] for a in self.arrays)
 
     def __iter__(self):
-        return self.batches(0)
+        """The next epoch's batches: epoch 0 on the first pass, 1 on the second, and so on,
+        reshuffled each time as a ``DataLoader`` is."""
+        epoch, self.epochs_iterated = self.epochs_iterated, self.epochs_iterated + 1
+        return self.batches(epoch)
 
 
-def load_array(data_arrays, batch_size, is_train=True, seed=0):
-    """d2l's ``load_array``: mini-batches of the arrays, shuffled when ``is_train``."""
-    return BatchIterator(data_arrays, batch_size, shuffle=is_train, seed=seed)
+def load_array(data_arrays, batch_size, is_train=True, *, seed=None):
+    """d2l's ``load_array``: mini-batches of the tensors ``data_arrays``, shuffled when ``is_train``.
+
+    Without ``seed`` it is d2l's own: a ``DataLoader`` over a ``TensorDataset`` that reshuffles
+    each epoch from torch's global generator, so ``torch.manual_seed`` gives d2l's batches. With
+    ``seed`` it is a ``BatchIterator`` whose order depends on ``(seed, epoch)`` only, from which
+    a ``Seq2SeqTrainer`` resumes mid-epoch.
+
+    >>> data_iter = load_array((torch.arange(10), torch.arange(10) * 2), batch_size=4)
+    """
+    if seed is not None:
+        return BatchIterator(data_arrays, batch_size, shuffle=is_train, seed=seed)
+    from seq2seq_fast.ops.validation import check_int
+
+    arrays = tuple(data_arrays)
+    if not arrays or not all(isinstance(a, torch.Tensor) for a in arrays):
+        raise TypeError("data_arrays must be a non-empty sequence of tensors")
+    if any(a.shape[0] != arrays[0].shape[0] for a in arrays):
+        raise ValueError(f"data_arrays must share their first dimension, got {[a.shape[0] for a in arrays]}")
+    dataset = torch.utils.data.TensorDataset(*arrays)
+    return torch.utils.data.DataLoader(dataset, check_int(batch_size, "batch_size", minimum=1), shuffle=is_train)
 
 
-def load_data_nmt(path, batch_size, num_steps, num_examples=600, *, min_freq=2, seed=0):
-    """d2l's ``load_data_nmt`` on the ``fra.txt`` at ``path`` (a file or its folder).
+def load_data_nmt(batch_size, num_steps, num_examples=600, *, path=None, min_freq=2, seed=None):
+    """d2l's ``load_data_nmt(batch_size, num_steps, num_examples=600)`` on the ``fra.txt`` that
+    ``nmt_data_path(path)`` finds: ``path`` (the file or its folder), else
+    ``$SEQ2SEQ_FAST_NMT_DATA``, else d2l's ``../data/fra-eng/fra.txt``. Nothing is downloaded.
 
     Returns ``(data_iter, src_vocab, tgt_vocab)``: batches of ``(X int64 (B, num_steps),
-    X_valid_len int64 (B,), Y, Y_valid_len)``; vocabularies with ``min_freq=2`` and the reserved
-    tokens ``<pad>``, ``<bos>``, ``<eos>``.
+    X_valid_len int64 (B,), Y, Y_valid_len)`` from ``load_array(..., seed=seed)`` (d2l's
+    ``DataLoader`` unless ``seed`` is given); vocabularies with ``min_freq`` (d2l: 2) and the
+    reserved tokens ``<pad>``, ``<bos>``, ``<eos>``.
 
-    >>> train_iter, src_vocab, tgt_vocab = load_data_nmt("fra-eng/fra.txt", batch_size=64, num_steps=10)
+    >>> train_iter, src_vocab, tgt_vocab = load_data_nmt(64, 10)                      # ../data/fra-eng/fra.txt
+    >>> train_iter, src_vocab, tgt_vocab = load_data_nmt(64, 10, path="fra-eng/fra.txt")
     """
-    text = preprocess_nmt(read_data_nmt(path))
-    source, target = tokenize_nmt(text, num_examples)
+    from seq2seq_fast.ops.validation import check_int
+
+    if isinstance(batch_size, (str, os.PathLike)):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__} {os.fspath(batch_size)!r}: "
+                        "load_data_nmt takes d2l's (batch_size, num_steps, num_examples); name the file with path=")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(num_steps, "num_steps", minimum=1)
+    if num_examples is not None:
+        check_int(num_examples, "num_examples", minimum=0)
+    path = nmt_data_path(path)
+    source, target = tokenize_nmt(preprocess_nmt(read_data_nmt(path)), num_examples)
     if not source:
-        raise ValueError(
-            f"{os.fspath(path)!r} holds no line of two tab-separated fields (English<TAB>French)"
-        )
+        raise ValueError(f"{os.fspath(path)!r} holds no line of two tab-separated fields (English<TAB>French)")
     src_vocab = Vocab(source, min_freq=min_freq, reserved_tokens=list(RESERVED_TOKENS))
     tgt_vocab = Vocab(target, min_freq=min_freq, reserved_tokens=list(RESERVED_TOKENS))
     src_array, src_valid_len = build_array_nmt(source, src_vocab, num_steps)

@@ -4,8 +4,9 @@ import datetime
 import pytest
 import torch
 
-from seq2seq_fast.tools.data import (BatchIterator, Vocab, build_array_nmt, load_data_nmt, preprocess_nmt,
-                               tokenize_nmt, truncate_pad)
+from seq2seq_fast import reference as R
+from seq2seq_fast.tools.data import (NMT_DATA_ENV, NMT_DATA_URL, BatchIterator, Vocab, build_array_nmt,
+                                     load_data_nmt, preprocess_nmt, read_data_nmt, tokenize_nmt, truncate_pad)
 from seq2seq_fast.tools.tasks import (date_pairs, date_to_words, day_words, encode_sources, load_date_task,
                                 year_words)
 
@@ -79,7 +80,7 @@ def test_build_array_nmt_appends_eos_pads_and_counts():
 def test_load_data_nmt_on_a_file_and_a_folder(tmp_path):
     (tmp_path / "fra.txt").write_text(FRA, encoding="utf-8")
     for path in (tmp_path / "fra.txt", tmp_path, str(tmp_path)):
-        data_iter, src_vocab, tgt_vocab = load_data_nmt(path, batch_size=2, num_steps=4)
+        data_iter, src_vocab, tgt_vocab = load_data_nmt(2, 4, path=path, seed=0)
         assert src_vocab.idx_to_token == ["<unk>", "<pad>", "<bos>", "<eos>", ".", "go"]
         assert tgt_vocab.idx_to_token == ["<unk>", "<pad>", "<bos>", "<eos>", "!", "va"]
         batches = list(data_iter)
@@ -92,12 +93,55 @@ def test_load_data_nmt_on_a_file_and_a_folder(tmp_path):
         assert torch.equal(Y_len, torch.tensor([3, 3, 3, 4, 3])[order])
 
 
+def test_load_data_nmt_without_a_seed_is_d2ls_dataloader(tmp_path):
+    """d2l's load_array: a DataLoader reshuffled from torch's generator, so a seed gives d2l's batches."""
+    (tmp_path / "fra.txt").write_text(FRA, encoding="utf-8")
+    data_iter, _, _ = load_data_nmt(2, 4, path=tmp_path)
+    assert isinstance(data_iter, torch.utils.data.DataLoader)
+    arrays = data_iter.dataset.tensors
+    torch.manual_seed(7)
+    ours = [[b[0] for b in data_iter] for _ in range(2)]
+    torch.manual_seed(7)
+    theirs = [[b[0] for b in R.load_array(arrays, 2)] for _ in range(2)]
+    assert all(torch.equal(a, b) for epoch_a, epoch_b in zip(ours, theirs) for a, b in zip(epoch_a, epoch_b))
+    assert [len(epoch) for epoch in ours] == [3, 3]
+
+
+def test_load_data_nmt_finds_the_file_where_d2l_keeps_it_or_the_environment_says(tmp_path, monkeypatch):
+    folder = tmp_path / "data" / "fra-eng"
+    folder.mkdir(parents=True)
+    (folder / "fra.txt").write_text(FRA, encoding="utf-8")
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    monkeypatch.chdir(notebooks)
+    monkeypatch.delenv(NMT_DATA_ENV, raising=False)
+    assert len(load_data_nmt(2, 4)[1]) == 6  # ../data/fra-eng/fra.txt, as d2l
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        load_data_nmt(2, 4)
+    message = str(error.value)
+    assert "fra-eng/fra.txt" in message and NMT_DATA_URL in message and NMT_DATA_ENV in message
+    assert "\n" not in message
+    monkeypatch.setenv(NMT_DATA_ENV, str(folder))
+    assert len(load_data_nmt(2, 4)[1]) == 6
+    assert read_data_nmt() == FRA
+    monkeypatch.setenv(NMT_DATA_ENV, str(tmp_path / "nowhere.txt"))
+    with pytest.raises(FileNotFoundError, match=NMT_DATA_ENV):
+        load_data_nmt(2, 4)
+
+
 def test_load_data_nmt_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fra.txt"):
-        load_data_nmt(tmp_path / "missing.txt", 2, 4)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_data_nmt(2, 4, path=tmp_path / "missing.txt")
     (tmp_path / "fra.txt").write_text("one\ttwo\tthree\n", encoding="utf-8")
     with pytest.raises(ValueError, match="two tab-separated"):
-        load_data_nmt(tmp_path, 2, 4)
+        load_data_nmt(2, 4, path=tmp_path)
+    with pytest.raises(TypeError, match="batch_size.*path="):  # the signature before d2l's
+        load_data_nmt(str(tmp_path), 2, 4)
+    with pytest.raises(ValueError, match="num_steps"):
+        load_data_nmt(2, 0, path=tmp_path)
+    with pytest.raises(TypeError, match="path"):
+        load_data_nmt(2, 4, path=3)
 
 
 def test_batch_iterator_resumes_mid_epoch_and_reshuffles():
@@ -108,6 +152,8 @@ def test_batch_iterator_resumes_mid_epoch_and_reshuffles():
     assert [b[0].tolist() for b in it.batches(1, start=2)] == full[2:]
     assert sorted(sum(full, [])) == list(range(10))
     assert full != [b[0].tolist() for b in it.batches(2)]
+    passes = [[b[0].tolist() for b in it] for _ in range(3)]  # iterating reshuffles, as a DataLoader
+    assert passes == [[b[0].tolist() for b in it.batches(e)] for e in range(3)]
     assert [b[0].tolist() for b in BatchIterator(arrays, 4, shuffle=False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
