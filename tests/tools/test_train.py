@@ -5,6 +5,7 @@ import torch
 import seq2seq_fast as sf
 from seq2seq_fast import reference as R
 from seq2seq_fast.tools.checkpoints import load_checkpoint
+from seq2seq_fast.tools.plots import PLOT_DIR_ENV
 from seq2seq_fast.tools.tasks import load_date_task
 from seq2seq_fast.tools.train import Seq2SeqTrainer, train_seq2seq, xavier_init_weights
 
@@ -137,10 +138,11 @@ def test_callback_stops_training():
     assert result["steps"] == 2 == trainer.step
 
 
-def test_train_seq2seq_prints_d2l_summary(capsys):
+def test_train_seq2seq_prints_d2l_summary(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(PLOT_DIR_ENV, str(tmp_path))  # d2l's loss plot, drawn outside a notebook
     task = _task()
     model = _model(task, dtype=torch.float32)
-    trainer = train_seq2seq(model, task.train_iter, 0.005, 1, task.tgt_vocab, "cpu")
+    trainer = train_seq2seq(model, task.train_iter, 0.005, 1, task.tgt_vocab, "cpu", progress=False)
     out = capsys.readouterr().out
     assert out.startswith("loss ") and "tokens/sec on cpu" in out
     assert trainer.step == len(task.train_iter)
