@@ -99,3 +99,29 @@ def assert_decoder_parity(ref, fast, X, enc_outputs, hidden, lens, dtype):
             continue
         assert got is not None, f"grad {name}: missing"
         assert_close(got, grad, f"grad {name}")
+
+
+# The book's example sentences (English, French), in fra.txt's spelling before d2l's preprocessing.
+BOOK_PAIRS = [("Go.", "Va !"), ("I lost.", "J'ai perdu."), ("He's calm.", "Il est calme."),
+              ("I'm home.", "Je suis chez moi.")]
+_WORDS = {"i": "je", "you": "tu", "he": "il", "see": "vois", "like": "aime", "the": "le", "cat": "chat",
+          "dog": "chien", "big": "grand", "small": "petit", "house": "maison", "now": "maintenant"}
+
+
+def write_fra_corpus(path, lines=120, seed=0):
+    """A generated corpus in d2l's fra.txt format ("English<TAB>French" lines, d2l's punctuation)
+    at ``path``: word-for-word pairs over a dozen words, with the book's four examples among them."""
+    import random
+
+    rng = random.Random(seed)
+    words = sorted(_WORDS)
+    pairs = [pair for pair in BOOK_PAIRS for _ in range(3)]
+    while len(pairs) < lines:
+        english = [rng.choice(words) for _ in range(rng.randint(1, 5))]
+        end = rng.choice(".!?")
+        pairs.append((" ".join(english).capitalize() + end, " ".join(_WORDS[w] for w in english).capitalize() + end))
+    rng.shuffle(pairs)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(f"{english}\t{french}\n" for english, french in pairs))
+    return path
