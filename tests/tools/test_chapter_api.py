@@ -9,11 +9,9 @@ import pytest
 import torch
 
 import seq2seq_fast as sf
+from helpers import write_fra_corpus
 from seq2seq_fast import reference as R
 from seq2seq_fast.tools.plots import PLOT_DIR_ENV
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import BOOK_PAIRS, write_fra_corpus  # noqa: E402
 
 # d2l 0.17.6's parameters of each name (d2l/torch.py), in order; ours may add keyword-only ones.
 D2L_SIGNATURES = {
