@@ -8,8 +8,8 @@ op for op from projected queries and keys; ``hoisted+compile`` is that under ``t
 nothing about speed, so it is not run there).
 
 ``attention_rows`` returns rows in the runner's format (``rows.group_rows``), each group ending
-with its floor (``floor.floor``): the GEMMs below at the rates measured for their shapes, or the
-bytes the fused kernel must move at the measured copy rate, whichever is larger. Bytes, in
+with its floor (``floor.FloorWork``): the GEMMs below run by torch.matmul, or the bytes the fused
+kernel must move copied, whichever takes longer. Bytes, in
 elements of the input dtype:
     forward:   q (B·Q·H) + keys (B·T·H) + values (B·T·Dv) + w_v (H) + context (B·Q·Dv) + weights (B·Q·T)
     backward:  reads q, keys, values, w_v, grad context (B·Q·Dv); writes their four gradients
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import seq2seq_fast as sf
-from floor import Gemm, backward_gemms, floor
+from floor import FloorWork, Gemm, backward_gemms
 from rows import failing, group_rows, time_group
 from seq2seq_fast import reference as R
 
@@ -158,18 +158,18 @@ def runnable_impls(device, impls):
     return [i for i in dict.fromkeys(impls) if i not in skipped], skipped
 
 
-def attention_rows(device, rates, shapes, workloads, impls, dtype=torch.float32, min_time=0.5, log=None):
+def attention_rows(device, shapes, workloads, impls, dtype=torch.float32, min_time=0.5, log=None):
     """Rows of every implementation in ``impls`` (see :func:`runnable_impls`) on every shape and
-    workload, each group ending with its floor at the run's :class:`floor.Rates` ``rates``;
-    ``log(rows)`` is called with each group's rows as it is done."""
+    workload, each group ending with its floor; ``log(rows)`` is called with each group's rows
+    as it is done."""
     element = torch.empty((), dtype=dtype).element_size()
     dtype_name = str(dtype).replace("torch.", "")
     rows = []
     for config, shape in shapes.items():
         for workload in workloads:
             fns, notes = _callables(shape, device, dtype, workload, impls)
-            times, notes = time_group(fns, device, min_time, notes)
-            bound = floor(attention_gemms(shape, workload), kernel_bytes(shape, workload, element), rates)
+            work = FloorWork(attention_gemms(shape, workload), kernel_bytes(shape, workload, element), device, dtype)
+            times, notes, bound = time_group(fns, device, min_time, work, notes)
             group = group_rows("attention", config, dtype_name, workload, times, notes, bound)
             if log:
                 log(group)

@@ -1,22 +1,21 @@
 """The floor: one lower bound on a workload's time, the same definition for every table.
 
-    floor = max( sum_i gemm_seconds(gemm_i),  bytes / copy rate )
+    floor = max( time of the workload's GEMMs run by torch.matmul,  time to copy its bytes )
 
-* ``gemm_seconds``: the time ``torch.matmul`` takes for exactly that GEMM's shape (M, N, K and
-  batch), measured in the same run and cached per shape, less the time of the same call on a
-  1x1x1 problem (the call's fixed cost is Python and dispatch, not arithmetic). A per-step GEMM
-  has M = B rows and runs once per step; a GEMM batched over steps has M = S·B and runs once.
-  With p > 1 CPU threads the faster of two ways counts: the BLAS's own threading, or the rows
-  split evenly over the p threads, each share at its single-thread time (what the ``cpp``
-  backend does).
-* ``bytes``: what the workload must touch at least once (weights read, activations read and
-  written) at the copy rate measured for a buffer of that size (read + write counted), less a
-  1-element copy's fixed cost.
+* GEMMs: each GEMM of the workload (``Gemm``: M, N, K, batch, repetitions) run by
+  ``torch.matmul`` on operands of exactly its shape, as often as the workload runs it, less the
+  fixed cost of each call (Python and dispatch, not arithmetic: a 1x1x1 call's time). A per-step
+  GEMM has M = B rows and runs once per step; one batched over the steps has M = S·B and runs
+  once. With p > 1 CPU threads the faster of two ways counts: the BLAS's own threading, or the
+  rows split evenly over the threads, each share at one thread (what the ``cpp`` backend does).
+* bytes: what the workload must touch at least once (weights read, activations read and
+  written) copied once (half read, half written), less a 1-element copy's fixed cost.
 
-Only GEMMs count as arithmetic (elementwise work, softmax and the loss are left out), and each
-GEMM is counted in the cheapest form the algorithm allows, so every implementation needs at
-least this long; a measured row under it means a rate above was measured too low, and the
-runner says so.
+Both are timed as members of the group they bound, in the same interleaved rounds as the
+implementations (``rows.time_group``): the machine's speed drifts (on a shared VM by a factor
+of 1.5 within minutes), and a bound measured at another moment than the rows is no bound.
+Only GEMMs count as arithmetic (elementwise work, softmax and the loss are left out), each in
+the cheapest form the algorithm allows, so every implementation needs at least this long.
 """
 import math
 from dataclasses import dataclass
@@ -63,79 +62,101 @@ class Floor:
     def bound(self):
         return "GEMMs" if self.gemm_seconds >= self.bytes_seconds else "bytes"
 
-    def describe(self):
-        return (f"{self.bound}-bound: {self.flops / 1e6:.3g} MFLOP of GEMMs take {self.gemm_seconds * 1e3:.3g} ms at "
-                f"the rates measured for their shapes, {self.nbytes / 2**20:.3g} MiB take "
-                f"{self.bytes_seconds * 1e3:.3g} ms at the measured copy rate")
+
+_FIXED = {}  # (kind, device, dtype, threads) -> seconds of a trivial call of that kind
 
 
-class Rates:
-    """Measured times of GEMMs per shape and of copies per size on ``device`` in ``dtype``,
-    each measured once, on first use, and cached."""
+def _fixed_cost(kind, fn, device, dtype, threads):
+    """Seconds of the trivial call ``fn`` at ``threads`` threads, measured once per process:
+    what a call of that kind costs besides its work."""
+    key = (kind, str(device), dtype, threads)
+    if key not in _FIXED:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            _FIXED[key] = per_call(fn, device, min_time=0.02)
+        finally:
+            torch.set_num_threads(previous)
+    return _FIXED[key]
 
-    def __init__(self, device, dtype=torch.float32, min_time=0.03):
-        self.device, self.dtype, self.min_time = device, dtype, min_time
+
+def _operands(rows, n, k, batch, device, dtype):
+    a = torch.randn(batch, rows, k, device=device).to(dtype)
+    b = torch.randn(batch, k, n, device=device).to(dtype)
+    if batch == 1:
+        a, b = a[0], b[0]
+    return a, b, torch.matmul(a, b)
+
+
+class FloorWork:
+    """The floor's own work for one group: ``callables()`` to time with the implementations,
+    ``result(times)`` the :class:`Floor` from their median seconds."""
+
+    GEMMS, SPLIT, BYTES = "floor: GEMMs", "floor: GEMMs, rows split over threads", "floor: bytes"
+
+    def __init__(self, gemms, nbytes, device, dtype=torch.float32, cap=256 << 20):
+        self.gemms, self.nbytes, self.device, self.dtype = list(gemms), nbytes, device, dtype
         self.threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
-        self._gemm, self._copy, self._fixed = {}, {}, {}
+        operands = {}
 
-    def _matmul_time(self, m, n, k, batch):
-        a = torch.randn(batch, m, k, device=self.device).to(self.dtype)
-        b = torch.randn(batch, k, n, device=self.device).to(self.dtype)
-        if batch == 1:
-            a, b = a[0], b[0]
-        out = torch.matmul(a, b)
-        return per_call(lambda: torch.matmul(a, b, out=out), self.device, min_time=self.min_time)
+        def calls(shape_of):
+            out = []
+            for g in self.gemms:
+                shape, repeat = shape_of(g)
+                if shape not in operands:
+                    operands[shape] = _operands(*shape, device, dtype)
+                out.append((operands[shape], g.count * repeat))
+            return out
 
-    def _kernel_time(self, m, n, k, batch):
-        key = ("matmul", batch > 1, torch.get_num_threads())
-        if key not in self._fixed:
-            self._fixed[key] = self._matmul_time(1, 1, 1, 2 if batch > 1 else 1)
-        return max(0.0, self._matmul_time(m, n, k, batch) - self._fixed[key])
+        self._calls = calls(lambda g: ((g.m, g.n, g.k, g.batch), 1))
+        # Rows split over p threads, each share at one thread: the batch of a batched GEMM, else M.
+        p = self.threads
 
-    def gemm_seconds(self, gemm):
-        """Seconds of one repetition of ``gemm``."""
-        key = (gemm.m, gemm.n, gemm.k, gemm.batch)
-        if key not in self._gemm:
-            seconds = self._kernel_time(*key)
-            # Rows split over the threads: the batch of a batched GEMM, else M.
-            split_batch = gemm.batch > 1
-            rows = gemm.batch if split_batch else gemm.m
-            if self.threads > 1 and rows > 1:
-                share = math.ceil(rows / self.threads)
-                previous = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
-                    split = (self._kernel_time(gemm.m, gemm.n, gemm.k, share) if split_batch
-                             else self._kernel_time(share, gemm.n, gemm.k, 1))
-                finally:
-                    torch.set_num_threads(previous)
-                seconds = min(seconds, split)
-            self._gemm[key] = seconds
-        return self._gemm[key]
+        def share(g):
+            if g.batch > 1:
+                return (g.m, g.n, g.k, math.ceil(g.batch / p)), p
+            return (math.ceil(g.m / p), g.n, g.k, 1), p
 
-    def copy_seconds(self, nbytes, cap=256 << 20):
-        """Seconds to touch ``nbytes`` (half read, half written) by a copy."""
-        size = min(max(8, nbytes), cap)
-        if size not in self._copy:
-            if "copy" not in self._fixed:
-                one = torch.zeros(1, device=self.device)
-                self._fixed["copy"] = per_call(lambda: one.copy_(one), self.device, min_time=self.min_time)
-            src = torch.randn(size // 8, device=self.device)
-            dst = torch.empty_like(src)
-            seconds = per_call(lambda: dst.copy_(src), self.device, min_time=self.min_time)
-            self._copy[size] = max(0.0, seconds - self._fixed["copy"])
-        return self._copy[size] * nbytes / size
+        self._split = [] if p == 1 else calls(share)
+        self._copy_size = min(max(8, nbytes), cap)
+        self._src = torch.randn(self._copy_size // 8, device=device)
+        self._dst = torch.empty_like(self._src)
 
-    def describe(self):
-        """One line per measured GEMM shape: the rate the floor used."""
-        return [f"M={m} N={n} K={k}" + (f" batch={b}" if b > 1 else "")
-                + (f": {2 * m * n * k * b / s / 1e9:.1f} GFLOP/s" if s > 0 else ": below the call's fixed cost")
-                for (m, n, k, b), s in sorted(self._gemm.items())]
+    @staticmethod
+    def _run(calls):
+        for (a, b, out), count in calls:
+            for _ in range(count):
+                torch.matmul(a, b, out=out)
 
+    def _run_split(self):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._run(self._split)
+        finally:
+            torch.set_num_threads(previous)
 
-def floor(gemms, nbytes, rates):
-    """The :class:`Floor` of a workload running ``gemms`` (list of :class:`Gemm`) and touching
-    ``nbytes`` at least once, at the rates ``rates`` measures."""
-    gemm_s = sum(g.count * rates.gemm_seconds(g) for g in gemms)
-    bytes_s = rates.copy_seconds(nbytes)
-    return Floor(max(gemm_s, bytes_s), gemm_s, bytes_s, sum(g.flops for g in gemms), nbytes)
+    def callables(self):
+        fns = {self.GEMMS: lambda: self._run(self._calls), self.BYTES: lambda: self._dst.copy_(self._src)}
+        if self._split:
+            fns[self.SPLIT] = self._run_split
+        return fns
+
+    def _call_cost(self, batched, threads):
+        a, b, out = _operands(1, 1, 1, 2 if batched else 1, self.device, self.dtype)
+        return _fixed_cost(("matmul", batched), lambda: torch.matmul(a, b, out=out), self.device, self.dtype, threads)
+
+    def _gemm_seconds(self, seconds, calls, threads):
+        """``seconds`` of ``calls`` less each call's fixed cost."""
+        fixed = sum(count * self._call_cost(a.dim() == 3, threads) for (a, _, _), count in calls)
+        return max(0.0, seconds - fixed)
+
+    def result(self, times):
+        gemm_s = self._gemm_seconds(times[self.GEMMS], self._calls, self.threads)
+        if self._split:
+            gemm_s = min(gemm_s, self._gemm_seconds(times[self.SPLIT], self._split, 1) / self.threads)
+        one = torch.zeros(1, device=self.device)
+        copy_fixed = _fixed_cost("copy", lambda: one.copy_(one), self.device, torch.float32, self.threads)
+        bytes_s = max(0.0, times[self.BYTES] - copy_fixed) * self.nbytes / self._copy_size
+        return Floor(max(gemm_s, bytes_s), gemm_s, bytes_s, sum(g.flops for g in self.gemms), self.nbytes)
+

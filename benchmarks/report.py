@@ -9,10 +9,11 @@ EXPLANATION = """\
 median ms: median time of one call, implementations of a group timed in interleaved rounds in
   this one process. speedup vs reference: the reference's time over the row's (> 1: faster).
 x floor: the row's time over the floor (>= 1 for every measured row, as a lower bound demands).
-floor: the workload's GEMMs at the rates torch.matmul reaches for exactly their shapes in this
-  run (per-step GEMMs have M = B rows, GEMMs batched over steps M = S·B; the call's fixed cost
-  subtracted; with several threads, the faster of the BLAS's threading and rows split over the
-  threads), or its bytes at the measured copy rate, whichever is larger (benchmarks/floor.py).
+floor: the workload's GEMMs run by torch.matmul on operands of exactly their shapes (per-step
+  GEMMs have M = B rows, GEMMs batched over steps M = S·B; each call's fixed cost subtracted;
+  with several threads, the faster of the BLAS's threading and rows split over the threads),
+  or its bytes copied, whichever takes longer, timed in the group's interleaved rounds
+  (benchmarks/floor.py).
 A row that was not measured shows a footnote saying why."""
 
 

@@ -20,10 +20,11 @@ def failing(exc):
     return run
 
 
-def time_group(callables, device, min_time, notes=None):
-    """``({impl: median seconds or None}, {impl: note})``: each callable runs once first (it
-    compiles there, where it compiles, before any clock runs); one that raises is not timed
-    and its note says why."""
+def time_group(callables, device, min_time, floor_work, notes=None):
+    """``({impl: median seconds or None}, {impl: note}, floor)``: each callable runs once first
+    (it compiles there, where it compiles, before any clock runs); one that raises is not timed
+    and its note says why. The rest and the floor's own work (``floor.FloorWork``) are timed
+    together in interleaved rounds, so that the floor sees the machine as the rows do."""
     notes = dict(notes or {})
     runnable = {}
     for impl, fn in callables.items():
@@ -32,11 +33,12 @@ def time_group(callables, device, min_time, notes=None):
             runnable[impl] = fn
         except Exception as exc:  # a row that cannot run says why instead of stopping the run
             notes[impl] = f"failed: {first_line(exc)}"
-    times = dict.fromkeys(callables)
-    if runnable:
-        times.update(measure_interleaved(runnable, device, rounds=max(3, int(min_time / 0.1)),
-                                         round_time=min(0.1, min_time / 3), warmup=0, max_seconds=20 * min_time))
-    return times, notes
+    floor_fns = floor_work.callables()
+    for fn in floor_fns.values():
+        fn()
+    measured = measure_interleaved({**runnable, **floor_fns}, device, rounds=max(3, int(min_time / 0.1)),
+                                   round_time=min(0.1, min_time / 3), warmup=0, max_seconds=20 * min_time)
+    return {impl: measured.get(impl) for impl in callables}, notes, floor_work.result(measured)
 
 
 def group_rows(section, config, dtype, workload, times, notes, floor, extra=None):

@@ -30,7 +30,7 @@ import report  # noqa: E402
 import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
 from configs import CONFIGS, SMOKE  # noqa: E402
-from floor import Rates, floor  # noqa: E402
+from floor import FloorWork  # noqa: E402
 from machine import machine_info  # noqa: E402
 from peak_memory import train_step_peak  # noqa: E402
 from rows import failing, group_rows, time_group, under_floor  # noqa: E402
@@ -101,14 +101,14 @@ def _step_memory(config_name, impl, device, log):
     return dict(peak_mib=mem["peak_bytes"] / 2**20, step_mib=mem["step_bytes"] / 2**20)
 
 
-def _floor(workload, cfg, reference, data, rates):
+def _floor_work(workload, cfg, reference, data, device, dtype):
     rows = None
     if workload == "greedy_decode":  # the steps, and rows per step, a greedy decoding really runs
         rows = W.greedy_rows(W.reference_greedy(reference, cfg, data)())
-    return floor(W.workload_gemms(workload, cfg, rows), W.workload_bytes(workload, cfg, reference), rates)
+    return FloorWork(W.workload_gemms(workload, cfg, rows), W.workload_bytes(workload, cfg, reference), device, dtype)
 
 
-def model_rows(configs, workloads, impls, device, dtype, rates, min_time, memory, log):
+def model_rows(configs, workloads, impls, device, dtype, min_time, memory, log):
     """Rows of the whole model: every implementation of ``impls`` on every configuration and
     workload; memory of the float32 training step (not compiled) when ``memory``."""
     rows = []
@@ -123,13 +123,14 @@ def model_rows(configs, workloads, impls, device, dtype, rates, min_time, memory
                     callables[impl] = W.build(workload, impl, reference, cfg, data)
                 except Exception as exc:  # a row that cannot run says why instead of stopping the run
                     callables[impl] = failing(exc)
-            times, notes = time_group(callables, device, min_time)
+            work = _floor_work(workload, cfg, reference, data, device, dtype)
+            times, notes, bound = time_group(callables, device, min_time, work)
+            del work  # its operands
             extra = {}
             if memory and workload == "train_step" and dtype == torch.float32 and config_name in CONFIGS:
                 extra = {impl: _step_memory(config_name, impl, device, log) for impl in times
                          if impl != "reference+compile" and times[impl] is not None}
-            group = group_rows("model", config_name, dtype_name, workload, times, notes,
-                               _floor(workload, cfg, reference, data, rates), extra)
+            group = group_rows("model", config_name, dtype_name, workload, times, notes, bound, extra)
             log(report.table(group))
             rows += group
     return rows
@@ -224,12 +225,11 @@ def main(argv=None):
     rows = []
     for name in sel.dtypes:
         dtype = getattr(torch, name)
-        rates = Rates(args.device, dtype, min_time=min(0.03, args.min_time))
         if model["workloads"] and model["impls"]:
-            rows += model_rows(configs, model["workloads"], model["impls"], args.device, dtype, rates,
-                               args.min_time, memory, log)
+            rows += model_rows(configs, model["workloads"], model["impls"], args.device, dtype, args.min_time,
+                               memory, log)
         if attention and attention["workloads"] and attention["impls"]:
-            rows += A.attention_rows(args.device, rates, shapes, attention["workloads"], attention["impls"], dtype,
+            rows += A.attention_rows(args.device, shapes, attention["workloads"], attention["impls"], dtype,
                                      args.min_time, log=lambda group: log(report.table(group)))
     elapsed = time.perf_counter() - started
     below = under_floor(rows)

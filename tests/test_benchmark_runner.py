@@ -83,18 +83,26 @@ def test_every_filter_narrows_every_section():
 
 
 def test_floor_is_the_larger_of_gemm_and_byte_time():
-    class Rates:
-        def gemm_seconds(self, gemm):
-            return gemm.m * 1e-6
+    import torch
 
-        def copy_seconds(self, nbytes):
-            return nbytes * 1e-9
-
+    G, B, SPLIT = F.FloorWork.GEMMS, F.FloorWork.BYTES, F.FloorWork.SPLIT
     gemms = [F.Gemm(3, 4, 5, count=2), F.Gemm(7, 1, 1, batch=3)]
-    assert F.floor(gemms, 1000, Rates()).seconds == pytest.approx(13e-6)
-    assert F.floor(gemms, 10**5, Rates()).seconds == pytest.approx(1e-4)
-    assert F.floor(gemms, 10**5, Rates()).bound == "bytes"
-    assert F.floor(gemms, 0, Rates()).flops == 2 * (3 * 4 * 5 * 2 + 7 * 3)
+    work = F.FloorWork(gemms, 1000, "cpu")
+    assert {G, B} <= set(work.callables())
+    # The fixed costs subtracted are those of trivial calls: microseconds against these seconds.
+    gemm_bound = work.result({G: 1.0, B: 0.5, SPLIT: 100.0})
+    assert gemm_bound.bound == "GEMMs" and 0.99 < gemm_bound.seconds <= 1.0
+    bytes_bound = work.result({G: 1.0, B: 2.0, SPLIT: 100.0})
+    assert bytes_bound.bound == "bytes" and 1.99 < bytes_bound.seconds <= 2.0
+    assert bytes_bound.flops == 2 * (3 * 4 * 5 * 2 + 7 * 1 * 1 * 3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = F.FloorWork([F.Gemm(8, 4, 4, count=3)], 8, "cpu")
+    finally:
+        torch.set_num_threads(previous)
+    assert [(tuple(a.shape), count) for (a, _, _), count in split._split] == [((4, 4), 6)], "half the rows, twice"
+    assert 0.49 < split.result({G: 1.0, SPLIT: 1.0, B: 0.0}).gemm_seconds <= 0.5, "two threads at once: half"
 
 
 def test_decoder_gemms_count_the_hoisted_algorithm():

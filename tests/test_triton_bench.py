@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import attention_bench as A  # noqa: E402
-from floor import Floor, Rates  # noqa: E402
+from floor import Floor  # noqa: E402
 from rows import group_rows  # noqa: E402
 
 
@@ -19,7 +19,7 @@ def test_attention_rows_shape_and_units():
         assert impls == ["reference", "hoisted"] and "interpreter" in skipped["triton"]
     else:
         assert impls == ["reference", "hoisted", "triton"], skipped
-    rows = A.attention_rows(device, Rates(device, min_time=0.001), {"tiny": shape}, A.ATTENTION_WORKLOADS, impls,
+    rows = A.attention_rows(device, {"tiny": shape}, A.ATTENTION_WORKLOADS, impls,
                             min_time=0.01)
     assert [(r["workload"], r["impl"]) for r in rows] == [(w, i) for w in A.ATTENTION_WORKLOADS
                                                           for i in impls + ["floor"]]
