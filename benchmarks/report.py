@@ -76,28 +76,27 @@ def plot(rows, path):
     key = lambda r: (r["section"], r["config"], r["dtype"], r["workload"])  # noqa: E731
     groups = list(dict.fromkeys(key(r) for r in rows))
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i not in ("reference", FLOOR)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups)), 4.5))
-    width = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        xs, values = [], []
-        for i, g in enumerate(groups):
-            match = [r for r in rows if key(r) == g and r["impl"] == impl and r["speedup"]]
-            if match:
-                xs.append(i - 0.4 + (k + 0.5) * width)
-                values.append(match[0]["speedup"])
-        ax.bar(xs, values, width, label=impl)
-    floor_label = "floor (lower bound on time)"
+    colors = dict(zip(impls, plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.5))
+    labelled = set()
     for i, g in enumerate(groups):
-        match = [r for r in rows if key(r) == g and r["impl"] == FLOOR and r["speedup"]]
-        if match:
-            ax.hlines(match[0]["speedup"], i - 0.45, i + 0.45, colors="black", linewidth=2, label=floor_label)
-            floor_label = None
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        bars = [(r["impl"], r["speedup"]) for r in rows if key(r) == g and r["impl"] in colors and r["speedup"]]
+        width = 0.8 / max(1, len(bars))
+        for k, (impl, speedup) in enumerate(bars):
+            ax.bar(i - 0.4 + (k + 0.5) * width, speedup, width, color=colors[impl],
+                   label=None if impl in labelled else impl)
+            labelled.add(impl)
+        floors = [r["speedup"] for r in rows if key(r) == g and r["impl"] == FLOOR and r["speedup"]]
+        if floors:
+            ax.hlines(floors[0], i - 0.45, i + 0.45, colors="black", linewidth=2,
+                      label=None if FLOOR in labelled else "floor (lower bound on time)")
+            labelled.add(FLOOR)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="reference (1x)")
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{s}: {c} {d}\n{w}" for s, c, d, w in groups], fontsize=7)
+    ax.set_xticklabels([f"{s}\n{c} {d}\n{w}" for s, c, d, w in groups], fontsize=7)
     ax.set_ylabel("speedup over the d2l reference (x, log)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
