@@ -244,7 +244,8 @@ def main(argv=None):
               for section, title in (("model", "The whole model"), ("attention", "Attention alone"))]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# seq2seq_fast benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n")
-        f.write("\n".join(f"- {line}" for line in plan) + "\n\n" + report.EXPLANATION + "\n")
+        f.write("\n".join(f"  - {line.strip()}" if line.startswith(" ") else f"- {line}" for line in plan))
+        f.write("\n\n" + report.EXPLANATION + "\n")
         for title, part in tables:
             if part:
                 f.write(f"\n## {title}\n\n{report.table(part, markdown=True)}\n")
