@@ -4,25 +4,28 @@
 
 * GEMMs: each GEMM of the workload (``Gemm``: M, N, K, batch, repetitions) run by
   ``torch.matmul`` on operands of exactly its shape, as often as the workload runs it, less the
-  fixed cost of each call (Python and dispatch, not arithmetic: a 1x1x1 call's time). A per-step
-  GEMM has M = B rows and runs once per step; one batched over the steps has M = S·B and runs
-  once. With p > 1 CPU threads the faster of two ways counts: the BLAS's own threading, or the
-  rows split evenly over the threads, each share at one thread (what the ``cpp`` backend does).
+  calls' fixed cost (Python and dispatch, not arithmetic: the same calls on 1x1x1 operands,
+  timed right before). A per-step GEMM has M = B rows and runs once per step; one batched over
+  the steps has M = S·B and runs once. With p > 1 CPU threads the faster of two ways counts:
+  the BLAS's own threading, or the rows split evenly over the threads, each share at one
+  thread (what the ``cpp`` backend does).
 * bytes: what the workload must touch at least once (weights read, activations read and
-  written) copied once (half read, half written), less a 1-element copy's fixed cost.
+  written) copied once (half read, half written), less a 1-element copy's time.
 
-Both are timed as members of the group they bound, in the same interleaved rounds as the
-implementations (``rows.time_group``): the machine's speed drifts (on a shared VM by a factor
-of 1.5 within minutes), and a bound measured at another moment than the rows is no bound.
+All of it runs as members of the group it bounds, in the same interleaved rounds as the
+implementations (``rows.time_group``), and each time counts at its fastest call: the
+machine's speed drifts (on a shared VM by a factor of 1.5 within minutes), and a bound timed at
+another moment than the rows, or through a neighbour's burst, is no bound.
 Only GEMMs count as arithmetic (elementwise work, softmax and the loss are left out), each in
 the cheapest form the algorithm allows, so every implementation needs at least this long.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 
-from timing import per_call
+from timing import synchronize
 
 
 @dataclass(frozen=True)
@@ -63,23 +66,6 @@ class Floor:
         return "GEMMs" if self.gemm_seconds >= self.bytes_seconds else "bytes"
 
 
-_FIXED = {}  # (kind, device, dtype, threads) -> seconds of a trivial call of that kind
-
-
-def _fixed_cost(kind, fn, device, dtype, threads):
-    """Seconds of the trivial call ``fn`` at ``threads`` threads, measured once per process:
-    what a call of that kind costs besides its work."""
-    key = (kind, str(device), dtype, threads)
-    if key not in _FIXED:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            _FIXED[key] = per_call(fn, device, min_time=0.02)
-        finally:
-            torch.set_num_threads(previous)
-    return _FIXED[key]
-
-
 def _operands(rows, n, k, batch, device, dtype):
     a = torch.randn(batch, rows, k, device=device).to(dtype)
     b = torch.randn(batch, k, n, device=device).to(dtype)
@@ -88,15 +74,34 @@ def _operands(rows, n, k, batch, device, dtype):
     return a, b, torch.matmul(a, b)
 
 
+def _run(calls):
+    for (a, b, out), count in calls:
+        for _ in range(count):
+            torch.matmul(a, b, out=out)
+
+
+def _one_thread(fn):
+    def run():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(previous)
+    return run
+
+
 class FloorWork:
-    """The floor's own work for one group: ``callables()`` to time with the implementations,
-    ``result(times)`` the :class:`Floor` from their median seconds."""
+    """The floor's own work for one group: ``callables()`` to time with the implementations
+    (each call also records the time of its work and, right before it, of the same calls on
+    trivial operands), ``result()`` the :class:`Floor`: each at its fastest, the difference."""
 
     GEMMS, SPLIT, BYTES = "floor: GEMMs", "floor: GEMMs, rows split over threads", "floor: bytes"
 
     def __init__(self, gemms, nbytes, device, dtype=torch.float32, cap=256 << 20):
-        self.gemms, self.nbytes, self.device, self.dtype = list(gemms), nbytes, device, dtype
+        self.gemms, self.nbytes, self.device = list(gemms), nbytes, device
         self.threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+        self.seconds = {}  # callable name -> ([fixed cost, one per call], [work, one per call])
         operands = {}
 
         def calls(shape_of):
@@ -108,55 +113,56 @@ class FloorWork:
                 out.append((operands[shape], g.count * repeat))
             return out
 
-        self._calls = calls(lambda g: ((g.m, g.n, g.k, g.batch), 1))
-        # Rows split over p threads, each share at one thread: the batch of a batched GEMM, else M.
+        ones = {batched: _operands(1, 1, 1, 2 if batched else 1, device, dtype) for batched in (False, True)}
+
+        def trivial(work):
+            return [(ones[a.dim() == 3], count) for (a, _, _), count in work]
+
         p = self.threads
 
-        def share(g):
+        def share(g):  # rows split over p threads: the batch of a batched GEMM, else M
             if g.batch > 1:
                 return (g.m, g.n, g.k, math.ceil(g.batch / p)), p
             return (math.ceil(g.m / p), g.n, g.k, 1), p
 
-        self._split = [] if p == 1 else calls(share)
+        gemm_calls = calls(lambda g: ((g.m, g.n, g.k, g.batch), 1))
+        gemm_trivial = trivial(gemm_calls)
+        self._fns = {self.GEMMS: self._timed(self.GEMMS, lambda: _run(gemm_trivial), lambda: _run(gemm_calls))}
+        if p > 1:
+            split_calls = calls(share)
+            split_trivial = trivial(split_calls)
+            self._fns[self.SPLIT] = _one_thread(self._timed(self.SPLIT, lambda: _run(split_trivial),
+                                                            lambda: _run(split_calls)))
         self._copy_size = min(max(8, nbytes), cap)
-        self._src = torch.randn(self._copy_size // 8, device=device)
-        self._dst = torch.empty_like(self._src)
+        src = torch.randn(self._copy_size // 8, device=device)
+        dst, one = torch.empty_like(src), torch.zeros(1, device=device)
+        self._fns[self.BYTES] = self._timed(self.BYTES, lambda: one.copy_(one), lambda: dst.copy_(src))
 
-    @staticmethod
-    def _run(calls):
-        for (a, b, out), count in calls:
-            for _ in range(count):
-                torch.matmul(a, b, out=out)
+    def _timed(self, name, overhead, work):
+        """A callable running ``overhead`` then ``work``, recording the time of each."""
+        self.seconds[name] = ([], [])
 
-    def _run_split(self):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            self._run(self._split)
-        finally:
-            torch.set_num_threads(previous)
+        def run():
+            synchronize(self.device)
+            start = time.perf_counter()
+            overhead()
+            synchronize(self.device)
+            middle = time.perf_counter()
+            work()
+            synchronize(self.device)
+            self.seconds[name][0].append(middle - start)
+            self.seconds[name][1].append(time.perf_counter() - middle)
+        return run
 
     def callables(self):
-        fns = {self.GEMMS: lambda: self._run(self._calls), self.BYTES: lambda: self._dst.copy_(self._src)}
-        if self._split:
-            fns[self.SPLIT] = self._run_split
-        return fns
+        return dict(self._fns)
 
-    def _call_cost(self, batched, threads):
-        a, b, out = _operands(1, 1, 1, 2 if batched else 1, self.device, self.dtype)
-        return _fixed_cost(("matmul", batched), lambda: torch.matmul(a, b, out=out), self.device, self.dtype, threads)
-
-    def _gemm_seconds(self, seconds, calls, threads):
-        """``seconds`` of ``calls`` less each call's fixed cost."""
-        fixed = sum(count * self._call_cost(a.dim() == 3, threads) for (a, _, _), count in calls)
-        return max(0.0, seconds - fixed)
-
-    def result(self, times):
-        gemm_s = self._gemm_seconds(times[self.GEMMS], self._calls, self.threads)
-        if self._split:
-            gemm_s = min(gemm_s, self._gemm_seconds(times[self.SPLIT], self._split, 1) / self.threads)
-        one = torch.zeros(1, device=self.device)
-        copy_fixed = _fixed_cost("copy", lambda: one.copy_(one), self.device, torch.float32, self.threads)
-        bytes_s = max(0.0, times[self.BYTES] - copy_fixed) * self.nbytes / self._copy_size
+    def result(self, seconds=None):
+        """The :class:`Floor` from ``seconds`` ({callable name: ([fixed cost], [work]), one per
+        call}; default: what the callables recorded): the fastest work less the fastest fixed cost."""
+        fastest = {name: max(0.0, min(work) - min(fixed)) for name, (fixed, work) in (seconds or self.seconds).items()}
+        gemm_s = fastest[self.GEMMS]
+        if self.SPLIT in fastest:
+            gemm_s = min(gemm_s, fastest[self.SPLIT] / self.threads)
+        bytes_s = fastest[self.BYTES] * self.nbytes / self._copy_size
         return Floor(max(gemm_s, bytes_s), gemm_s, bytes_s, sum(g.flops for g in self.gemms), self.nbytes)
-

@@ -3,7 +3,9 @@ workload) timed in interleaved rounds, then a ``floor`` row. Row keys: ``section
 dtype, workload, impl, median_s`` (None: not measured), ``speedup`` (the reference's time over
 the row's), ``over_floor`` (the row's time over the floor), ``note`` (why a row is not
 measured, or how it was run)."""
-from timing import measure_interleaved
+import statistics
+
+from timing import interleaved_samples
 
 FLOOR = "floor"
 
@@ -24,7 +26,8 @@ def time_group(callables, device, min_time, floor_work, notes=None):
     """``({impl: median seconds or None}, {impl: note}, floor)``: each callable runs once first
     (it compiles there, where it compiles, before any clock runs); one that raises is not timed
     and its note says why. The rest and the floor's own work (``floor.FloorWork``) are timed
-    together in interleaved rounds, so that the floor sees the machine as the rows do."""
+    together in interleaved rounds, so that the floor sees the machine as the rows do: rows
+    are medians over the rounds, the floor takes its fastest call."""
     notes = dict(notes or {})
     runnable = {}
     for impl, fn in callables.items():
@@ -36,9 +39,10 @@ def time_group(callables, device, min_time, floor_work, notes=None):
     floor_fns = floor_work.callables()
     for fn in floor_fns.values():
         fn()
-    measured = measure_interleaved({**runnable, **floor_fns}, device, rounds=max(3, int(min_time / 0.1)),
-                                   round_time=min(0.1, min_time / 3), warmup=0, max_seconds=20 * min_time)
-    return {impl: measured.get(impl) for impl in callables}, notes, floor_work.result(measured)
+    samples = interleaved_samples({**runnable, **floor_fns}, device, rounds=max(3, int(min_time / 0.1)),
+                                  round_time=min(0.1, min_time / 3), warmup=0, max_seconds=20 * min_time)
+    times = {impl: statistics.median(samples[impl]) if impl in runnable else None for impl in callables}
+    return times, notes, floor_work.result()
 
 
 def group_rows(section, config, dtype, workload, times, notes, floor, extra=None):

@@ -33,11 +33,12 @@ def per_call(fn, device="cpu", *, min_time=0.03, batch_time=2e-4):
     return statistics.median(samples)
 
 
-def measure_interleaved(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=3, max_seconds=None):
-    """Median seconds per call of each of ``fns`` ({name: callable}), timed in interleaved rounds.
+def interleaved_samples(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=3, max_seconds=None):
+    """Seconds per call of each of ``fns`` ({name: callable}) in each of interleaved rounds:
+    {name: [seconds, one per round]}.
 
     Each round times every function in turn over a batch of calls lasting about ``round_time``;
-    the median over rounds is taken. A slow drift of the machine (frequency, neighbours) then
+    take the median over rounds (or, for a lower bound, the minimum). A slow drift of the machine (frequency, neighbours) then
     touches all of them alike, so their ratios hold even when absolute times wander. With
     ``max_seconds``, fewer rounds (at least 3) are run where ``rounds`` would take longer.
     ``warmup`` calls precede the call that sizes the batches (0: the caller has warmed them).
@@ -67,4 +68,4 @@ def measure_interleaved(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=
                 fn()
             synchronize(device)
             samples[name].append((time.perf_counter() - start) / batch[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples

@@ -85,15 +85,17 @@ def test_every_filter_narrows_every_section():
 def test_floor_is_the_larger_of_gemm_and_byte_time():
     import torch
 
-    G, B, SPLIT = F.FloorWork.GEMMS, F.FloorWork.BYTES, F.FloorWork.SPLIT
+    G, SPLIT, B = F.FloorWork.GEMMS, F.FloorWork.SPLIT, F.FloorWork.BYTES
     gemms = [F.Gemm(3, 4, 5, count=2), F.Gemm(7, 1, 1, batch=3)]
     work = F.FloorWork(gemms, 1000, "cpu")
-    assert {G, B} <= set(work.callables())
-    # The fixed costs subtracted are those of trivial calls: microseconds against these seconds.
-    gemm_bound = work.result({G: 1.0, B: 0.5, SPLIT: 100.0})
-    assert gemm_bound.bound == "GEMMs" and 0.99 < gemm_bound.seconds <= 1.0
-    bytes_bound = work.result({G: 1.0, B: 2.0, SPLIT: 100.0})
-    assert bytes_bound.bound == "bytes" and 1.99 < bytes_bound.seconds <= 2.0
+    for fn in work.callables().values():
+        fn()
+    assert all(list(map(len, work.seconds[name])) == [1, 1] for name in work.callables()), "each call records"
+    # The fastest work less the fastest fixed cost (the same calls on trivial operands).
+    gemm_bound = work.result({G: ([0.25, 0.5], [1.25, 1.0]), B: ([0.125], [0.5, 0.375])})
+    assert (gemm_bound.bound, gemm_bound.seconds, gemm_bound.bytes_seconds) == ("GEMMs", 0.75, 0.25)
+    bytes_bound = work.result({G: ([0.0], [1.0]), B: ([0.5], [2.5])})
+    assert (bytes_bound.bound, bytes_bound.seconds) == ("bytes", 2.0)
     assert bytes_bound.flops == 2 * (3 * 4 * 5 * 2 + 7 * 1 * 1 * 3)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -101,8 +103,8 @@ def test_floor_is_the_larger_of_gemm_and_byte_time():
         split = F.FloorWork([F.Gemm(8, 4, 4, count=3)], 8, "cpu")
     finally:
         torch.set_num_threads(previous)
-    assert [(tuple(a.shape), count) for (a, _, _), count in split._split] == [((4, 4), 6)], "half the rows, twice"
-    assert 0.49 < split.result({G: 1.0, SPLIT: 1.0, B: 0.0}).gemm_seconds <= 0.5, "two threads at once: half"
+    assert split.result({G: ([0.0], [1.0]), SPLIT: ([0.25], [1.25]), B: ([0.0], [0.0])}).gemm_seconds == 0.5, \
+        "two threads at once, each on half the rows: half the split time"
 
 
 def test_decoder_gemms_count_the_hoisted_algorithm():
