@@ -10,10 +10,10 @@ median ms: median time of one call, implementations of a group timed in interlea
   this one process. speedup vs reference: the reference's time over the row's (> 1: faster).
 x floor: the row's time over the floor (>= 1 for every measured row, as a lower bound demands).
 floor: the workload's GEMMs run by torch.matmul on operands of exactly their shapes (per-step
-  GEMMs have M = B rows, GEMMs batched over steps M = S·B; each call's fixed cost subtracted;
-  with several threads, the faster of the BLAS's threading and rows split over the threads),
-  or its bytes copied, whichever takes longer, timed in the group's interleaved rounds
-  (benchmarks/floor.py).
+  GEMMs have M = B rows, GEMMs batched over steps M = S·B; less the same calls on 1x1x1
+  operands; with several threads, the faster of the BLAS's threading and rows split over the
+  threads), or its bytes copied, whichever takes longer, run in the group's interleaved rounds
+  and counted at the fastest call (benchmarks/floor.py).
 A row that was not measured shows a footnote saying why."""
 
 
