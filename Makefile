@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make test   - creates .venv, installs the pinned dev dependencies, builds the extension, runs the tests
-#   make bench  - the same set-up, then the benchmark runner (table, markdown + JSON in bench-out/)
+#   make bench  - the same set-up, then the benchmark runner's representative set (a few minutes;
+#                 tables on stdout, markdown + JSON + plot in bench-out/); make bench-full: everything
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEPS := $(VENV)/.deps-installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test test-slow test-compat bench build clean gpu-check
+.PHONY: test test-slow test-compat bench bench-full build clean gpu-check
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,12 @@ test: build
 test-slow: build
 	$(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# BENCH_ARGS narrows either (e.g. --configs zh --workloads train_step); runner.py --help lists the names.
 bench: build
 	$(VPY) benchmarks/runner.py $(BENCH_ARGS)
+
+bench-full: build
+	$(VPY) benchmarks/runner.py --full $(BENCH_ARGS)
 
 # make test-compat: the fast suite on the oldest and the newest supported stacks, each in a venv
 # of its own with the extension built against that venv's torch and installed there (not in

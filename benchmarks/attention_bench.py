@@ -1,23 +1,27 @@
 """The additive attention alone: d2l's module, its math with the key projection hoisted out (as a
 decoder does once per sequence), the same under ``torch.compile``, and the fused Triton kernel.
 
-``attention_rows(device, measure)`` returns one dict per (shape, workload, implementation):
-``config, workload, impl, median_s, gbps, ratio_to_reference, note``, where ``gbps`` is the
-bytes the fused kernel must move (below) over the median time, for every row alike, and
-``ratio_to_reference`` is the reference module's median over the row's (> 1: faster).
+Implementations (``ATTENTION_IMPLS``): ``reference`` is d2l's module, which also projects queries
+and keys (W_q, W_k) on every call, as d2l's decoder does per step; ``hoisted`` is d2l's math
+op for op from projected queries and keys; ``hoisted+compile`` is that under ``torch.compile``;
+``triton`` the fused kernel (CUDA; on a CPU Triton runs only under its interpreter, which says
+nothing about speed, so it is not run there).
 
-Bytes the attention must move, elements of the input dtype:
+``attention_rows`` returns rows in the runner's format (``rows.group_rows``), each group ending
+with its floor (``floor.FloorWork``): the GEMMs below run by torch.matmul, or the bytes the fused
+kernel must move copied, whichever takes longer. Bytes, in
+elements of the input dtype:
     forward:   q (B·Q·H) + keys (B·T·H) + values (B·T·Dv) + w_v (H) + context (B·Q·Dv) + weights (B·Q·T)
     backward:  reads q, keys, values, w_v, grad context (B·Q·Dv); writes their four gradients
-
-The reference module also projects queries and keys (W_q, W_k) on every call, as d2l's decoder
-does per step; the other rows start from projected queries and keys. On a CPU the Triton rows
-are not timed: there Triton runs only under its interpreter, which says nothing about speed.
+GEMMs: the score, tanh features (B·Q·T, H) by w_v (H, 1), and the context, weights (Q, T) by
+values (T, Dv) batched over B; with backward also their gradients (``floor.backward_gemms``).
 """
 import torch
 import torch.nn.functional as F
 
 import seq2seq_fast as sf
+from floor import FloorWork, Gemm, backward_gemms
+from rows import failing, group_rows, time_group
 from seq2seq_fast import reference as R
 
 # name: (B, Q, T, H, Dv, dropout) — the attention of the decoder configurations (benchmarks/configs.py:
@@ -30,7 +34,26 @@ ATTENTION_SHAPES = {
     "gnmt-b1280-q1": (1280, 1, 66, 1024, 1024, 0.2),
 }
 
-WORKLOADS = ("forward", "forward+backward")
+# A tiny shape for the runner's smoke test (not a benchmark).
+SMOKE_SHAPE = (3, 1, 4, 6, 6, 0.1)
+
+ATTENTION_WORKLOADS = ("forward", "forward+backward")
+ATTENTION_IMPLS = ("reference", "hoisted", "hoisted+compile", "triton")
+
+# Inductor (torch 2.14; the bug is open upstream) fails on the forward of d2l's masked softmax (sequence_mask writes
+# X[~mask] = value in place): its CPP backend's outer-loop fusion promotes that mutation's output
+# to a local buffer and raises KeyError: 'bufN' (pytorch/pytorch#196570, fix proposed in #196639).
+# Fusing at most 4 nodes into one kernel avoids the failing fusion.
+INDUCTOR_WORKAROUND = {"max_fusion_size": 4}
+INDUCTOR_WORKAROUND_NOTE = ("compiled with options max_fusion_size=4: the default options fail in inductor's "
+                            "CPP backend on d2l's in-place mask (InductorError: KeyError: 'buf2', "
+                            "pytorch/pytorch#196570)")
+
+
+def attention_gemms(shape, workload):
+    B, Q, T, H, Dv, _ = shape
+    forward = [Gemm(B * Q * T, 1, H), Gemm(Q, Dv, T, batch=B)]
+    return forward if workload == "forward" else forward + backward_gemms(forward)
 
 
 def kernel_bytes(shape, workload, element_size):
@@ -65,8 +88,28 @@ def _inputs(shape, device, dtype, seed=0):
     return module, queries, keys, values.clone(), lens, q_proj, key_proj, w_v, grad
 
 
-def _callables(shape, device, dtype, workload, compile_reference):
-    """{impl: fn() or a string saying why it is not timed}."""
+def _is_known_inductor_bug(exc):
+    return type(exc).__name__ == "InductorError" and "KeyError" in str(exc)
+
+
+def _compiled_hoisted(run_with):
+    """``(fn, note)``: ``run_with(compiled hoisted_attention)`` under the default options, or
+    under ``INDUCTOR_WORKAROUND`` where those hit the known inductor bug. Compiles on the way."""
+    torch._dynamo.reset()
+    fn = run_with(torch.compile(hoisted_attention, dynamic=False))
+    try:
+        fn()
+        return fn, ""
+    except Exception as exc:
+        if not _is_known_inductor_bug(exc):
+            raise
+    torch._dynamo.reset()
+    fn = run_with(torch.compile(hoisted_attention, dynamic=False, options=INDUCTOR_WORKAROUND))
+    return fn, INDUCTOR_WORKAROUND_NOTE
+
+
+def _callables(shape, device, dtype, workload, impls):
+    """``({impl: fn}, {impl: note})`` of the implementations in ``impls``."""
     module, queries, keys, values, lens, q_proj, key_proj, w_v, grad = _inputs(shape, device, dtype)
     p = shape[-1]
     training = workload != "forward"
@@ -87,66 +130,49 @@ def _callables(shape, device, dtype, workload, compile_reference):
             return torch.autograd.grad(context, proj_leaves, grad) if training else context
         return run
 
-    impls = {"reference module": reference, "reference math, hoisted": hoisted(hoisted_attention)}
-    if compile_reference:
-        impls["reference math, hoisted, torch.compile"] = hoisted(torch.compile(hoisted_attention, dynamic=False))
+    fns, notes = {}, {}
+    for impl in impls:
+        if impl == "reference":
+            fns[impl] = reference
+        elif impl == "hoisted":
+            fns[impl] = hoisted(hoisted_attention)
+        elif impl == "hoisted+compile":
+            try:
+                fns[impl], notes[impl] = _compiled_hoisted(hoisted)
+            except Exception as exc:  # the row says why instead of stopping the run
+                fns[impl] = failing(exc)
+        elif impl == "triton":
+            from seq2seq_fast.backends.triton_ops import additive_attention
+
+            fns[impl] = hoisted(additive_attention)
+    return fns, notes
+
+
+def runnable_impls(device, impls):
+    """``(impls that run on device, {impl: why not})``; ``best`` is the Triton kernel."""
     device_type = torch.device(device).type
-    reason = sf.unavailable_reason("triton", device_type)
-    if device_type != "cuda":
-        impls["triton"] = ("not timed: on CPU Triton runs only under TRITON_INTERPRET=1, an interpreter "
-                           "(no CUDA device here)")
-    elif reason is not None:
-        impls["triton"] = f"not timed: {reason}"
-    else:
-        from seq2seq_fast.backends.triton_ops import additive_attention
-
-        impls["triton"] = hoisted(additive_attention)
-    return impls
+    impls = ["triton" if i == "best" else i for i in impls]
+    reason = ("on a CPU Triton runs only under its interpreter (TRITON_INTERPRET=1), which says nothing about speed"
+              if device_type != "cuda" else sf.unavailable_reason("triton", device_type))
+    skipped = {"triton": reason} if "triton" in impls and reason else {}
+    return [i for i in dict.fromkeys(impls) if i not in skipped], skipped
 
 
-def _copy_rate(device, measure, nbytes=256 << 20):
-    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / measure(lambda: dst.copy_(src))
-
-
-def _row(config, workload, impl, seconds, nbytes, base, note=""):
-    return dict(
-        config=config, workload=workload, impl=impl,
-        median_s=float(f"{seconds:.4g}") if seconds else None,
-        gbps=round(nbytes / seconds / 1e9, 2) if seconds else None,
-        ratio_to_reference=round(base / seconds, 3) if seconds and base else None,
-        note=note,
-    )
-
-
-def attention_rows(device, measure, shapes=None, workloads=WORKLOADS, dtype=torch.float32, compile_reference=True,
-                   log=print):
-    """Time every implementation on every shape; ``measure(fn) -> median seconds`` synchronises
-    and warms up. Ends each (shape, workload) with a ``floor`` row: the bytes at the device's
-    measured copy rate."""
-    shapes = ATTENTION_SHAPES if shapes is None else shapes
+def attention_rows(device, shapes, workloads, impls, dtype=torch.float32, min_time=0.5, log=None):
+    """Rows of every implementation in ``impls`` (see :func:`runnable_impls`) on every shape and
+    workload, each group ending with its floor; ``log(rows)`` is called with each group's rows
+    as it is done."""
     element = torch.empty((), dtype=dtype).element_size()
-    bandwidth = _copy_rate(device, measure)
+    dtype_name = str(dtype).replace("torch.", "")
     rows = []
     for config, shape in shapes.items():
         for workload in workloads:
-            nbytes = kernel_bytes(shape, workload, element)
-            times, notes = {}, {}
-            for impl, fn in _callables(shape, device, dtype, workload, compile_reference).items():
-                if isinstance(fn, str):
-                    times[impl], notes[impl] = None, fn
-                    continue
-                try:
-                    times[impl] = measure(fn)
-                except Exception as exc:  # a row that cannot run says why instead of stopping the run
-                    times[impl], notes[impl] = None, f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
-            base = times["reference module"]
-            for impl, seconds in times.items():
-                rows.append(_row(config, workload, impl, seconds, nbytes, base, notes.get(impl, "")))
-            rows.append(_row(config, workload, "floor (bytes at copy rate)", nbytes / bandwidth, nbytes, base,
-                             f"{bandwidth / 1e9:.1f} GB/s copy"))
+            fns, notes = _callables(shape, device, dtype, workload, impls)
+            work = FloorWork(attention_gemms(shape, workload), kernel_bytes(shape, workload, element), device, dtype)
+            times, notes, bound = time_group(fns, device, min_time, work, notes)
+            group = group_rows("attention", config, dtype_name, workload, times, notes, bound)
             if log:
-                for row in rows[-len(times) - 1:]:
-                    log("  ".join(f"{k}={v}" for k, v in row.items() if v not in ("", None)))
+                log(group)
+            rows += group
     return rows
+

@@ -191,7 +191,7 @@ def stage_bench(ctx):
         status = "passed" if rc == 0 else "failed"
         return ("skipped" if status == "passed" else status), "no CUDA device: ran a CPU smoke benchmark only"
     common = ["--device", "cuda", "--configs", "zh,en,large", "--no-memory", "--no-attention", "--min-time", "0.1"]
-    rc = _runner(ctx, "bench", common + ["--dtypes", "float32,bfloat16", "--no-compile"], LIMITS["bench"])
+    rc = _runner(ctx, "bench", common + ["--full", "--dtypes", "float32,bfloat16", "--no-compile"], LIMITS["bench"])
     rc_compile = _runner(ctx, "bench-compile", common + ["--dtypes", "float32", "--impls",
                                                          "reference,reference+compile"], LIMITS["bench-compile"])
     return ("passed" if rc == 0 and rc_compile == 0 else "failed"), f"runner rc {rc}, compiled reference rc {rc_compile}"
@@ -200,7 +200,7 @@ def stage_bench(ctx):
 def stage_memory(ctx):
     if not ctx.gpu:
         return "skipped", "no CUDA device: GPU memory needs one"
-    rc = _runner(ctx, "memory", ["--device", "cuda", "--configs", "zh,en,large", "--workloads", "train_step",
+    rc = _runner(ctx, "memory", ["--device", "cuda", "--configs", "zh,en,large", "--workloads", "train_step", "--memory",
                                  "--dtypes", "float32", "--no-compile", "--no-attention", "--min-time", "0.05"],
                  LIMITS["memory"])
     return ("passed" if rc == 0 else "failed"), f"runner rc {rc} (step MiB / peak MiB columns)"

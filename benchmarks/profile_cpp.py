@@ -7,16 +7,19 @@ benchmark runner; this is the engineer's profile.
     .venv/bin/python -m benchmarks.profile_cpp --configs zh large --reps 20 --threads 1 --cpu-time
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from benchmarks import workloads as W
-from benchmarks.configs import CONFIGS
-from benchmarks.workloads import BOS, EOS
-from seq2seq_fast.backends import cpp_ops as C
-from seq2seq_fast import reference as R
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workloads as W  # noqa: E402
+from configs import CONFIGS  # noqa: E402
+from workloads import BOS, EOS  # noqa: E402
+from seq2seq_fast.backends import cpp_ops as C  # noqa: E402
+from seq2seq_fast import reference as R  # noqa: E402
 
 
 def median_ms(fn, reps, warmup=3, clock=time.perf_counter):

@@ -11,46 +11,39 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device="cpu", *, warmup=3, min_runs=7, min_time=0.5, max_runs=1000):
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
+def per_call(fn, device="cpu", *, min_time=0.03, batch_time=2e-4):
+    """Median seconds of one ``fn()``, timed in batches of calls lasting about ``batch_time``
+    (so that a call far shorter than the clock's resolution is timed too): at least 3 batches
+    and about ``min_time`` seconds after a warm-up call."""
+    fn()
     synchronize(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start_all < min_time and len(times) < max_runs):
-        start = time.perf_counter()
-        fn()
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    reps = max(1, int(batch_time / max(time.perf_counter() - start, 1e-9)))
+    samples = []
+    deadline = time.perf_counter() + min_time
+    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 200):
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) / reps)
+    return statistics.median(samples)
 
 
-def gemm_rate(device="cpu", dtype=torch.float32, n=1024):
-    """FLOP/s of a large square GEMM: the arithmetic ceiling the floors divide by."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    seconds = measure(lambda: torch.mm(a, b, out=out), device, min_time=0.5)
-    return 2 * n ** 3 / seconds
-
-
-def copy_rate(device="cpu", nbytes=256 << 20):
-    """Bytes/s of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    seconds = measure(lambda: dst.copy_(src), device, min_time=0.5)
-    return 2 * nbytes / seconds
-
-
-def measure_interleaved(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=3):
-    """Median seconds per call of each of ``fns`` ({name: callable}), timed in interleaved rounds.
+def interleaved_samples(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=3, max_seconds=None):
+    """Seconds per call of each of ``fns`` ({name: callable}) in each of interleaved rounds:
+    {name: [seconds, one per round]}.
 
     Each round times every function in turn over a batch of calls lasting about ``round_time``;
-    the median over rounds is taken. A slow drift of the machine (frequency, neighbours) then
-    touches all of them alike, so their ratios hold even when absolute times wander.
+    take the median over rounds (or, for a lower bound, the minimum). A slow drift of the machine (frequency, neighbours) then
+    touches all of them alike, so their ratios hold even when absolute times wander. With
+    ``max_seconds``, fewer rounds (at least 3) are run where ``rounds`` would take longer.
+    ``warmup`` calls precede the call that sizes the batches (0: the caller has warmed them).
     """
-    batch = {}
+    batch, call = {}, {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
@@ -58,14 +51,21 @@ def measure_interleaved(fns, device="cpu", *, rounds=9, round_time=0.15, warmup=
         start = time.perf_counter()
         fn()
         synchronize(device)
-        batch[name] = max(1, int(round_time / max(time.perf_counter() - start, 1e-9)))
-    samples = {name: [] for name in fns}
+        call[name] = max(time.perf_counter() - start, 1e-9)
+        batch[name] = max(1, int(round_time / call[name]))
+    if max_seconds is not None:
+        round_cost = sum(batch[name] * call[name] for name in fns)
+        rounds = max(3, min(rounds, int(max_seconds / round_cost)))
+    # A function slower than a round ran once, warm, to size its batch: that call is a sample.
+    samples = {name: [call[name]] if batch[name] == 1 else [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if len(samples[name]) == rounds:
+                continue
             synchronize(device)
             start = time.perf_counter()
             for _ in range(batch[name]):
                 fn()
             synchronize(device)
             samples[name].append((time.perf_counter() - start) / batch[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples

@@ -4,12 +4,17 @@ Implementations: ``reference`` (d2l's modules, eager), ``reference+compile`` (th
 ``torch.compile``, what a user would try first), each backend of seq2seq_fast by name, and
 ``<backend>+graph``: that backend's decoder with ``capture_cuda_graph=True`` (CUDA inference).
 """
+from collections import Counter
+
 import torch
 
 import seq2seq_fast as sf
+from floor import Gemm, backward_gemms
 from seq2seq_fast import reference as R
 
 BOS, EOS = 1, 2
+
+IMPLS = ("reference", "reference+compile", "torch", "cpp", "triton", "cpp+graph", "triton+graph")
 
 
 def reference_model(cfg, device, dtype=torch.float32, seed=0):
@@ -142,32 +147,72 @@ def build(workload, impl, reference, cfg, data):
     raise ValueError(f"unknown workload {workload!r}")
 
 
-def _gru_flops(batch, steps, in_size, hidden, layers):
-    total = 0
-    for layer in range(layers):
-        total += 3 * hidden * ((in_size if layer == 0 else hidden) + hidden)
-    return 2 * steps * batch * total
+def _per_step(rows, n, k, times=1):
+    """A GEMM run ``times`` per step for the step's ``rows`` (M), grouped by M."""
+    return [Gemm(m, n, k, count=c * times) for m, c in sorted(Counter(rows).items())]
 
 
-def decoder_flops(cfg, steps):
-    """FLOPs of the hoisted algorithm: key projection once, then per step W_q, the GRU, the
-    score and context, and dense."""
-    B, T, H, V = cfg.batch, cfg.src_steps, cfg.hidden, cfg.vocab
-    per_step = H * H + 2 * T * H + H * V
-    return 2 * (B * T * H * H + steps * B * per_step) + _gru_flops(B, steps, cfg.embed + H, H, cfg.layers)
+def _embedding_gates(tokens, cfg, n):
+    """Embedding vectors by a weight: one row per token, or a table of the vocabulary's rows
+    when that is smaller (the ``cpp`` backend's table)."""
+    return Gemm(min(tokens, cfg.vocab), n, cfg.embed)
 
 
-def encoder_flops(cfg):
-    return _gru_flops(cfg.batch, cfg.src_steps, cfg.embed, cfg.hidden, cfg.layers)
+def encoder_gemms(cfg):
+    """The encoder's GRU, layer by layer: each layer's input gates for all steps at once
+    (M = T·B), its hidden gates step by step (M = B)."""
+    B, T, H = cfg.batch, cfg.src_steps, cfg.hidden
+    gemms = [_embedding_gates(T * B, cfg, 3 * H)]
+    gemms += [Gemm(T * B, 3 * H, H)] * (cfg.layers - 1)
+    return gemms + _per_step([B] * T, 3 * H, H, times=cfg.layers)
 
 
-def workload_flops(workload, cfg):
+def decoder_gemms(cfg, rows, teacher_forced=True):
+    """The decoder's GEMMs with the key projection hoisted out of the step loop; ``rows[t]`` is
+    the number of batch rows step t computes. Per step: the query projection W_q together with
+    the top layer's W_hh (same input, N = H + 3H), the other 2L - 1 gate GEMMs of the GRU, the
+    attention score (tanh features by w_v, M = rows·T) and context (weights by values, batched
+    over rows). The dense layer runs once over all steps when the targets are given, else step
+    by step (its argmax is the next input)."""
+    T, H, V = cfg.src_steps, cfg.hidden, cfg.vocab
+    tokens = sum(rows)
+    gemms = [Gemm(cfg.batch * T, H, H), _embedding_gates(tokens, cfg, 3 * H)]
+    gemms += _per_step(rows, 4 * H, H) + _per_step(rows, 3 * H, H, times=2 * cfg.layers - 1)
+    for m, c in sorted(Counter(rows).items()):
+        gemms += [Gemm(m * T, 1, H, count=c), Gemm(1, H, T, count=c, batch=m)]
+    return gemms + ([Gemm(tokens, V, H)] if teacher_forced else _per_step(rows, V, H))
+
+
+def workload_gemms(workload, cfg, greedy_rows=None):
+    """GEMMs of ``workload``: ``greedy_rows`` are the rows each greedy step computes (default:
+    the whole batch for ``tgt_steps`` steps; see :func:`greedy_rows`)."""
+    full = [cfg.batch] * cfg.tgt_steps
     if workload == "decoder_forward":
-        return decoder_flops(cfg, cfg.tgt_steps)
-    if workload == "train_step":  # backward costs about twice the forward
-        return 3 * (encoder_flops(cfg) + decoder_flops(cfg, cfg.tgt_steps))
-    return encoder_flops(cfg) + decoder_flops(cfg, cfg.tgt_steps)
+        return decoder_gemms(cfg, full)
+    if workload == "train_step":
+        forward = encoder_gemms(cfg) + decoder_gemms(cfg, full)
+        return forward + backward_gemms(forward)
+    if workload == "greedy_decode":
+        return encoder_gemms(cfg) + decoder_gemms(cfg, greedy_rows or full, teacher_forced=False)
+    raise ValueError(f"unknown workload {workload!r}")
 
 
-def weight_bytes(reference):
-    return sum(p.numel() * p.element_size() for p in reference.parameters())
+def greedy_rows(tokens, eos=EOS):
+    """Rows each step of a greedy decoding must compute, from its output ``tokens`` (B, steps):
+    a row is done after the step that produced its eos."""
+    ended = torch.cumsum(tokens == eos, dim=1) > 0
+    done_before = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=1)
+    return (~done_before).sum(dim=0).tolist()
+
+
+def workload_bytes(workload, cfg, reference):
+    """Bytes ``workload`` must touch at least once: the weights (read; in training also their
+    gradients written), the inputs read and the logits written (none in greedy decoding)."""
+    param = next(reference.parameters())
+    weights = sum(p.numel() for p in reference.parameters()) * param.element_size()
+    B, T, S, H, L, V = cfg.batch, cfg.src_steps, cfg.tgt_steps, cfg.hidden, cfg.layers, cfg.vocab
+    if workload == "decoder_forward":
+        return weights + (T * B * H + L * B * H + S * B * V) * param.element_size()
+    if workload == "train_step":
+        return 2 * weights + S * B * V * param.element_size()
+    return weights

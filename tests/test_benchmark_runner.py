@@ -1,33 +1,127 @@
-"""The benchmark runner works end to end on a tiny configuration (figures are not checked:
-speed lives in the benchmarks, not in tests)."""
+"""The benchmark runner: end to end on a tiny configuration, its filters, its error messages and
+the floor's definition. Figures are not compared with expectations (speed lives in the
+benchmarks), except that no measured row may come out under the floor, a lower bound."""
 import json
 import os
 import sys
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
+import floor as F  # noqa: E402
 import runner  # noqa: E402
+import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
 from configs import CONFIGS  # noqa: E402
 
 
-def test_runner_smoke(tmp_path, capsys):
+def test_runner_smoke(tmp_path):
     assert runner.main(["--smoke", "--no-compile", "--min-time", "0.01", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    impls = {r["impl"] for r in result["rows"]}
-    assert {"reference", "torch", "floor"} <= impls
-    measured = [r for r in result["rows"] if r["impl"] == "torch"]
-    assert len(measured) == 3 and all(r["median_s"] > 0 for r in measured)
-    assert (tmp_path / "results.md").read_text().count("| smoke |") == len(result["rows"])
+    rows = result["rows"]
+    groups = {(r["section"], r["workload"]) for r in rows}
+    assert groups == {(section, w) for section, names in S.NAMES["workloads"].items() for w in names}
+    for section, workload in groups:
+        group = [r for r in rows if (r["section"], r["workload"]) == (section, workload)]
+        assert group[0]["impl"] == "reference" and group[-1]["impl"] == "floor", (section, workload)
+        measured = [r for r in group if r["impl"] != "floor"]
+        assert measured and all(r["median_s"] > 0 for r in measured), (section, workload)
+        floor = group[-1]["median_s"]
+        assert all(r["median_s"] >= floor for r in measured), f"{section} {workload}: a row under the floor {floor}"
+    assert {r["impl"] for r in rows if r["section"] == "model"} == {"reference", runner.best_backend("cpu"), "floor"}
+    assert result["under_floor"] == 0
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.count("| smoke |") == len(rows)
+    assert markdown.count("| median ms |") == 2 and "median_s" not in markdown, "one unit (ms) in both tables"
+    assert "every measured row is at or above its floor" in markdown
     assert (tmp_path / "speedups.png").stat().st_size > 0
-    assert result["machine"]["torch"]
+    assert result["machine"]["torch"] and result["machine"]["instruction sets"]
 
 
-def test_decoder_floor_formula():
-    # 2·[B·T·H² + S·B·(H² + Σ_l 3H·(in_l + H) + 2·T·H + H·V)] from the issue, for zh.
+@pytest.mark.parametrize("option, bad, good", [
+    ("configs", "zh,ZHX", "zh, en, large"),
+    ("workloads", "forwards", "decoder_forward, train_step, greedy_decode"),
+    ("impls", "cpp,fast", "reference, reference+compile, torch, cpp"),
+    ("dtypes", "float64", "float32, bfloat16, float16"),
+])
+def test_bad_names_exit_with_the_valid_ones(capsys, option, bad, good):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main([f"--{option}", bad])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err and good in err and repr(bad.split(",")[-1]) in err
+
+
+def test_help_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    out = capsys.readouterr().out
+    for option in S.NAMES:
+        assert S.valid_names(option) in " ".join(out.split()), option
+
+
+def test_names_match_in_any_case():
+    assert S.parse("configs", "ZH, Large") == ("zh", "large")
+    assert S.parse("impls", "Reference+Compile,BEST") == ("reference+compile", "best")
+
+
+def test_every_filter_narrows_every_section():
+    sel = S.select(configs="large,gnmt-b128-q10", workloads="train_step,forward", impls="reference,cpp,hoisted")
+    assert sel.for_section("model") == dict(configs=("large",), workloads=("train_step",), impls=("reference", "cpp"),
+                                            dtypes=("float32",))
+    assert sel.for_section("attention") == dict(configs=("large", "gnmt-b128-q10"), workloads=("forward",),
+                                                impls=("reference", "hoisted"), dtypes=("float32",))
+    default = S.select()
+    assert default.for_section("attention")["configs"] == ("zh", "large"), "make bench: zh and large in both sections"
+    assert set(S.select(full=True).for_section("attention")["configs"]) == set(runner.A.ATTENTION_SHAPES)
+    # A filter that names nothing of a section leaves that section out, and the output says so.
+    args = runner._parser().parse_args(["--configs", "gnmt-b128-q10"])
+    _, sections, skipped = runner._plan(args, runner._parser())
+    assert runner._plan_lines(sections, skipped)[0] == "model section: not run (the filters leave it no configs)"
+
+
+def test_floor_is_the_larger_of_gemm_and_byte_time():
+    import torch
+
+    G, SPLIT, B = F.FloorWork.GEMMS, F.FloorWork.SPLIT, F.FloorWork.BYTES
+    gemms = [F.Gemm(3, 4, 5, count=2), F.Gemm(7, 1, 1, batch=3)]
+    work = F.FloorWork(gemms, 1000, "cpu")
+    for fn in work.callables().values():
+        fn()
+    assert all(list(map(len, work.seconds[name])) == [1, 1] for name in work.callables()), "each call records"
+    # The fastest work less the fastest fixed cost (the same calls on trivial operands).
+    gemm_bound = work.result({G: ([0.25, 0.5], [1.25, 1.0]), B: ([0.125], [0.5, 0.375])})
+    assert (gemm_bound.bound, gemm_bound.seconds, gemm_bound.bytes_seconds) == ("GEMMs", 0.75, 0.25)
+    bytes_bound = work.result({G: ([0.0], [1.0]), B: ([0.5], [2.5])})
+    assert (bytes_bound.bound, bytes_bound.seconds) == ("bytes", 2.0)
+    assert bytes_bound.flops == 2 * (3 * 4 * 5 * 2 + 7 * 1 * 1 * 3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = F.FloorWork([F.Gemm(8, 4, 4, count=3)], 8, "cpu")
+    finally:
+        torch.set_num_threads(previous)
+    assert split.result({G: ([0.0], [1.0]), SPLIT: ([0.25], [1.25]), B: ([0.0], [0.0])}).gemm_seconds == 0.5, \
+        "two threads at once, each on half the rows: half the split time"
+
+
+def test_decoder_gemms_count_the_hoisted_algorithm():
+    # 2·[B·T·H² + min(S·B, V)·3H·E + S·B·(H·4H + (2L - 1)·H·3H + 2·T·H + H·V)] for zh (L = 2).
     c = CONFIGS["zh"]
-    B, T, S, H, E, V = c.batch, c.src_steps, c.tgt_steps, c.hidden, c.embed, c.vocab
-    gru = 3 * H * (E + H + H) + 3 * H * (H + H)
-    expected = 2 * (B * T * H * H + S * B * (H * H + gru + 2 * T * H + H * V))
-    assert W.decoder_flops(c, S) == expected
+    B, T, S_, H, E, V = c.batch, c.src_steps, c.tgt_steps, c.hidden, c.embed, c.vocab
+    per_step = 4 * H * H + 3 * 3 * H * H + 2 * T * H + H * V
+    expected = 2 * (B * T * H * H + min(S_ * B, V) * 3 * H * E + S_ * B * per_step)
+    assert sum(g.flops for g in W.decoder_gemms(c, [B] * S_)) == expected
+    forward = W.encoder_gemms(c) + W.decoder_gemms(c, [B] * S_)
+    train = W.workload_gemms("train_step", c)
+    assert sum(g.flops for g in train) == 3 * sum(g.flops for g in forward), "backward: two GEMMs per forward GEMM"
+
+
+def test_greedy_rows_stop_after_eos():
+    import torch
+
+    eos = W.EOS
+    tokens = torch.tensor([[5, eos, 7, 7], [5, 6, 7, eos], [eos, 3, 3, 3]])
+    assert W.greedy_rows(tokens, eos) == [3, 2, 1, 1]
