@@ -69,7 +69,11 @@ class EmbeddingGates {
 // BLAS threads each GEMM.
 template <typename F>
 void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values, const F& f) {
-  constexpr double kChunkFlops = 2e6;
+  // A chunk must pay for waking a pool thread, which sleeps between calls separated by the
+  // caller's Python: one decoding step of d2l's zh setting (2.6 MFLOP for 64 rows) decodes
+  // faster unsplit (3.2-3.4x the reference step by step against 2.6-3.3x split 32 + 32, five
+  // rounds of benchmarks/call_overhead.py on 2 threads).
+  constexpr double kChunkFlops = 4e6;
   if (step_weight_values > kSmallWeightValues) {
     f(int64_t(0), B);
     return;

@@ -1,6 +1,6 @@
 """The compiled CPU loops split the batch into one chunk of rows per thread (``for_row_chunks``
 in csrc/cpu/loop.h): with two threads and batches big enough to split (each chunk gets at
-least 8 rows and 2 MFLOP; the sizes below give two chunks of 45 rows in every op), outputs,
+least 8 rows and 4 MFLOP; the sizes below give two chunks of 45 rows in every op), outputs,
 every gradient, dropout and greedy tokens still equal the reference row for row."""
 import pytest
 import torch
