@@ -38,8 +38,8 @@ def test_a_different_setting_is_a_different_folder(environ):
 def test_different_flags_or_another_torch_are_different_folders():
     assert key(types.SimpleNamespace(**dict(vars(EXT), extra_compile_args=["-O0"]))) != key()
     settings = setup.build_settings(torch, EXT, {})
-    other = dict(settings, torch_version="2.11.0+cu130")
-    assert setup.build_key(other).startswith("torch-2.11.0-cu130-")
+    other = dict(settings, torch_version="1.13.1+cpu")  # never the torch under test
+    assert setup.build_key(other).startswith("torch-1.13.1-cpu-")
     assert setup.build_key(other) != setup.build_key(settings)
     assert setup.build_key(dict(settings, torch_git="0" * 40)) != setup.build_key(settings)
     with pytest.raises(ValueError, match="torch_version"):
