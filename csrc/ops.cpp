@@ -82,6 +82,10 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   m.def(
       "masked_ce_loss_backward(Tensor grad_loss, Tensor pred, Tensor label, Tensor valid_len, Tensor lse) "
       "-> Tensor grad_pred");
+  // d2l's grad_clipping: the global 2-norm of grads (non-empty, contiguous, one device and one
+  // dtype: CPU float32/float64) and, when it exceeds theta (> 0), every tensor scaled in place by
+  // theta / norm. Returns the norm (0-dim, the grads' dtype). No host read of device data.
+  m.def("clip_grad_norm_(Tensor(a!)[] grads, float theta) -> Tensor norm");
   // ---- the encoder (d2l's Seq2SeqEncoder) ----
   // Embedding of X (B >= 1, T) int64 token ids, then a multi-layer GRU from a zero state.
   //   params      one ordered list of 1 + 4L tensors, L >= 1; its embedding fixes the call's

@@ -221,6 +221,22 @@ def masked_ce_loss(pred, label, valid_len):
     return _ops().masked_ce_loss(pred, label, valid_len)[0]
 
 
+def clip_grad_norm_(grads, theta):
+    """d2l's gradient clipping of ``grads`` (CPU, contiguous, one float dtype) in one call: the
+    global norm, and every tensor scaled in place by ``theta / norm`` when it exceeds ``theta``.
+    Returns the norm (0-dim); ``None`` when the op cannot take these tensors (the caller falls
+    back to torch's multi-tensor ops)."""
+    first = grads[0]
+    if (_EXTENSION_ERROR is not None or first.device.type != "cpu" or first.dtype not in _FLOATS
+            or not all(g.dtype == first.dtype and g.device == first.device and g.is_contiguous() for g in grads)):
+        return None
+    return _ops().clip_grad_norm_(grads, theta)
+
+
+def _clip_fake(grads, theta):
+    return grads[0].new_empty(())
+
+
 # ---- torch.library registrations ---------------------------------------------------------------------
 
 
@@ -327,6 +343,7 @@ def _register():
     torch.library.register_fake(lib + "keep_mask", _keep_mask_fake)
     torch.library.register_fake(lib + "masked_ce_loss", _loss_fake)
     torch.library.register_fake(lib + "masked_ce_loss_backward", _loss_backward_fake)
+    torch.library.register_fake(lib + "clip_grad_norm_", _clip_fake)
 
 
 _register()

@@ -250,3 +250,20 @@ def masked_ce_loss(options, pred, label, valid_len):
     if step_major:
         per_step = per_step.t()
     return (per_step * kept).mean(dim=1)
+
+
+def clip_grad_norm_(grads, theta):
+    """d2l's gradient clipping with torch's multi-tensor kernels (one launch per device and dtype
+    on CUDA), the test ``norm > theta`` made on the device: no host read. Returns the norm
+    (0-dim, on ``grads[0]``'s device, in the widest of their dtypes)."""
+    groups = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    device = grads[0].device
+    dtype = torch.promote_types(*{g.dtype for g in grads}) if len(groups) > 1 else grads[0].dtype
+    squares = [torch.stack(torch._foreach_norm(group)).to(device, dtype).square().sum() for group in groups.values()]
+    norm = torch.stack(squares).sum().sqrt()
+    factor = torch.where(norm > theta, theta / norm, torch.ones((), dtype=dtype, device=device))
+    for (group_device, group_dtype), group in groups.items():
+        torch._foreach_mul_(group, factor.to(group_device, group_dtype))
+    return norm

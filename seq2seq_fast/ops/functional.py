@@ -141,3 +141,24 @@ def masked_ce_loss(loss, pred, label, valid_len):
     validation.check_same_device("pred", pred, "label", label)
     validation.check_same_device("pred", pred, "valid_len", lens)
     return torch_ops.masked_ce_loss(loss, pred, label, lens)
+
+
+def clip_grad_norm_(grads, theta):
+    """d2l's ``grad_clipping`` rule on a list of gradient tensors: when their global 2-norm
+    exceeds ``theta``, scale each in place by ``theta / norm``. One call and no host read of the
+    norm: the compiled op on CPU, torch's multi-tensor kernels elsewhere. Returns the norm (0-dim).
+
+    >>> grads = [p.grad for p in net.parameters() if p.grad is not None]
+    >>> clip_grad_norm_(grads, 1.0)
+    tensor(0.8312)
+    """
+    if not isinstance(grads, (list, tuple)) or not all(isinstance(g, torch.Tensor) for g in grads):
+        raise TypeError(f"grads must be a list of tensors, got {type(grads).__name__}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0 or theta == float("inf"):
+        raise ValueError(f"theta must be a positive finite number, got {theta!r}")
+    if not grads:
+        return torch.zeros(())
+    norm = cpp_ops.clip_grad_norm_(grads, float(theta))
+    if norm is None:
+        norm = torch_ops.clip_grad_norm_(grads, float(theta))
+    return norm

@@ -298,6 +298,24 @@ def masked_ce_loss_backward_cases():
     return cases
 
 
+def clip_grad_norm_cases():
+    def grads():
+        return [rnd(V, E), rnd(H), rnd(1, H)]
+
+    cases = [("valid", [grads(), 1.0], "work"), ("tiny-theta", [grads(), 1e-30], "work"),
+             ("empty-list", [[], 1.0], "raise"), ("theta-0", [grads(), 0.0], "raise"),
+             ("theta-negative", [grads(), -1.0], "raise"), ("theta-nan", [grads(), float("nan")], "raise"),
+             ("theta-inf", [grads(), float("inf")], "raise"),
+             ("mixed-dtypes", [[rnd(3), rnd(3).double()], 1.0], "raise"),
+             ("float64", [[rnd(3).double(), rnd(2, 2).double()], 1.0], "work"),
+             ("noncontiguous", [[rnd(3), strided(rnd(2, 3))], 1.0], "raise"),
+             ("meta", [[rnd(3).to("meta")], 1.0], "any")]
+    cases += [(n, [[rnd(3), t], 1.0], e) for n, t, e in tensor_cases("grads", rnd(2, 3), noncontig=False)
+              if n not in ("grads-shape", "grads-rank", "grads-float64", "grads-meta")]
+    cases += [("int64-first", [[rnd(3).long()], 1.0], "raise"), ("empty-tensor", [[rnd(0), rnd(3)], 1.0], "work")]
+    return cases
+
+
 def cache_cases():
     return [("valid", [], "work"), ("extra-argument", [1], "raise"), ("tensor-argument", [torch.zeros(1)], "raise")]
 
@@ -311,6 +329,7 @@ CASES = {
     "keep_mask": keep_mask_cases,
     "masked_ce_loss": masked_ce_loss_cases,
     "masked_ce_loss_backward": masked_ce_loss_backward_cases,
+    "clip_grad_norm_": clip_grad_norm_cases,
     "cpu_cache_bytes": cache_cases,
     "release_cpu_cache": cache_cases,
 }
