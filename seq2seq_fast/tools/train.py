@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
-from seq2seq_fast.ops import validation
+from seq2seq_fast.ops import functional, validation
 from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
 from seq2seq_fast.tools.extras import optional_import
 from seq2seq_fast.tools.plots import Animator
@@ -33,25 +33,29 @@ def xavier_init_weights(m):
 def grad_clipping(net, theta):
     """d2l's ``grad_clipping(net, theta)``: scale the gradients of ``net`` (an ``nn.Module``, or
     d2l's scratch model with a ``params`` list) by ``theta / norm`` when their global norm exceeds
-    ``theta``. Parameters without a gradient are skipped (d2l's raises). Returns the norm.
+    ``theta``, in one call with no host read of the norm (``functional.clip_grad_norm_``).
+    Parameters without a gradient are skipped (d2l's raises). Returns the norm (0-dim tensor).
 
     >>> l.sum().backward(); grad_clipping(net, 1); optimizer.step()
     """
     if isinstance(net, nn.Module):
-        params = [p for p in net.parameters() if p.requires_grad and p.grad is not None]
+        grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
     elif hasattr(net, "params"):
-        params = [p for p in net.params if p.grad is not None]
+        grads = [p.grad for p in net.params if p.grad is not None]
     else:
         raise TypeError(f"net must be an nn.Module or have a params list, got {type(net).__name__}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise ValueError(f"theta must be a positive number, got {theta!r}")
-    if not params:
-        return torch.zeros(())
-    norm = torch.sqrt(sum(torch.sum((p.grad ** 2)) for p in params))
-    if norm > theta:
-        for param in params:
-            param.grad[:] *= theta / norm
-    return norm
+    return functional.clip_grad_norm_(grads, theta)
+
+
+def adam(params, lr):
+    """d2l's ``torch.optim.Adam(net.parameters(), lr=lr)``, as one fused update over all the
+    parameters where this torch has one for their device and dtypes (the for-loop form
+    elsewhere): the same update rule and defaults."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.Adam(params, lr=lr)
 
 
 class EpochRecord(NamedTuple):
@@ -66,7 +70,8 @@ def _unwrap(net):
 
 
 class _Progress:
-    """tqdm when installed and wanted, else a line every ``log_every`` steps (or nothing)."""
+    """tqdm when installed and wanted (its loss and tokens/s refreshed every ``log_every``
+    steps), else a line every ``log_every`` steps (or nothing)."""
 
     def __init__(self, total, initial, enabled, log_every):
         self.bar = None
@@ -77,11 +82,15 @@ class _Progress:
             if tqdm is not None:
                 self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
-    def update(self, step, loss, tokens_per_s):
+    def advance(self):
         if self.bar is not None:
             self.bar.update(1)
+
+    def update(self, step, loss, tokens_per_s):
+        """Every ``log_every`` steps: the figures, read from the device once."""
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        elif self.enabled and self.log_every and step % self.log_every == 0:
+        elif self.enabled:
             print(f"step {step}: loss {loss:.3f}, {tokens_per_s:.1f} tokens/sec", file=sys.stderr)
 
     def close(self):
@@ -128,7 +137,7 @@ class Seq2SeqTrainer:
                 for tensor in self.module.state_dict().values():
                     torch.distributed.broadcast(tensor, src=0)
         self.module.to(self.device)
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
+        self.optimizer = adam(self.module.parameters(), lr)
         self.loss = MaskedSoftmaxCELoss()
         self.clip_theta = clip_theta
         self.checkpoint_meta = dict(checkpoint_meta or {})
@@ -216,11 +225,12 @@ class Seq2SeqTrainer:
                     ran += 1
                     if self.batch_in_epoch == steps_per_epoch:
                         end_epoch()
-                    if bar.bar is not None or (log_every and self.step % log_every == 0) or callback is not None:
+                    bar.advance()
+                    if log_every and self.step % log_every == 0:  # the only reads of the sums
                         per_token = float(loss_sum) / max(int(tokens), 1)
                         bar.update(self.step, per_token, int(tokens) / max(time.perf_counter() - start, 1e-9))
-                        if callback is not None and callback(self, float(l) / max(int(n), 1)):
-                            stop = True
+                    if callback is not None and callback(self, float(l) / max(int(n), 1)):
+                        stop = True
                     if checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0:
                         self.save(checkpoint_path)
                     if stop or (max_steps is not None and self.step >= max_steps):
