@@ -17,6 +17,9 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // returns how many bytes it freed.
   m.def("cpu_cache_bytes() -> int");
   m.def("release_cpu_cache() -> int");
+  // The threads the CPU ops split a call over (csrc/cpu/chunks.h), whatever torch's own count:
+  // 0 (the default) follows torch.get_num_threads(). Returns the previous setting.
+  m.def("set_cpu_threads(int threads) -> int");
 
   // ---- the attention decoder (d2l's Seq2SeqAttentionDecoder) ----
   // Shared arguments:

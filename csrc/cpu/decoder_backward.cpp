@@ -22,6 +22,7 @@ BackwardResult decoder_backward(
   const DecoderWeights w = check_decoder_backward(grad_logits_in, grad_attention_in, grad_states_in, X_in, enc_in,
                                                   lens_in, kp_in, params, attn_mask_in, layer_mask_in, attention_in,
                                                   states_in, inputs_in, layer_inputs_in, gates_in, on, &s, nullptr);
+  const CallerOnly caller_only(small_step_weights(step_weight_values(s, s.V * s.H)));
   const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();

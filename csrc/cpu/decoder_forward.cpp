@@ -16,6 +16,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   Sizes s;
   const DecoderWeights w = check_decoder_forward(X_in, enc_in, hidden_in, lens_in, kp_in, params, attn_mask_in,
                                                  layer_mask_in, on, &s, nullptr);
+  const CallerOnly caller_only(small_step_weights(step_weight_values(s, s.V * s.H)));
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const at::Tensor hidden = hidden_in.contiguous();

@@ -8,11 +8,10 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
-#include <ATen/Parallel.h>
-
 #include <mutex>
 
 #include "checks.h"
+#include "cpu/chunks.h"
 #include "cpu/math.h"
 #include "cpu/workspace.h"
 #include "random.h"
@@ -55,8 +54,8 @@ at::Tensor keep_mask(const at::Tensor& like, at::IntArrayRef size, double p) {
     using T = scalar_t;
     T* out = mask.data_ptr<T>();
     const T keep = static_cast<T>(1.0 / (1.0 - p));
-    at::parallel_for(0, mask.numel(), 65536,
-                     [&](int64_t begin, int64_t end) { fill_mask_range(out, begin, end, seed, threshold, keep); });
+    parallel_ranges(mask.numel(), 65536,
+                    [&](int64_t begin, int64_t end) { fill_mask_range(out, begin, end, seed, threshold, keep); });
   });
   return mask;
 }

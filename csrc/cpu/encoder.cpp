@@ -45,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_forward(const at::Tensor&
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
   const Sizes s = check_encoder(X_in, w, layer_mask_in, on, nullptr);
+  const CallerOnly caller_only(small_step_weights(step_weight_values(s, false)));
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   const at::Tensor X = X_in.contiguous();
   const at::Tensor& embedding = w.embedding;
@@ -124,6 +125,7 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
   const Sizes s = check_encoder(X_in, w, layer_mask_in, on, nullptr);
+  const CallerOnly caller_only(small_step_weights(step_weight_values(s, false)));
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   check_encoder_activations(s, grad_states_in, states_in, layer_inputs_in, gates_in, layer_mask_in.has_value(), on);
   const at::Tensor X = X_in.contiguous();

@@ -20,6 +20,7 @@ GreedyResult greedy_decode(const at::Tensor& enc_in, const at::Tensor& hidden_in
   Sizes s;
   const DecoderWeights w = check_greedy_decode(enc_in, hidden_in, lens_in, kp_in, params, attn_mask_in,
                                                layer_mask_in, bos, eos, max_len, on, &s, true);
+  const CallerOnly caller_only(small_step_weights(step_weight_values(s, s.V * s.H)));
   const at::Tensor enc = enc_in.contiguous(), kp = kp_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
   const auto attn_mask = contiguous_opt(attn_mask_in), layer_mask = contiguous_opt(layer_mask_in);

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/chunks.h"
 #include "cpu/gemm.h"
 #include "cpu/rows.h"
 #include "cpu/weight_cache.h"
@@ -20,6 +21,10 @@ namespace seq2seq_fast::cpu {
 // Weights up to this many values (1 MiB of float) count as small: they stay in a core's L2
 // cache across steps, so a per-step GEMM on them belongs inside a row chunk.
 constexpr int64_t kSmallWeightValues = int64_t(1) << 18;
+
+// Whether a call keeps its BLAS and ATen work on the calling thread (CallerOnly, chunks.h):
+// when the weights its steps read are small, which for_row_chunks splits by rows instead.
+inline bool small_step_weights(int64_t values) { return values <= kSmallWeightValues; }
 
 // A GRU's first-layer input gates from an embedding, W e(x) with W the (3H, E) block of W_ih
 // that reads the embedding (the bias is added in the gate kernel), for many tokens: through a
@@ -58,8 +63,8 @@ class EmbeddingGates {
   at::Tensor table_;
 };
 
-// Runs f(b0, b1) over contiguous chunks of the rows [0, B), one chunk per thread, each a whole
-// step loop whose BLAS calls run single-threaded (MKL does inside a parallel region). Rows of a
+// Runs f(b0, b1) over contiguous chunks of the rows [0, B), each a whole step loop whose BLAS
+// calls run single-threaded, on this package's threads (csrc/cpu/chunks.h). Rows of a
 // recurrence never meet, so this split needs no synchronization per step, where threading each
 // step's small GEMMs forks and joins at every call. Splits only when each chunk gets at least
 // `kChunkFlops` of work and 8 rows, and when the weights a step reads (`step_weight_values`)
@@ -74,18 +79,21 @@ void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values,
   // faster unsplit (3.2-3.4x the reference step by step against 2.6-3.3x split 32 + 32, five
   // rounds of benchmarks/call_overhead.py on 2 threads).
   constexpr double kChunkFlops = 4e6;
+  // Two chunks per thread, claimed as threads come free: a thread that shares its core with
+  // another process takes fewer, instead of the call waiting for its fixed share.
+  constexpr int64_t kChunksPerThread = 2;
   if (step_weight_values > kSmallWeightValues) {
     f(int64_t(0), B);
     return;
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / std::max(flops_per_row, 1.0)));
-  const int64_t even = (B + threads - 1) / threads;
+  const int64_t even = (B + kChunksPerThread * threads - 1) / (kChunksPerThread * threads);
   // As many chunks as the smallest chunk allows, of equal size: B = 64 rows at 49 rows each
   // would split 49 + 15, the whole call waiting for the larger; 32 + 32 finishes sooner.
   const int64_t smallest = std::max<int64_t>({8, by_work, even});
   const int64_t chunks = (B + smallest - 1) / smallest;
-  at::parallel_for(0, B, (B + chunks - 1) / chunks, f);
+  parallel_ranges(B, (B + chunks - 1) / chunks, f);
 }
 
 // One allocation for a loop's scratch arrays, handed out in pieces that the loop names, e.g.

@@ -8,6 +8,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include "cpu/rows.h"
+#include "cpu/chunks.h"
 
 #include <c10/util/Exception.h>
 
@@ -349,7 +350,7 @@ SEQ2SEQ_FAST_CLONES void cross_entropy_backward_f32(const CeBwd& p, int64_t r0, 
 
 template <typename T, typename P, typename F32, typename F64>
 void run_rows(const P& p, int64_t B, int64_t per_row, F32 f32, F64 f64) {
-  at::parallel_for(0, B, grain_rows(per_row), [&](int64_t b0, int64_t b1) {
+  parallel_ranges(B, grain_rows(per_row), [&](int64_t b0, int64_t b1) {
     if constexpr (std::is_same_v<T, float>) {
       f32(p, b0, b1);
     } else {
@@ -380,7 +381,7 @@ void copy_contiguous(const at::Tensor& src, T* out) {
   const bool inner_is_0 = s0 <= s1;
   const int64_t Dout = inner_is_0 ? D1 : D0, Din = inner_is_0 ? D0 : D1;
   const int64_t sout = inner_is_0 ? s1 : s0, sin = inner_is_0 ? s0 : s1;
-  at::parallel_for(0, Dout, 1, [&](int64_t o0, int64_t o1) {
+  parallel_ranges(Dout, 1, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       for (int64_t c0 = 0; c0 < D2; c0 += kBlock) {
         const int64_t c1 = std::min(D2, c0 + kBlock);

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -155,7 +156,10 @@ at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
 }
 
 at::Tensor zeros(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return empty(sizes, options).zero_();
+  // memset, not zero_(): ATen's fill splits large tensors over an OpenMP team (see chunks.h).
+  at::Tensor t = empty(sizes, options);
+  std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
 }
 
 int64_t release_cached_blocks() { return BlockCache::instance().release_all(); }

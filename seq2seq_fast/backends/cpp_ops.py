@@ -9,6 +9,8 @@ Their autograd is registered in C++ (``csrc/autograd.cpp``); this module registe
 and ``opcheck`` passes), draws the dropout masks from torch's generator, and adapts d2l's
 modules to the ops.
 """
+import contextlib
+
 import torch
 
 from seq2seq_fast.backends.extension import extension_error, has_kernel
@@ -219,6 +221,27 @@ def masked_ce_loss(pred, label, valid_len):
     """d2l's masked softmax cross-entropy (B,) of logits ``pred`` (B, S, V), ``label`` (B, S)
     and ``valid_len`` int64 (B,), fused in one pass (differentiable w.r.t. ``pred``)."""
     return _ops().masked_ce_loss(pred, label, valid_len)[0]
+
+
+@contextlib.contextmanager
+def torch_threads_on_caller():
+    """For a small model's training step on CPU: torch's own ops (a few small GEMMs, fills,
+    additions between this package's ops) run on the calling thread, while the compiled ops keep
+    splitting their rows over torch's thread count. An OpenMP region waits for every thread of
+    its team, and on a busy machine one starts a time slice late, at every region (the zh step
+    went from 3 to 50+ ms on 2 threads with another process running); the ops' own threads
+    sleep and never hold a call up."""
+    threads = torch.get_num_threads()
+    if _EXTENSION_ERROR is not None or threads < 2:
+        yield
+        return
+    previous = _ops().set_cpu_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _ops().set_cpu_threads(previous)
 
 
 def clip_grad_norm_(grads, theta):

@@ -3,6 +3,7 @@ cross-entropy summed over the batch, gradient clipping to global norm 1, teacher
 ``<bos>`` prepended to the shifted target. Adds a progress bar, tokens/s, checkpoints that
 resume exactly where they stopped, and ``DistributedDataParallel``.
 """
+import contextlib
 import math
 import sys
 import time
@@ -11,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from seq2seq_fast.backends import cpp_ops
 from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
 from seq2seq_fast.ops import functional, validation
 from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
@@ -56,6 +58,20 @@ def adam(params, lr):
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
         return torch.optim.Adam(params, lr=lr)
+
+
+# Models up to this many parameters train with torch's own ops on the calling thread (CPU).
+SMALL_MODEL_PARAMETERS = 1 << 20
+
+
+def _step_threads(module, device):
+    """The thread scope of a training step: on CPU, for a small model, torch's ops between the
+    compiled ones run on the calling thread (``cpp_ops.torch_threads_on_caller``: a busy
+    machine would otherwise hold up each of their thread teams)."""
+    small = sum(p.numel() for p in module.parameters()) <= SMALL_MODEL_PARAMETERS
+    if device.type == "cpu" and small:
+        return cpp_ops.torch_threads_on_caller
+    return contextlib.nullcontext
 
 
 class EpochRecord(NamedTuple):
@@ -138,6 +154,7 @@ class Seq2SeqTrainer:
                     torch.distributed.broadcast(tensor, src=0)
         self.module.to(self.device)
         self.optimizer = adam(self.module.parameters(), lr)
+        self._threads = _step_threads(self.module, self.device)
         self.loss = MaskedSoftmaxCELoss()
         self.clip_theta = clip_theta
         self.checkpoint_meta = dict(checkpoint_meta or {})
@@ -157,6 +174,10 @@ class Seq2SeqTrainer:
                     f"batch must have at least world_size={self.world_size} rows to shard, got {batch[0].shape[0]}")
             batch = [x[self.rank::self.world_size] for x in batch]
         X, X_valid_len, Y, Y_valid_len = [x.to(self.device) for x in batch]
+        with self._threads():
+            return self._update(X, X_valid_len, Y, Y_valid_len)
+
+    def _update(self, X, X_valid_len, Y, Y_valid_len):
         self.net.train()
         self.optimizer.zero_grad()
         bos = torch.full((Y.shape[0], 1), self.bos, dtype=Y.dtype, device=self.device)

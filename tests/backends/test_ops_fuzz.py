@@ -316,6 +316,12 @@ def clip_grad_norm_cases():
     return cases
 
 
+def set_cpu_threads_cases():
+    return [("valid", [0], "work"), ("two", [2], "work"), ("negative", [-1], "raise"), ("huge", [10**6], "raise"),
+            ("float", [1.5], "raise"), ("tensor", [torch.zeros(2)], "raise"), ("none", [], "raise"),
+            ("reset", [0], "work")]
+
+
 def cache_cases():
     return [("valid", [], "work"), ("extra-argument", [1], "raise"), ("tensor-argument", [torch.zeros(1)], "raise")]
 
@@ -330,6 +336,7 @@ CASES = {
     "masked_ce_loss": masked_ce_loss_cases,
     "masked_ce_loss_backward": masked_ce_loss_backward_cases,
     "clip_grad_norm_": clip_grad_norm_cases,
+    "set_cpu_threads": set_cpu_threads_cases,
     "cpu_cache_bytes": cache_cases,
     "release_cpu_cache": cache_cases,
 }

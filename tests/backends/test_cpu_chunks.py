@@ -1,0 +1,107 @@
+"""The CPU ops' own threads (csrc/cpu/chunks.h): results that do not depend on the thread count
+or on torch's own, the ``set_cpu_threads`` op, the trainer's scope that keeps torch's ops on the
+calling thread, and a forked child that still computes after its parent used the threads."""
+import os
+import time
+
+import pytest
+import torch
+
+from seq2seq_fast.backends import cpp_ops
+from seq2seq_fast.backends.extension import extension_error
+from seq2seq_fast.tools.train import SMALL_MODEL_PARAMETERS, Seq2SeqTrainer
+from helpers import paired_models
+
+pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+    torch.ops.seq2seq_fast.set_cpu_threads(0)
+
+
+def step_results(model, batch):
+    """Logits and every gradient of one forward + backward, dropout on (its masks drawn from a fixed seed)."""
+    torch.manual_seed(3)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    X, X_len, Y = batch
+    logits, _ = model(X, Y, X_len)
+    (logits * torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)).sum().backward()
+    return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+def batch(B=96, T=7, S=6, vocab=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, T + 2, (B,), generator=g),
+            torch.randint(0, vocab, (B, S), generator=g))
+
+
+def test_results_do_not_depend_on_the_threads(threads):
+    _, model = paired_models(23, 8, 40, 2, dropout=0.2, dtype=torch.float64, backend="cpp")
+    data = batch()
+    torch.set_num_threads(1)
+    want = step_results(model, data)
+    for torch_threads, op_threads in ((2, 0), (3, 0), (1, 2), (1, 4)):
+        torch.set_num_threads(torch_threads)
+        torch.ops.seq2seq_fast.set_cpu_threads(op_threads)
+        for got, expected in zip(step_results(model, data), want):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_set_cpu_threads_returns_the_previous_count_and_checks_its_argument(threads):
+    assert torch.ops.seq2seq_fast.set_cpu_threads(3) == 0
+    assert torch.ops.seq2seq_fast.set_cpu_threads(0) == 3
+    for bad in (-1, 5000):
+        with pytest.raises(ValueError, match="threads must be in"):
+            torch.ops.seq2seq_fast.set_cpu_threads(bad)
+
+
+def test_the_trainer_scope_keeps_torch_on_the_caller_and_restores_it(threads):
+    torch.set_num_threads(2)
+    with cpp_ops.torch_threads_on_caller():
+        assert torch.get_num_threads() == 1
+        assert torch.ops.seq2seq_fast.set_cpu_threads(2) == 2, "the ops keep torch's count"
+    assert torch.get_num_threads() == 2
+    assert torch.ops.seq2seq_fast.set_cpu_threads(0) == 0
+
+
+def test_a_small_models_trainer_step_runs_in_the_scope(threads, monkeypatch):
+    _, model = paired_models(23, 8, 16, 2, dtype=torch.float32, backend="cpp")
+    assert sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMETERS
+    seen = []
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    trainer = Seq2SeqTrainer(model, bos=1, lr=0.01)
+    X, X_len, Y = batch(B=8)
+    trainer.train_step((X, X_len, Y, torch.full((8,), 4)))
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_computes_after_the_parent_used_the_threads(threads):
+    _, model = paired_models(23, 8, 40, 2, dtype=torch.float64, backend="cpp")
+    data = batch()
+    torch.set_num_threads(2)
+    want = step_results(model, data)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the step runs and agrees
+        # As DataLoader's workers do: torch's OpenMP teams do not survive a fork (libgomp), this
+        # package's threads must (2 of them, whatever torch's count).
+        torch.set_num_threads(1)
+        torch.ops.seq2seq_fast.set_cpu_threads(2)
+        ok = all(torch.equal(a, b) for a, b in zip(step_results(model, data), want))
+        os._exit(0 if ok else 3)
+    deadline = 120
+    start = time.time()
+    while time.time() - start < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung")
