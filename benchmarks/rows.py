@@ -62,7 +62,11 @@ def group_rows(section, config, dtype, workload, times, notes, floor, extra=None
 
 
 def under_floor(rows):
-    """Measured rows faster than their group's floor (a floor that is no lower bound)."""
-    floors = {(r["section"], r["config"], r["dtype"], r["workload"]): r["median_s"] for r in rows if r["impl"] == FLOOR}
-    return [r for r in rows if r["impl"] != FLOOR and r["median_s"] is not None
-            and r["median_s"] < floors[(r["section"], r["config"], r["dtype"], r["workload"])]]
+    """Measured rows faster than their group's floor (a floor that is no lower bound); groups
+    without a floor (the book end to end) have none to be under."""
+    def key(r):
+        return r["section"], r["config"], r["dtype"], r["workload"]
+
+    floors = {key(r): r["median_s"] for r in rows if r["impl"] == FLOOR}
+    return [r for r in rows if r["impl"] != FLOOR and r["median_s"] is not None and floors.get(key(r)) is not None
+            and r["median_s"] < floors[key(r)]]

@@ -39,6 +39,8 @@ if HERE not in sys.path:
 import seq2seq_fast as sf  # noqa: E402
 from seq2seq_fast.ops.dispatch import BACKEND_NAMES  # noqa: E402
 import attention_bench as A  # noqa: E402
+import chapter_bench  # noqa: E402
+import contention  # noqa: E402
 import report  # noqa: E402
 import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
@@ -63,8 +65,12 @@ implementations:
   every group ends with a floor row (not an implementation: a lower bound on the time)."""
 
 RUNS = """\
-make bench:      --configs zh,large, every workload, --impls reference,reference+compile,hoisted+compile,best
-make bench-full: --full: every configuration, workload and implementation, and the training step's memory"""
+make bench:      --configs zh,large, every workload, --impls reference,reference+compile,hoisted+compile,best;
+                 the book end to end: train_seq2seq over 10 epochs, predict_seq2seq
+make bench-full: --full: every configuration, workload and implementation, the training step's memory,
+                 the book end to end over 250 epochs, and --contend"""
+
+CHAPTER_EPOCHS = {"default": 10, "full": 250}
 
 
 def best_backend(device_type):
@@ -165,6 +171,12 @@ def _parser():
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--no-attention", action="store_true", help="leave out the attention section")
+    parser.add_argument("--no-chapter", action="store_true",
+                        help="leave out the book end to end (train_seq2seq and predict_seq2seq, CPU)")
+    parser.add_argument("--chapter-epochs", type=int, help="epochs per train_seq2seq call (default: 10; --full: 250)")
+    parser.add_argument("--contend", action=argparse.BooleanOptionalAction, default=None,
+                        help="the zh training step on 1 and 2 threads, quiet and with a competing process "
+                             "(default: with --full, on CPU)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="the training step's memory, each implementation in a subprocess (default: with --full)")
     parser.add_argument("--min-time", type=float, default=0.5, help="about the seconds of timed rounds per group")
@@ -244,6 +256,12 @@ def main(argv=None):
         if attention and attention["workloads"] and attention["impls"]:
             rows += A.attention_rows(args.device, shapes, attention["workloads"], attention["impls"], dtype,
                                      args.min_time, log=lambda group: log(report.table(group)))
+    if not args.no_chapter and not args.smoke and torch.device(args.device).type == "cpu":
+        epochs = args.chapter_epochs or CHAPTER_EPOCHS["full" if args.full else "default"]
+        rows += chapter_bench.chapter_rows(epochs, rounds=3, log=lambda group: log(report.table(group)))
+    contended = []
+    if (args.full if args.contend is None else args.contend) and torch.device(args.device).type == "cpu":
+        contended = contention.contention_rows(["reference", "cpp", "trainer"], rounds=9, log=log)
     elapsed = time.perf_counter() - started
     below = under_floor(rows)
     check = ("every measured row is at or above its floor" if not below else
@@ -251,10 +269,11 @@ def main(argv=None):
              + "; ".join(f"{r['section']} {r['config']} {r['workload']} {r['impl']}" for r in below))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(machine=info, plan=plan, rows=rows, seconds=elapsed, under_floor=len(below),
+        json.dump(dict(machine=info, plan=plan, rows=rows, contention=contended, seconds=elapsed, under_floor=len(below),
                        configs={n: c.as_dict() for n, c in configs.items()}, attention_shapes=shapes), f, indent=2)
     tables = [(title, [r for r in rows if r["section"] == section])
-              for section, title in (("model", "The whole model"), ("attention", "Attention alone"))]
+              for section, title in (("model", "The whole model"), ("attention", "Attention alone"),
+                                     ("chapter", "The book end to end (zh setting, CPU)"))]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# seq2seq_fast benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n")
         f.write("\n".join(f"  - {line.strip()}" if line.startswith(" ") else f"- {line}" for line in plan))
@@ -262,12 +281,16 @@ def main(argv=None):
         for title, part in tables:
             if part:
                 f.write(f"\n## {title}\n\n{report.table(part, markdown=True)}\n")
+        if contended:
+            f.write(f"\n## A busy machine (zh training step)\n\n```\n{contention.table(contended)}\n```\n")
         f.write(f"\n{check}. Run took {elapsed:.0f} s.\n")
     if rows:
         report.plot(rows, os.path.join(args.out, "speedups.png"))
     for title, part in tables:
         if part:
             print(f"\n== {title}\n{report.table(part)}")
+    if contended:
+        print(f"\n== A busy machine (zh training step)\n{contention.table(contended)}")
     print(f"\n{check}.\nrun took {elapsed:.0f} s; wrote {args.out}/results.md, results.json"
           + (", speedups.png" if rows else ""))
     return 0

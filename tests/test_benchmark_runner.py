@@ -125,3 +125,42 @@ def test_greedy_rows_stop_after_eos():
     eos = W.EOS
     tokens = torch.tensor([[5, eos, 7, 7], [5, 6, 7, eos], [eos, 3, 3, 3]])
     assert W.greedy_rows(tokens, eos) == [3, 2, 1, 1]
+
+
+def test_chapter_rows_time_the_book_end_to_end():
+    import chapter_bench
+
+    rows = chapter_bench.chapter_rows(epochs=1, rounds=1, sentences=2, log=lambda rows: None)
+    by = {(r["workload"], r["impl"]): r for r in rows}
+    assert set(by) == {("train_seq2seq", "reference"), ("train_seq2seq", "d2l-loop"), ("train_seq2seq", "package"),
+                       ("predict_seq2seq", "reference"), ("predict_seq2seq", "package")}
+    assert all(r["median_s"] > 0 and r["section"] == "chapter" for r in rows)
+    assert by[("train_seq2seq", "reference")]["speedup"] == 1.0
+    text = runner.report.table(rows)
+    assert "train_seq2seq" in text and "predict_seq2seq" in text
+
+
+def test_contention_rows_start_and_stop_their_competitor(monkeypatch):
+    import contention
+
+    started = []
+    real = contention.competing_process
+
+    def watched():
+        manager = real()
+        started.append(manager)
+        return manager
+
+    monkeypatch.setattr(contention, "competing_process", watched)
+    rows = contention.contention_rows(["trainer"], rounds=1, log=lambda text: None)
+    assert [r["machine"] for r in rows] == ["quiet", "one competing process"] and len(started) == 1
+    assert all(r["one_thread_s"] > 0 and r["two_threads_s"] > 0 and isinstance(r["passes"], bool) for r in rows)
+    assert "2t / 1t" in contention.table(rows)
+
+
+def test_competing_process_is_killed_on_exit():
+    import contention
+
+    with contention.competing_process() as busy:
+        assert busy.poll() is None
+    assert busy.poll() is not None
