@@ -89,6 +89,13 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // dtype: CPU float32/float64) and, when it exceeds theta (> 0), every tensor scaled in place by
   // theta / norm. Returns the norm (0-dim, the grads' dtype). No host read of device data.
   m.def("clip_grad_norm_(Tensor(a!)[] grads, float theta) -> Tensor norm");
+  // torch.optim.Adam's update without weight decay, amsgrad or maximize, for every parameter at
+  // once: params (CPU, contiguous, float32/float64, one dtype) with their grads, exp_avgs and
+  // exp_avg_sqs (each the parameter's shape) and steps (one-value float tensors, incremented
+  // here); lr >= 0, betas in [0, 1), eps > 0.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps) -> ()");
   // ---- the encoder (d2l's Seq2SeqEncoder) ----
   // Embedding of X (B >= 1, T) int64 token ids, then a multi-layer GRU from a zero state.
   //   params      one ordered list of 1 + 4L tensors, L >= 1; its embedding fixes the call's

@@ -17,6 +17,7 @@ from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
 from seq2seq_fast.ops import functional, validation
 from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
 from seq2seq_fast.tools.extras import optional_import
+from seq2seq_fast.tools.optim import Adam
 from seq2seq_fast.tools.plots import Animator
 
 
@@ -50,10 +51,13 @@ def grad_clipping(net, theta):
 
 
 def adam(params, lr):
-    """d2l's ``torch.optim.Adam(net.parameters(), lr=lr)``, as one fused update over all the
-    parameters where this torch has one for their device and dtypes (the for-loop form
-    elsewhere): the same update rule and defaults."""
+    """d2l's ``torch.optim.Adam(net.parameters(), lr=lr)``: on CPU the package's ``Adam`` (one
+    compiled update for all the parameters), elsewhere torch's fused Adam where this torch has
+    one for the device and dtypes (the for-loop form otherwise). The same update rule, defaults
+    and state either way."""
     params = list(params)
+    if all(p.device.type == "cpu" for p in params):
+        return Adam(params, lr=lr)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype

@@ -1,0 +1,102 @@
+"""The package's Adam (one compiled update on CPU) against torch.optim.Adam: parameters and state
+after several steps, parameters without gradients, checkpoints moved between the two, and the
+settings it hands back to torch's own step."""
+import copy
+
+import pytest
+import torch
+
+from seq2seq_fast.backends.extension import extension_error
+from seq2seq_fast.tools.optim import Adam
+
+pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
+
+SHAPES = [(201, 32), (96, 64), (96,), (1, 32), (7, 5, 3), (1,)]
+
+
+def params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def run(optimizer_cls, dtype, steps=5, skip=(), **kwargs):
+    """Parameters after ``steps`` updates from the same gradients; parameters whose index is in
+    ``skip`` get no gradient on odd steps."""
+    ps = params(dtype)
+    opt = optimizer_cls(ps, lr=0.01, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for i, p in enumerate(ps):
+            p.grad = None if (i in skip and step % 2) else torch.randn(p.shape, generator=g, dtype=dtype)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=str)
+def test_updates_equal_torchs(dtype, tol):
+    ours, opt = run(Adam, dtype, skip={2})
+    theirs, ref = run(torch.optim.Adam, dtype, skip={2})
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for a, b in zip(ours, theirs):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt.state[a][key], ref.state[b][key], rtol=tol, atol=tol)
+    assert float(opt.state[ours[2]]["step"]) == 3 and float(opt.state[ours[0]]["step"]) == 5
+
+
+def test_it_really_updates_and_a_checkpoint_moves_both_ways():
+    ours, opt = run(Adam, torch.float32, steps=3)
+    before = [p.detach().clone() for p in params(torch.float32)]
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(ours, before)), "every parameter moved"
+    theirs, ref = run(torch.optim.Adam, torch.float32, steps=3)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict keeps the tensors it is given)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for p, q in zip(ours, theirs):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt.step()
+    ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_decay=0.1), dict(amsgrad=True), dict(maximize=True)], ids=str)
+def test_other_settings_run_torchs_step(kwargs, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.ops.seq2seq_fast, "adam_step_", lambda *a: calls.append(a), raising=False)
+    ours, _ = run(Adam, torch.float64, **kwargs)
+    theirs, _ = run(torch.optim.Adam, torch.float64, **kwargs)
+    assert not calls
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_closure_is_called_once():
+    ps = params(torch.float32)
+    opt = Adam(ps, lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        return torch.tensor(1.0)
+
+    opt.step(closure)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a[1].pop(), "grads must hold"),
+    (lambda a: a[4].__setitem__(0, torch.zeros(2)), "steps"),
+    (lambda a: a[2].__setitem__(0, torch.zeros(3)), r"exp_avgs\[0\] must have shape"),
+    (lambda a: a[1].__setitem__(0, torch.zeros(201, 32, dtype=torch.float64)), r"grads\[0\] must have dtype"),
+])
+def test_the_op_names_a_bad_argument(mutate, match):
+    ps = [torch.zeros(201, 32), torch.zeros(3)]
+    args = [ps, [torch.ones_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+            [torch.zeros(()), torch.zeros(())], 0.1, 0.9, 0.999, 1e-8]
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.seq2seq_fast.adam_step_(*args)
+    assert float(args[4][-1]) == 0, "nothing is updated when an argument is bad"
