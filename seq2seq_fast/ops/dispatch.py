@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from seq2seq_fast.backends.autocast import BackendUnderAutocast, autocast_dtype
 from seq2seq_fast.backends.extension import extension_error, has_kernel
 from seq2seq_fast.backends.verified import gpu_verified
 
@@ -126,19 +127,25 @@ def _selected_name(requested, entry, device_type, dtype, grad_mode, autocast):
     return name
 
 
-def backend_for(requested, entry, tensor):
+def backend_for(requested, entry, tensor, weight=None):
     """The backend module that runs ``entry`` (e.g. ``"decoder_forward"``) for a call on
     ``tensor``'s device and dtype in the current grad mode and autocast state.
 
     A named backend that cannot run the call raises ``ValueError`` saying why; ``auto`` takes
     the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch`` (on CUDA only paths that
-    ``make gpu-check`` verified: ``backends/verified_gpu.json``). The answer for each kind
-    of call is worked out once per process and remembered: later calls cost one lookup.
+    ``make gpu-check`` verified: ``backends/verified_gpu.json``). Under ``torch.autocast`` on
+    ``tensor``'s device the backend is chosen for ``weight``'s dtype (a parameter of the
+    module: autocast leaves them as they are) and comes wrapped in a ``BackendUnderAutocast``,
+    which runs it in that dtype and returns the reference's dtypes under the same autocast.
+    The answer for each kind of call is worked out once per process and remembered: later
+    calls cost one lookup.
     """
     # The memo's key: torch.device hashes as cheaply as its type string is made, and autocast
     # outside any autocast region (the usual case) is one call.
     device = tensor.device
     autocast = _any_autocast() and torch.is_autocast_enabled(device.type)
+    if autocast:
+        return _backend_under_autocast(requested, entry, device, tensor if weight is None else weight)
     key = (requested, entry, device, tensor.dtype, torch.is_grad_enabled(), autocast)
     try:
         module = _RESOLVED.get(key)
@@ -149,6 +156,22 @@ def backend_for(requested, entry, tensor):
     name = _selected_name(requested, entry, device.type, tensor.dtype, key[4], autocast)
     module = _LOADED.get(name) or backend_module(name)
     if requested != "triton":  # a triton request also depends on TRITON_INTERPRET: never short-cut
+        _RESOLVED[key] = module
+    return module
+
+
+def _backend_under_autocast(requested, entry, device, weight):
+    # backend_for under autocast: chosen for the parameters' dtype, wrapped once per key.
+    key = (requested, entry, device, weight.dtype, torch.is_grad_enabled(), autocast_dtype(device.type))
+    try:
+        module = _RESOLVED.get(key)
+    except TypeError:  # an unhashable backend name
+        check_backend_name(requested)
+    if module is not None:
+        return module
+    name = _selected_name(requested, entry, device.type, weight.dtype, key[4], True)
+    module = BackendUnderAutocast(_LOADED.get(name) or backend_module(name), device.type, weight.dtype)
+    if requested != "triton":
         _RESOLVED[key] = module
     return module
 

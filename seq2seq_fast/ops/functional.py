@@ -8,9 +8,13 @@ inputs (float or (B, 1) lengths); the others get it after ``validation``'s share
 import torch
 
 from seq2seq_fast.backends import cpp_ops, torch_ops
+from seq2seq_fast.backends.autocast import BackendUnderAutocast, cast_up, loss_dtype
 from seq2seq_fast.ops import validation
 from seq2seq_fast.ops.dispatch import backend_for
 from seq2seq_fast.ops.state import DecoderState, projected_keys
+
+
+_HALVES = (torch.float16, torch.bfloat16)
 
 
 def unpack_state(state):
@@ -58,12 +62,21 @@ def prepare_decoder_call(decoder, X, state):
     enc_outputs, hidden, valid_lens = unpack_state(state)
     validation.check_tensor(X, "X")
     validation.check_tensor(enc_outputs, "enc_outputs (state[0])")
-    backend = backend_for(decoder.backend, "decoder_forward", enc_outputs)
+    W_k = decoder._modules["attention"]._modules["W_k"]  # without nn.Module.__getattr__
+    backend = backend_for(decoder.backend, "decoder_forward", enc_outputs, W_k._parameters["weight"])
     lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
+    if type(backend) is BackendUnderAutocast:
+        # Under autocast the keys are projected in the parameters' dtype, from enc_outputs cast
+        # up once if autocast made them float16 / bfloat16 (the checks then see that dtype).
+        hidden = cast_up(hidden, backend.dtype)
+        with backend.autocast_off():
+            values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype)
+        if not backend.CHECKS_INPUTS:
+            check_decoder_inputs(decoder, X, values, hidden, lens)
+        return backend, values, hidden, lens, key_proj, cache
     if not backend.CHECKS_INPUTS:
         check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
-    # W_k straight from _modules, without nn.Module.__getattr__.
-    values, key_proj, cache = projected_keys(state, enc_outputs, decoder._modules["attention"]._modules["W_k"])
+    values, key_proj, cache = projected_keys(state, enc_outputs, W_k)
     return backend, values, hidden, lens, key_proj, cache
 
 
@@ -109,7 +122,8 @@ def attention_forward(attention, queries, keys, values, valid_lens):
     lens = validation.normalize_valid_lens(valid_lens, "valid_lens", B, queries=Q)
     if lens is not None:
         validation.check_same_device("queries", queries, "valid_lens", lens)
-    backend = backend_for(attention.backend, "attention_forward", queries)
+    weight = attention._modules["W_q"]._parameters["weight"]
+    backend = backend_for(attention.backend, "attention_forward", queries, weight)
     return backend.attention_forward(attention, queries, keys, values, lens)
 
 
@@ -126,6 +140,13 @@ def masked_ce_loss(loss, pred, label, valid_len):
     """``MaskedSoftmaxCELoss.forward``: the per-sequence loss (B,)."""
     validation.check_tensor(pred, "pred")
     validation.check_tensor(label, "label")
+    device_type = pred.device.type
+    if pred.dtype in _HALVES and torch.is_autocast_enabled(device_type):
+        # Logits that autocast made float16 / bfloat16: the loss in float32 (the fused op's
+        # dtype), returned in the dtype d2l's loss has under the same autocast.
+        dtype = loss_dtype(device_type, pred.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return masked_ce_loss(loss, pred.float(), label, valid_len).to(dtype)
     if cpp_ops.loss_unsupported_reason(pred, loss) is None:
         # One fused pass (CPU; CUDA once verified); the op checks its arguments. Only d2l's loose inputs are made
         # what it takes: integer labels of any width, float or (B, 1) lengths.

@@ -1,0 +1,123 @@
+"""Any backend under ``torch.autocast``: the work in the parameters' dtype, the results in the
+dtypes d2l's modules return under the same autocast.
+
+d2l's modules are built from ops on autocast's lists (``linear``, ``bmm``; on CUDA ``softmax``,
+``cross_entropy`` and cuDNN's GRU too), so under autocast their outputs come in several dtypes:
+on CPU with bfloat16, for example, the logits and attention weights are bfloat16 while the GRU
+states and the loss stay float32. The compiled ops are on no autocast list and take float32 or
+float64 only on CPU; a ``BackendUnderAutocast`` runs its backend with autocast switched off, in
+the dtype of the parameters (float32 when a float32 model runs under autocast: on these small
+GEMMs as fast as or faster than bfloat16, and more accurate), takes float16 / bfloat16 inputs
+that autocast produced (they are cast up once at the entry) and casts each output to the dtype
+the reference returns, found once per (device type, parameter dtype, autocast dtype) by running
+the reference's op kinds on tiny tensors under the caller's autocast (``reference_dtypes``).
+The casts are differentiable: gradients reach the parameters in their own dtype.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+_HALVES = (torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type):
+    """The dtype of the enabled autocast on ``device_type``."""
+    return torch.get_autocast_dtype(device_type)
+
+
+class ReferenceDtypes(NamedTuple):
+    linear: torch.dtype  # nn.Linear / bmm outputs: logits, attention context, projections
+    softmax: torch.dtype  # attention weights: softmax of the linear dtype
+    rnn: torch.dtype  # nn.GRU outputs and states: encoder outputs, decoder state
+    loss: torch.dtype  # cross-entropy of logits in the linear dtype
+
+
+_REFERENCE_DTYPES = {}
+
+
+def reference_dtypes(device_type, dtype):
+    """The dtypes d2l's modules with parameters of ``dtype`` return under the autocast now
+    enabled on ``device_type``, found by running each op kind once on tiny tensors (a cuDNN GRU
+    under CUDA autocast is cast, the CPU GRU is not; softmax is kept in float32 on CUDA only)."""
+    key = (device_type, dtype, autocast_dtype(device_type))
+    found = _REFERENCE_DTYPES.get(key)
+    if found is None:
+        with torch.no_grad():
+            x = torch.zeros(1, 1, 2, dtype=dtype, device=device_type)
+            linear = F.linear(x, x[0]).dtype
+            scores = torch.zeros(1, 1, 2, dtype=linear, device=device_type)
+            softmax = torch.softmax(scores, dim=-1).dtype
+            gru = torch.nn.GRU(2, 2).to(device=device_type, dtype=dtype)
+            rnn = gru(x)[0].dtype
+            loss = F.cross_entropy(scores.transpose(1, 2), torch.zeros(1, 1, dtype=torch.long, device=device_type),
+                                   reduction="none").dtype
+        found = _REFERENCE_DTYPES[key] = ReferenceDtypes(linear, softmax, rnn, loss)
+    return found
+
+
+def loss_dtype(device_type, pred_dtype):
+    """The dtype of d2l's ``MaskedSoftmaxCELoss`` of ``pred_dtype`` logits under the autocast now
+    enabled on ``device_type``."""
+    key = ("loss", device_type, pred_dtype, autocast_dtype(device_type))
+    found = _REFERENCE_DTYPES.get(key)
+    if found is None:
+        with torch.no_grad():
+            pred = torch.zeros(1, 2, 1, dtype=pred_dtype, device=device_type)
+            label = torch.zeros(1, 1, dtype=torch.long, device=device_type)
+            found = _REFERENCE_DTYPES[key] = F.cross_entropy(pred, label, reduction="none").dtype
+    return found
+
+
+def cast_up(tensor, dtype):
+    """``tensor`` in ``dtype`` if autocast made it float16 / bfloat16, else unchanged (a wrong
+    dtype of any other kind is left for the checks to reject)."""
+    if tensor is not None and tensor.dtype != dtype and tensor.dtype in _HALVES:
+        return tensor.to(dtype)
+    return tensor
+
+
+class BackendUnderAutocast:
+    """Backend module ``inner`` for calls under autocast on ``device_type`` with parameters of
+    ``dtype``: the same entry points, run in ``dtype`` with autocast off, results in the
+    reference's dtypes (see the module docstring)."""
+
+    def __init__(self, inner, device_type, dtype):
+        self.inner = inner
+        self.NAME = inner.NAME
+        self.CHECKS_INPUTS = inner.CHECKS_INPUTS
+        self.device_type = device_type
+        self.dtype = dtype  # the parameters' dtype: what the work runs in
+        self.out = reference_dtypes(device_type, dtype)
+        if hasattr(inner, "greedy_loop"):
+            self.greedy_loop = self._greedy_loop
+
+    def autocast_off(self):
+        return torch.autocast(self.device_type, enabled=False)
+
+    def decoder_forward(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+        dtype, out = self.dtype, self.out
+        with self.autocast_off():
+            Y, hidden_n, attention = self.inner.decoder_forward(
+                decoder, X, cast_up(enc_outputs, dtype), cast_up(hidden, dtype), valid_lens, cast_up(key_proj, dtype))
+        return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
+
+    def _greedy_loop(self, decoder, enc_outputs, hidden, valid_lens, key_proj, **kwargs):
+        dtype = self.dtype
+        with self.autocast_off():
+            tokens, lengths, attention = self.inner.greedy_loop(
+                decoder, cast_up(enc_outputs, dtype), cast_up(hidden, dtype), valid_lens, cast_up(key_proj, dtype),
+                **kwargs)
+        return tokens, lengths, None if attention is None else attention.to(self.out.softmax)
+
+    def encoder_forward(self, encoder, X):
+        with self.autocast_off():
+            outputs, state = self.inner.encoder_forward(encoder, X)
+        return outputs.to(self.out.rnn), state.to(self.out.rnn)
+
+    def attention_forward(self, attention, queries, keys, values, valid_lens):
+        dtype = self.dtype
+        with self.autocast_off():
+            context, weights = self.inner.attention_forward(
+                attention, cast_up(queries, dtype), cast_up(keys, dtype), cast_up(values, dtype), valid_lens)
+        return context.to(self.out.linear), weights.to(self.out.softmax)
