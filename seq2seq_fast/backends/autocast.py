@@ -1,17 +1,18 @@
-"""Any backend under ``torch.autocast``: the work in the parameters' dtype, the results in the
-dtypes d2l's modules return under the same autocast.
+"""Backends run in one dtype and returning the dtypes d2l's modules return: under
+``torch.autocast``, and for float16 / bfloat16 models on the compiled CPU loop.
 
 d2l's modules are built from ops on autocast's lists (``linear``, ``bmm``; on CUDA ``softmax``,
 ``cross_entropy`` and cuDNN's GRU too), so under autocast their outputs come in several dtypes:
 on CPU with bfloat16, for example, the logits and attention weights are bfloat16 while the GRU
 states and the loss stay float32. The compiled ops are on no autocast list and take float32 or
-float64 only on CPU; a ``BackendUnderAutocast`` runs its backend with autocast switched off, in
-the dtype of the parameters (float32 when a float32 model runs under autocast: on these small
-GEMMs as fast as or faster than bfloat16, and more accurate), takes float16 / bfloat16 inputs
-that autocast produced (they are cast up once at the entry) and casts each output to the dtype
-the reference returns, found once per (device type, parameter dtype, autocast dtype) by running
-the reference's op kinds on tiny tensors under the caller's autocast (``reference_dtypes``).
-The casts are differentiable: gradients reach the parameters in their own dtype.
+float64 only on CPU. A ``CastingBackend`` runs its backend with autocast switched off in one
+dtype -- under autocast the parameters' (float32 for a float32 model: the issue's permitted
+fallback, and more accurate than the reference's bfloat16), for a float16 / bfloat16 model on
+the ``cpp`` CPU loop float32 (the parameters cast on every call) -- takes float16 / bfloat16
+inputs that autocast made (cast up once at the entry) and casts each output to the dtype the
+reference returns, found once per (device type, parameter dtype, autocast dtype) by running the
+reference's op kinds on tiny tensors under the caller's autocast (``reference_dtypes``). The
+casts are differentiable: gradients reach the parameters in their own dtype.
 """
 from typing import NamedTuple
 
@@ -48,8 +49,9 @@ def reference_dtypes(device_type, dtype):
             linear = F.linear(x, x[0]).dtype
             scores = torch.zeros(1, 1, 2, dtype=linear, device=device_type)
             softmax = torch.softmax(scores, dim=-1).dtype
-            gru = torch.nn.GRU(2, 2).to(device=device_type, dtype=dtype)
-            rnn = gru(x)[0].dtype
+            # nn.GRU's op on zero weights of one layer (a module would draw its init from the generator).
+            weights = [torch.zeros(shape, dtype=dtype, device=device_type) for shape in ((6, 2), (6, 2), (6,), (6,))]
+            rnn = torch._VF.gru(x, torch.zeros_like(x), weights, True, 1, 0.0, False, False, False)[0].dtype
             loss = F.cross_entropy(scores.transpose(1, 2), torch.zeros(1, 1, dtype=torch.long, device=device_type),
                                    reduction="none").dtype
         found = _REFERENCE_DTYPES[key] = ReferenceDtypes(linear, softmax, rnn, loss)
@@ -77,42 +79,52 @@ def cast_up(tensor, dtype):
     return tensor
 
 
-class BackendUnderAutocast:
-    """Backend module ``inner`` for calls under autocast on ``device_type`` with parameters of
-    ``dtype``: the same entry points, run in ``dtype`` with autocast off, results in the
-    reference's dtypes (see the module docstring)."""
+class CastingBackend:
+    """Backend module ``inner`` run in ``dtype`` for a model whose parameters are of
+    ``param_dtype``, its outputs cast to ``out``'s dtypes: under autocast (``autocast=True``;
+    ``dtype`` is then ``param_dtype``, ``out`` the reference's dtypes), and for float16 /
+    bfloat16 models on the compiled CPU loop, which runs them in float32 (the parameters are cast
+    on every call, ``inner`` taking ``params_dtype``) and returns their dtype."""
 
-    def __init__(self, inner, device_type, dtype):
+    def __init__(self, inner, device_type, param_dtype, dtype, out, autocast):
         self.inner = inner
         self.NAME = inner.NAME
         self.CHECKS_INPUTS = inner.CHECKS_INPUTS
         self.device_type = device_type
-        self.dtype = dtype  # the parameters' dtype: what the work runs in
-        self.out = reference_dtypes(device_type, dtype)
+        self.param_dtype = param_dtype
+        self.dtype = dtype  # what the work runs in
+        self.out = out
+        self.autocast = autocast  # whether autocast's float16 / bfloat16 inputs are accepted
+        self._kwargs = {} if dtype == param_dtype else {"params_dtype": dtype}
         if hasattr(inner, "greedy_loop"):
             self.greedy_loop = self._greedy_loop
 
     def autocast_off(self):
         return torch.autocast(self.device_type, enabled=False)
 
+    def accepts(self, dtype):
+        """Whether an activation of ``dtype`` fits: the parameters' dtype, or under autocast
+        float16 / bfloat16 (what autocast makes)."""
+        return dtype == self.param_dtype or (self.autocast and dtype in _HALVES)
+
     def decoder_forward(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
         dtype, out = self.dtype, self.out
         with self.autocast_off():
             Y, hidden_n, attention = self.inner.decoder_forward(
-                decoder, X, cast_up(enc_outputs, dtype), cast_up(hidden, dtype), valid_lens, cast_up(key_proj, dtype))
+                decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **self._kwargs)
         return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
 
     def _greedy_loop(self, decoder, enc_outputs, hidden, valid_lens, key_proj, **kwargs):
         dtype = self.dtype
         with self.autocast_off():
             tokens, lengths, attention = self.inner.greedy_loop(
-                decoder, cast_up(enc_outputs, dtype), cast_up(hidden, dtype), valid_lens, cast_up(key_proj, dtype),
-                **kwargs)
+                decoder, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **kwargs,
+                **self._kwargs)
         return tokens, lengths, None if attention is None else attention.to(self.out.softmax)
 
     def encoder_forward(self, encoder, X):
         with self.autocast_off():
-            outputs, state = self.inner.encoder_forward(encoder, X)
+            outputs, state = self.inner.encoder_forward(encoder, X, **self._kwargs)
         return outputs.to(self.out.rnn), state.to(self.out.rnn)
 
     def attention_forward(self, attention, queries, keys, values, valid_lens):
@@ -121,3 +133,17 @@ class BackendUnderAutocast:
             context, weights = self.inner.attention_forward(
                 attention, cast_up(queries, dtype), cast_up(keys, dtype), cast_up(values, dtype), valid_lens)
         return context.to(self.out.linear), weights.to(self.out.softmax)
+
+
+def under_autocast(inner, device_type, param_dtype):
+    """``inner`` for calls under the autocast now enabled on ``device_type``, parameters of
+    ``param_dtype``: run in that dtype with autocast off, results in the reference's dtypes."""
+    return CastingBackend(inner, device_type, param_dtype, param_dtype, reference_dtypes(device_type, param_dtype),
+                          True)
+
+
+def in_float32(inner, device_type, param_dtype, autocast):
+    """``inner`` (taking ``params_dtype``) for a float16 / bfloat16 model: run in float32,
+    results in the reference's dtypes (the model's, or autocast's when ``autocast``)."""
+    out = reference_dtypes(device_type, param_dtype) if autocast else ReferenceDtypes(*[param_dtype] * 4)
+    return CastingBackend(inner, device_type, param_dtype, torch.float32, out, autocast)

@@ -8,7 +8,7 @@ inputs (float or (B, 1) lengths); the others get it after ``validation``'s share
 import torch
 
 from seq2seq_fast.backends import cpp_ops, torch_ops
-from seq2seq_fast.backends.autocast import BackendUnderAutocast, cast_up, loss_dtype
+from seq2seq_fast.backends.autocast import CastingBackend, loss_dtype
 from seq2seq_fast.ops import validation
 from seq2seq_fast.ops.dispatch import backend_for
 from seq2seq_fast.ops.state import DecoderState, projected_keys
@@ -54,6 +54,15 @@ def check_decoder_inputs(decoder, X, enc_outputs, hidden, lens):
         validation.check_same_device("enc_outputs (state[0])", enc_outputs, "enc_valid_lens (state[2])", lens)
 
 
+def check_activation(backend, name, tensor):
+    """A tensor input of a ``CastingBackend`` call: floating, in the parameters' dtype or (under
+    autocast) float16 / bfloat16, else TypeError."""
+    validation.check_floating(tensor, name)
+    if not backend.accepts(tensor.dtype):
+        also = " (or float16 / bfloat16 under autocast)" if backend.autocast else ""
+        raise TypeError(f"{name} must have the parameters' dtype {backend.param_dtype}{also}, got {tensor.dtype}")
+
+
 def prepare_decoder_call(decoder, X, state):
     """One decoder call made ready for its backend: ``(backend, values, hidden, valid_lens,
     key_proj, cache)``, with ``values`` = ``state[0]`` laid out contiguously as (B, T, H) (what
@@ -65,10 +74,11 @@ def prepare_decoder_call(decoder, X, state):
     W_k = decoder._modules["attention"]._modules["W_k"]  # without nn.Module.__getattr__
     backend = backend_for(decoder.backend, "decoder_forward", enc_outputs, W_k._parameters["weight"])
     lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
-    if type(backend) is BackendUnderAutocast:
-        # Under autocast the keys are projected in the parameters' dtype, from enc_outputs cast
-        # up once if autocast made them float16 / bfloat16 (the checks then see that dtype).
-        hidden = cast_up(hidden, backend.dtype)
+    if type(backend) is CastingBackend:
+        # The work in backend.dtype: the keys projected there, from enc_outputs cast once.
+        for name, tensor in (("enc_outputs (state[0])", enc_outputs), ("hidden_state (state[1])", hidden)):
+            check_activation(backend, name, tensor)
+        hidden = hidden.to(backend.dtype)
         with backend.autocast_off():
             values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype)
         if not backend.CHECKS_INPUTS:
@@ -141,10 +151,11 @@ def masked_ce_loss(loss, pred, label, valid_len):
     validation.check_tensor(pred, "pred")
     validation.check_tensor(label, "label")
     device_type = pred.device.type
-    if pred.dtype in _HALVES and torch.is_autocast_enabled(device_type):
-        # Logits that autocast made float16 / bfloat16: the loss in float32 (the fused op's
-        # dtype), returned in the dtype d2l's loss has under the same autocast.
-        dtype = loss_dtype(device_type, pred.dtype)
+    autocast = torch.is_autocast_enabled(device_type)
+    if pred.dtype in _HALVES and (autocast or device_type == "cpu"):
+        # float16 / bfloat16 logits under autocast or on CPU: the loss in float32 (the fused op's
+        # dtype on CPU), returned in the dtype of d2l's loss (under the same autocast).
+        dtype = loss_dtype(device_type, pred.dtype) if autocast else pred.dtype
         with torch.autocast(device_type, enabled=False):
             return masked_ce_loss(loss, pred.float(), label, valid_len).to(dtype)
     if cpp_ops.loss_unsupported_reason(pred, loss) is None:

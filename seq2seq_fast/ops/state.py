@@ -1,7 +1,7 @@
 """The decoder state: d2l's three items, plus the projected keys cached for incremental decoding."""
 import torch
+import torch.nn.functional as F
 
-from seq2seq_fast.backends.autocast import cast_up
 from seq2seq_fast.ops.validation import check_projectable
 
 
@@ -56,23 +56,32 @@ def projected_keys(state, enc_outputs, W_k, dtype=None):
     encoder's outputs arrive as a permuted view of (T, B, H), which the compiled ops would
     otherwise copy on every call, forward and backward), ``W_k(values)``, both taken from
     ``state``'s cache when it still holds, and the cache to hand on (None when a gradient is
-    needed: a graph must not outlive one backward). ``dtype`` (under autocast: the parameters'
-    dtype) is what float16 / bfloat16 ``enc_outputs`` are cast to first."""
+    needed: a graph must not outlive one backward). ``dtype``: what ``enc_outputs`` and W_k's
+    weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
-        values = enc_outputs.contiguous() if dtype is None else cast_up(enc_outputs.contiguous(), dtype)
-        check_projectable(values, "enc_outputs (state[0])", weight)
-        return values, W_k(values), None
+        values = enc_outputs.contiguous() if dtype is None else enc_outputs.contiguous().to(dtype)
+        return values, _project(W_k, weight, values, dtype), None
     needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
     if not needs_grad and isinstance(state, DecoderState):
         cache = state.key_cache
         if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
-    values = enc_outputs.contiguous() if dtype is None else cast_up(enc_outputs.contiguous(), dtype)
-    # The projection runs before any backend's checks: its operand must fit W_k first.
-    check_projectable(values, "enc_outputs (state[0])", weight)
-    key_proj = W_k(values)
+    values = enc_outputs.contiguous() if dtype is None else enc_outputs.contiguous().to(dtype)
+    key_proj = _project(W_k, weight, values, dtype)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
+
+
+def _project(W_k, weight, values, dtype):
+    """``W_k(values)``, with W_k's ``weight`` cast to ``dtype`` first when it differs (a float16 /
+    bfloat16 model run in float32). It runs before any backend's checks: its operand must fit
+    W_k first."""
+    if dtype is not None and weight.dtype != dtype:
+        weight = weight.to(dtype)
+        check_projectable(values, "enc_outputs (state[0])", weight)
+        return F.linear(values, weight)
+    check_projectable(values, "enc_outputs (state[0])", weight)
+    return W_k(values)
 
 
 def reindex_state(state, index):
