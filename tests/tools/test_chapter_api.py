@@ -105,6 +105,13 @@ def test_train_seq2seq_under_autocast_keeps_the_float32_loss_curve(trained, tmp_
     for epoch, (a, b) in enumerate(zip([record.loss for record in trainer.history], float32), 1):
         assert abs(a - b) <= 0.02 * b, f"epoch {epoch}: loss {a} under autocast vs {b} in float32"
     assert all(p.dtype == torch.float32 for p in ours.parameters())
+    # predict_seq2seq under autocast: the attention in d2l's dtype there, the float32 loop's tokens.
+    src_vocab, tgt_vocab = trained["src_vocab"], trained["tgt_vocab"]
+    for sentence in ("go .", "i lost .", "the big dog ?"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, weights = sf.predict_seq2seq(ours, sentence, src_vocab, tgt_vocab, BOOK["num_steps"], "cpu", True)
+        assert got == sf.predict_seq2seq(ours, sentence, src_vocab, tgt_vocab, BOOK["num_steps"], "cpu")[0]
+        assert all(step[0].dtype == torch.bfloat16 for step in weights)
 
 
 def test_predict_seq2seq_returns_d2ls_translation_and_attention(trained):
