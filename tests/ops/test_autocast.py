@@ -110,7 +110,10 @@ def test_one_step_calls_match_reference_under_autocast(backend, device, dtype):
         return outs
 
     autocast = torch.autocast(device, dtype=dtype)
+    projections = []
+    fast.decoder.attention.W_k.register_forward_hook(lambda *args: projections.append(1))
     actual, expected = steps(fast, autocast), steps(ref, autocast)
+    assert len(projections) == 1, "the keys are projected once per sentence, under autocast too"
     exact = steps(ref64, torch.autocast("cpu", enabled=False), lambda t: t.cpu())
     names = [f"step {t} {what}" for t in range(S) for what in ("logits", "state", "attention")]
     assert_autocast_accuracy(dict(zip(names, actual)), dict(zip(names, [t.cpu() for t in expected])),
