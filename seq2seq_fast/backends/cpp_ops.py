@@ -125,19 +125,25 @@ def encoder_params(encoder):
 # ---- backend entry points --------------------------------------------------------------------------
 
 
-def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+def _cast(params, dtype):
+    """``params`` in ``dtype`` (differentiable casts), or as they are when ``dtype`` is None."""
+    return params if dtype is None else [p.to(dtype) for p in params]
+
+
+def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, params_dtype=None):
     """The compiled teacher-forced loop of ``Seq2SeqAttentionDecoder.forward``.
 
     X int64 (B, S); enc_outputs (B, T, H) (keys = values); hidden (L, B, H); valid_lens None or
     int64 (B,); key_proj (B, T, H) = W_k(enc_outputs). Returns (logits (B, S, V), final hidden
     (L, B, H), attention weights before dropout (B, S, T)); differentiable w.r.t. every decoder
-    parameter, enc_outputs, key_proj and hidden.
+    parameter, enc_outputs, key_proj and hidden. ``params_dtype``: what the parameters are cast
+    to first (the compiled loop runs a bfloat16 model in float32).
     """
     modules = decoder._modules
     dropout = modules["attention"]._modules["dropout"]
     rnn = modules["rnn"]
     return decoder_apply(
-        X, enc_outputs, hidden, valid_lens, key_proj, decoder_params(decoder),
+        X, enc_outputs, hidden, valid_lens, key_proj, _cast(decoder_params(decoder), params_dtype),
         attention_dropout=dropout.p if dropout.training else 0.0,
         layer_dropout=rnn.dropout if rnn.training else 0.0,
     )
@@ -167,16 +173,17 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     return logits.transpose(0, 1), states.select(1, S), attention.transpose(0, 1)
 
 
-def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention):
+def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention,
+                params_dtype=None):
     """Batched greedy decoding entirely in C++ (no autograd).
 
     Every row starts from ``bos`` and feeds back its argmax; stops once every row produced ``eos``
     or after ``max_len`` steps. Dropout follows the decoder's mode, as its forward does.
     Returns (tokens int64 (B, steps) with eos past each row's end, lengths int64 (B,) = tokens
-    before the first eos, attention (B, steps, T) or None).
+    before the first eos, attention (B, steps, T) or None). ``params_dtype`` as in ``decoder_forward``.
     """
     B, T = enc_outputs.shape[:2]
-    params = decoder_params(decoder)
+    params = _cast(decoder_params(decoder), params_dtype)
     attn_mask = _attention_mask(decoder, max_len, B, T, enc_outputs)
     layer_mask = _layer_mask(decoder.rnn, max_len, B, enc_outputs)
     with torch.no_grad():
@@ -186,14 +193,14 @@ def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos,
     return tokens, lengths, attention if return_attention else None
 
 
-def encoder_forward(encoder, X):
+def encoder_forward(encoder, X, *, params_dtype=None):
     """d2l's ``Seq2SeqEncoder.forward`` in C++: (output (T, B, H), state (L, B, H)).
 
     X int64 (B, T). Inter-layer dropout in training mode; differentiable w.r.t. the embedding and
-    every GRU parameter.
+    every GRU parameter. ``params_dtype`` as in ``decoder_forward``.
     """
     rnn = encoder._modules["rnn"]
-    params = encoder_params(encoder)
+    params = _cast(encoder_params(encoder), params_dtype)
     layer_mask = _layer_mask(rnn, X.shape[-1], X.shape[0], params[0]) if X.dim() else None
     keep = _needs_grad(params)
     states, _, _ = _ops().encoder_forward(X, params, layer_mask, keep)

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from seq2seq_fast.backends.autocast import autocast_dtype, in_float32, under_autocast
 from seq2seq_fast.backends.extension import extension_error, has_kernel
 from seq2seq_fast.backends.verified import gpu_verified
 
@@ -87,8 +88,22 @@ def _call_unsupported(name, entry, device_type, dtype, grad_mode):
     return module.unsupported_reason(device_type, dtype, grad_mode)
 
 
+_HALVES = (torch.float16, torch.bfloat16)
+
+
 def _choose(requested, entry, device_type, dtype, grad_mode):
-    """(name, None) of the backend that runs the call, or (None, why the named one cannot)."""
+    """(name, None) of the backend that runs the call, or (None, why the named one cannot).
+
+    A float16 / bfloat16 model on CPU goes to the ``cpp`` loop when it can run the call in
+    float32 (``auto`` or ``cpp`` requested): ``backend_for`` wraps it in a ``CastingBackend``
+    that casts the parameters to float32 on every call and the results back. Measured on one
+    thread of a Xeon with AMX-BF16, a bfloat16 model's training step / greedy decoding:
+    B4 T7 H32 V50 1.6 / 0.5 ms against 33 / 9.7 ms on the torch backend in bfloat16;
+    B64 T32 H256 V8000 1.55 / 0.68 s against 1.35 / 0.80 s; and more accurate.
+    """
+    if (dtype in _HALVES and device_type == "cpu" and requested in ("auto", "cpp")
+            and _call_unsupported("cpp", entry, device_type, torch.float32, grad_mode) is None):
+        return "cpp", None
     if requested != "auto":
         reason = _call_unsupported(requested, entry, device_type, dtype, grad_mode)
         if reason is not None:
@@ -126,29 +141,61 @@ def _selected_name(requested, entry, device_type, dtype, grad_mode, autocast):
     return name
 
 
-def backend_for(requested, entry, tensor):
+def backend_for(requested, entry, tensor, weight=None):
     """The backend module that runs ``entry`` (e.g. ``"decoder_forward"``) for a call on
     ``tensor``'s device and dtype in the current grad mode and autocast state.
 
     A named backend that cannot run the call raises ``ValueError`` saying why; ``auto`` takes
     the first that can of: ``cpp``, ``triton`` (CUDA only), ``torch`` (on CUDA only paths that
-    ``make gpu-check`` verified: ``backends/verified_gpu.json``). The answer for each kind
-    of call is worked out once per process and remembered: later calls cost one lookup.
+    ``make gpu-check`` verified: ``backends/verified_gpu.json``). Under ``torch.autocast`` on
+    ``tensor``'s device the backend comes wrapped in a ``CastingBackend``, which runs it in the
+    parameters' dtype and returns the reference's dtypes under the same autocast; a float16 /
+    bfloat16 model on CPU runs on the ``cpp`` loop in float32 (see ``_choose``). The
+    backend is chosen for ``weight``'s dtype (a parameter of the module) when given, else
+    ``tensor``'s.
+    The answer for each kind of call is worked out once per process and remembered: later
+    calls cost one lookup.
     """
     # The memo's key: torch.device hashes as cheaply as its type string is made, and autocast
     # outside any autocast region (the usual case) is one call.
     device = tensor.device
     autocast = _any_autocast() and torch.is_autocast_enabled(device.type)
-    key = (requested, entry, device, tensor.dtype, torch.is_grad_enabled(), autocast)
+    dtype = tensor.dtype if weight is None else weight.dtype
+    if autocast:
+        return _backend_under_autocast(requested, entry, device, dtype)
+    key = (requested, entry, device, dtype, torch.is_grad_enabled(), autocast)
     try:
         module = _RESOLVED.get(key)
     except TypeError:  # an unhashable backend name
         check_backend_name(requested)
     if module is not None and not torch.compiler.is_compiling():
         return module
-    name = _selected_name(requested, entry, device.type, tensor.dtype, key[4], autocast)
+    name = _selected_name(requested, entry, device.type, dtype, key[4], autocast)
     module = _LOADED.get(name) or backend_module(name)
+    if name == "cpp" and dtype in _HALVES:  # see _choose
+        module = in_float32(module, device.type, dtype, autocast=False)
     if requested != "triton":  # a triton request also depends on TRITON_INTERPRET: never short-cut
+        _RESOLVED[key] = module
+    return module
+
+
+def _backend_under_autocast(requested, entry, device, dtype):
+    """backend_for under autocast: the backend chosen for the parameters' ``dtype``, wrapped in a
+    ``CastingBackend`` once per key (the autocast dtype is part of it)."""
+    key = (requested, entry, device, dtype, torch.is_grad_enabled(), autocast_dtype(device.type))
+    try:
+        module = _RESOLVED.get(key)
+    except TypeError:  # an unhashable backend name
+        check_backend_name(requested)
+    if module is not None:
+        return module
+    name = _selected_name(requested, entry, device.type, dtype, key[4], True)
+    module = _LOADED.get(name) or backend_module(name)
+    if name == "cpp" and dtype in _HALVES:  # see _choose
+        module = in_float32(module, device.type, dtype, autocast=True)
+    else:
+        module = under_autocast(module, device.type, dtype)
+    if requested != "triton":
         _RESOLVED[key] = module
     return module
 

@@ -8,9 +8,13 @@ inputs (float or (B, 1) lengths); the others get it after ``validation``'s share
 import torch
 
 from seq2seq_fast.backends import cpp_ops, torch_ops
+from seq2seq_fast.backends.autocast import CastingBackend, loss_dtype
 from seq2seq_fast.ops import validation
 from seq2seq_fast.ops.dispatch import backend_for
 from seq2seq_fast.ops.state import DecoderState, projected_keys
+
+
+_HALVES = (torch.float16, torch.bfloat16)
 
 
 def unpack_state(state):
@@ -50,6 +54,15 @@ def check_decoder_inputs(decoder, X, enc_outputs, hidden, lens):
         validation.check_same_device("enc_outputs (state[0])", enc_outputs, "enc_valid_lens (state[2])", lens)
 
 
+def check_activation(backend, name, tensor):
+    """A tensor input of a ``CastingBackend`` call: floating, in the parameters' dtype or (under
+    autocast) float16 / bfloat16, else TypeError."""
+    validation.check_floating(tensor, name)
+    if not backend.accepts(tensor.dtype):
+        also = " (or float16 / bfloat16 under autocast)" if backend.autocast else ""
+        raise TypeError(f"{name} must have the parameters' dtype {backend.param_dtype}{also}, got {tensor.dtype}")
+
+
 def prepare_decoder_call(decoder, X, state):
     """One decoder call made ready for its backend: ``(backend, values, hidden, valid_lens,
     key_proj, cache)``, with ``values`` = ``state[0]`` laid out contiguously as (B, T, H) (what
@@ -58,12 +71,22 @@ def prepare_decoder_call(decoder, X, state):
     enc_outputs, hidden, valid_lens = unpack_state(state)
     validation.check_tensor(X, "X")
     validation.check_tensor(enc_outputs, "enc_outputs (state[0])")
-    backend = backend_for(decoder.backend, "decoder_forward", enc_outputs)
+    W_k = decoder._modules["attention"]._modules["W_k"]  # without nn.Module.__getattr__
+    backend = backend_for(decoder.backend, "decoder_forward", enc_outputs, W_k._parameters["weight"])
     lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")
+    if type(backend) is CastingBackend:
+        # The work in backend.dtype: the keys projected there, from enc_outputs cast once.
+        for name, tensor in (("enc_outputs (state[0])", enc_outputs), ("hidden_state (state[1])", hidden)):
+            check_activation(backend, name, tensor)
+        hidden = hidden.to(backend.dtype)
+        with backend.autocast_off():
+            values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype)
+        if not backend.CHECKS_INPUTS:
+            check_decoder_inputs(decoder, X, values, hidden, lens)
+        return backend, values, hidden, lens, key_proj, cache
     if not backend.CHECKS_INPUTS:
         check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
-    # W_k straight from _modules, without nn.Module.__getattr__.
-    values, key_proj, cache = projected_keys(state, enc_outputs, decoder._modules["attention"]._modules["W_k"])
+    values, key_proj, cache = projected_keys(state, enc_outputs, W_k)
     return backend, values, hidden, lens, key_proj, cache
 
 
@@ -109,7 +132,8 @@ def attention_forward(attention, queries, keys, values, valid_lens):
     lens = validation.normalize_valid_lens(valid_lens, "valid_lens", B, queries=Q)
     if lens is not None:
         validation.check_same_device("queries", queries, "valid_lens", lens)
-    backend = backend_for(attention.backend, "attention_forward", queries)
+    weight = attention._modules["W_q"]._parameters["weight"]
+    backend = backend_for(attention.backend, "attention_forward", queries, weight)
     return backend.attention_forward(attention, queries, keys, values, lens)
 
 
@@ -126,6 +150,14 @@ def masked_ce_loss(loss, pred, label, valid_len):
     """``MaskedSoftmaxCELoss.forward``: the per-sequence loss (B,)."""
     validation.check_tensor(pred, "pred")
     validation.check_tensor(label, "label")
+    device_type = pred.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if pred.dtype in _HALVES and (autocast or device_type == "cpu"):
+        # float16 / bfloat16 logits under autocast or on CPU: the loss in float32 (the fused op's
+        # dtype on CPU), returned in the dtype of d2l's loss (under the same autocast).
+        dtype = loss_dtype(device_type, pred.dtype) if autocast else pred.dtype
+        with torch.autocast(device_type, enabled=False):
+            return masked_ce_loss(loss, pred.float(), label, valid_len).to(dtype)
     if cpp_ops.loss_unsupported_reason(pred, loss) is None:
         # One fused pass (CPU; CUDA once verified); the op checks its arguments. Only d2l's loose inputs are made
         # what it takes: integer labels of any width, float or (B, 1) lengths.

@@ -1,5 +1,6 @@
 """The decoder state: d2l's three items, plus the projected keys cached for incremental decoding."""
 import torch
+import torch.nn.functional as F
 
 from seq2seq_fast.ops.validation import check_projectable
 
@@ -31,44 +32,56 @@ class KeyCache:
     """Projected keys valid for one (enc_outputs, W_k weight) pair at given tensor versions, with
     ``values``: enc_outputs laid out contiguously (B, T, H), the tensor the backends read."""
 
-    def __init__(self, enc_outputs, weight, key_proj, values=None):
+    def __init__(self, enc_outputs, weight, key_proj, values=None, dtype=None):
         self.enc_outputs = enc_outputs
+        self.dtype = dtype  # projected_keys' dtype argument: what values were cast to
         self.enc_version = enc_outputs._version
         self.weight = weight
         self.weight_version = weight._version
         self.key_proj = key_proj
         self.values = enc_outputs.contiguous() if values is None else values
 
-    def matches(self, enc_outputs, weight):
+    def matches(self, enc_outputs, weight, dtype=None):
         return (
             self.enc_outputs is enc_outputs
+            and self.dtype == dtype
             and self.enc_version == enc_outputs._version
             and self.weight is weight
             and self.weight_version == weight._version
         )
 
 
-def projected_keys(state, enc_outputs, W_k):
+def projected_keys(state, enc_outputs, W_k, dtype=None):
     """``(values, key_proj, cache)``: ``enc_outputs`` (B, T, H) laid out contiguously (the
     encoder's outputs arrive as a permuted view of (T, B, H), which the compiled ops would
     otherwise copy on every call, forward and backward), ``W_k(values)``, both taken from
     ``state``'s cache when it still holds, and the cache to hand on (None when a gradient is
-    needed: a graph must not outlive one backward)."""
+    needed: a graph must not outlive one backward). ``dtype``: what ``enc_outputs`` and W_k's
+    weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
-        check_projectable(enc_outputs, "enc_outputs (state[0])", weight)
-        values = enc_outputs.contiguous()
-        return values, W_k(values), None
+        values = enc_outputs.contiguous() if dtype is None else enc_outputs.contiguous().to(dtype)
+        return values, _project(W_k, weight, values, dtype), None
     needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
     if not needs_grad and isinstance(state, DecoderState):
         cache = state.key_cache
-        if cache is not None and cache.matches(enc_outputs, weight):
+        if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
-    # The projection runs before any backend's checks: its operand must fit W_k first.
-    check_projectable(enc_outputs, "enc_outputs (state[0])", weight)
-    values = enc_outputs.contiguous()
-    key_proj = W_k(values)
-    return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values)
+    values = enc_outputs.contiguous() if dtype is None else enc_outputs.contiguous().to(dtype)
+    key_proj = _project(W_k, weight, values, dtype)
+    return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
+
+
+def _project(W_k, weight, values, dtype):
+    """``W_k(values)``, with W_k's ``weight`` cast to ``dtype`` first when it differs (a float16 /
+    bfloat16 model run in float32). It runs before any backend's checks: its operand must fit
+    W_k first."""
+    if dtype is not None and weight.dtype != dtype:
+        weight = weight.to(dtype)
+        check_projectable(values, "enc_outputs (state[0])", weight)
+        return F.linear(values, weight)
+    check_projectable(values, "enc_outputs (state[0])", weight)
+    return W_k(values)
 
 
 def reindex_state(state, index):
@@ -82,6 +95,7 @@ def reindex_state(state, index):
     new_valid = None if valid_lens is None else valid_lens.index_select(0, index)
     cache = getattr(state, "key_cache", None)
     new_cache = None
-    if cache is not None and cache.matches(enc_outputs, cache.weight):
-        new_cache = KeyCache(new_enc, cache.weight, cache.key_proj.index_select(0, index))
+    if cache is not None and cache.matches(enc_outputs, cache.weight, cache.dtype):
+        new_cache = KeyCache(new_enc, cache.weight, cache.key_proj.index_select(0, index),
+                             None if cache.dtype is None else cache.values.index_select(0, index), cache.dtype)
     return DecoderState([new_enc, hidden.index_select(1, index), new_valid], new_cache)

@@ -91,6 +91,29 @@ def test_train_seq2seq_records_d2ls_loss_curve(trained):
     assert (trained["folder"] / "loss.png").stat().st_size > 0
 
 
+def test_train_seq2seq_under_autocast_keeps_the_float32_loss_curve(trained, tmp_path):
+    # Issue #15: the same run under CPU autocast (bfloat16) stays within 2 % of the float32 run's
+    # loss, epoch by epoch.
+    data_iter = sf.load_data_nmt(BOOK["batch_size"], BOOK["num_steps"], path=trained["folder"])[0]
+    _, ours = _models(trained["src_vocab"], trained["tgt_vocab"])
+    animator = sf.Animator(xlabel="epoch", ylabel="loss", xlim=[10, 20], path=str(tmp_path / "loss.png"))
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer = sf.train_seq2seq(ours, data_iter, BOOK["lr"], 20, trained["tgt_vocab"], "cpu", animator=animator,
+                                   progress=False)
+    float32 = [record.loss for record in trained["trainer"].history]
+    for epoch, (a, b) in enumerate(zip([record.loss for record in trainer.history], float32), 1):
+        assert abs(a - b) <= 0.02 * b, f"epoch {epoch}: loss {a} under autocast vs {b} in float32"
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    # predict_seq2seq under autocast: the attention in d2l's dtype there, the float32 loop's tokens.
+    src_vocab, tgt_vocab = trained["src_vocab"], trained["tgt_vocab"]
+    for sentence in ("go .", "i lost .", "the big dog ?"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, weights = sf.predict_seq2seq(ours, sentence, src_vocab, tgt_vocab, BOOK["num_steps"], "cpu", True)
+        assert got == sf.predict_seq2seq(ours, sentence, src_vocab, tgt_vocab, BOOK["num_steps"], "cpu")[0]
+        assert all(step[0].dtype == torch.bfloat16 for step in weights)
+
+
 def test_predict_seq2seq_returns_d2ls_translation_and_attention(trained):
     ref, ours, src_vocab, tgt_vocab = trained["ref"], trained["ours"], trained["src_vocab"], trained["tgt_vocab"]
     num_steps = BOOK["num_steps"]

@@ -1,0 +1,149 @@
+"""Backends run in one dtype and returning the dtypes d2l's modules return: under
+``torch.autocast``, and for float16 / bfloat16 models on the compiled CPU loop.
+
+d2l's modules are built from ops on autocast's lists (``linear``, ``bmm``; on CUDA ``softmax``,
+``cross_entropy`` and cuDNN's GRU too), so under autocast their outputs come in several dtypes:
+on CPU with bfloat16, for example, the logits and attention weights are bfloat16 while the GRU
+states and the loss stay float32. The compiled ops are on no autocast list and take float32 or
+float64 only on CPU. A ``CastingBackend`` runs its backend with autocast switched off in one
+dtype -- under autocast the parameters' (float32 for a float32 model: the issue's permitted
+fallback, and more accurate than the reference's bfloat16), for a float16 / bfloat16 model on
+the ``cpp`` CPU loop float32 (the parameters cast on every call) -- takes float16 / bfloat16
+inputs that autocast made (cast up once at the entry) and casts each output to the dtype the
+reference returns, found once per (device type, parameter dtype, autocast dtype) by running the
+reference's op kinds on tiny tensors under the caller's autocast (``reference_dtypes``). The
+casts are differentiable: gradients reach the parameters in their own dtype.
+"""
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+_HALVES = (torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type):
+    """The dtype of the enabled autocast on ``device_type``."""
+    return torch.get_autocast_dtype(device_type)
+
+
+class ReferenceDtypes(NamedTuple):
+    linear: torch.dtype  # nn.Linear / bmm outputs: logits, attention context, projections
+    softmax: torch.dtype  # attention weights: softmax of the linear dtype
+    rnn: torch.dtype  # nn.GRU outputs and states: encoder outputs, decoder state
+
+
+_REFERENCE_DTYPES = {}
+
+
+def reference_dtypes(device_type, dtype):
+    """The dtypes d2l's modules with parameters of ``dtype`` return under the autocast now
+    enabled on ``device_type``, found by running each op kind once on tiny tensors: whatever
+    this torch's autocast lists say (on CPU with bfloat16 the GRU returns float32 and softmax
+    keeps bfloat16; on CUDA softmax is on the float32 list)."""
+    key = (device_type, dtype, autocast_dtype(device_type))
+    found = _REFERENCE_DTYPES.get(key)
+    if found is None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cuDNN's note on weights outside one flat buffer
+            x = torch.zeros(1, 1, 2, dtype=dtype, device=device_type)
+            linear = F.linear(x, x[0]).dtype
+            scores = torch.zeros(1, 1, 2, dtype=linear, device=device_type)
+            softmax = torch.softmax(scores, dim=-1).dtype
+            # nn.GRU's op on zero weights of one layer (a module would draw its init from the generator).
+            weights = [torch.zeros(shape, dtype=dtype, device=device_type) for shape in ((6, 2), (6, 2), (6,), (6,))]
+            rnn = torch._VF.gru(x, torch.zeros_like(x), weights, True, 1, 0.0, False, False, False)[0].dtype
+        found = _REFERENCE_DTYPES[key] = ReferenceDtypes(linear, softmax, rnn)
+    return found
+
+
+def loss_dtype(device_type, pred_dtype):
+    """The dtype of d2l's ``MaskedSoftmaxCELoss`` of ``pred_dtype`` logits under the autocast now
+    enabled on ``device_type``."""
+    key = ("loss", device_type, pred_dtype, autocast_dtype(device_type))
+    found = _REFERENCE_DTYPES.get(key)
+    if found is None:
+        with torch.no_grad():
+            pred = torch.zeros(1, 2, 1, dtype=pred_dtype, device=device_type)
+            label = torch.zeros(1, 1, dtype=torch.long, device=device_type)
+            found = _REFERENCE_DTYPES[key] = F.cross_entropy(pred, label, reduction="none").dtype
+    return found
+
+
+def cast_up(tensor, dtype):
+    """``tensor`` in ``dtype`` if autocast made it float16 / bfloat16, else unchanged (a wrong
+    dtype of any other kind is left for the checks to reject)."""
+    if tensor is not None and tensor.dtype != dtype and tensor.dtype in _HALVES:
+        return tensor.to(dtype)
+    return tensor
+
+
+class CastingBackend:
+    """Backend module ``inner`` run in ``dtype`` for a model whose parameters are of
+    ``param_dtype``, its outputs cast to ``out``'s dtypes: under autocast (``autocast=True``;
+    ``dtype`` is then ``param_dtype``, ``out`` the reference's dtypes), and for float16 /
+    bfloat16 models on the compiled CPU loop, which runs them in float32 (the parameters are cast
+    on every call, ``inner`` taking ``params_dtype``) and returns their dtype."""
+
+    def __init__(self, inner, device_type, param_dtype, dtype, out, autocast):
+        self.inner = inner
+        self.NAME = inner.NAME
+        self.CHECKS_INPUTS = inner.CHECKS_INPUTS
+        self.device_type = device_type
+        self.param_dtype = param_dtype
+        self.dtype = dtype  # what the work runs in
+        self.out = out
+        self.autocast = autocast  # whether autocast's float16 / bfloat16 inputs are accepted
+        self._kwargs = {} if dtype == param_dtype else {"params_dtype": dtype}
+        if hasattr(inner, "greedy_loop"):
+            self.greedy_loop = self._greedy_loop
+
+    def autocast_off(self):
+        return torch.autocast(self.device_type, enabled=False)
+
+    def accepts(self, dtype):
+        """Whether an activation of ``dtype`` fits: the parameters' dtype, or under autocast
+        float16 / bfloat16 (what autocast makes)."""
+        return dtype == self.param_dtype or (self.autocast and dtype in _HALVES)
+
+    def decoder_forward(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+        dtype, out = self.dtype, self.out
+        with self.autocast_off():
+            Y, hidden_n, attention = self.inner.decoder_forward(
+                decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **self._kwargs)
+        return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
+
+    def _greedy_loop(self, decoder, enc_outputs, hidden, valid_lens, key_proj, **kwargs):
+        dtype = self.dtype
+        with self.autocast_off():
+            tokens, lengths, attention = self.inner.greedy_loop(
+                decoder, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **kwargs,
+                **self._kwargs)
+        return tokens, lengths, None if attention is None else attention.to(self.out.softmax)
+
+    def encoder_forward(self, encoder, X):
+        with self.autocast_off():
+            outputs, state = self.inner.encoder_forward(encoder, X, **self._kwargs)
+        return outputs.to(self.out.rnn), state.to(self.out.rnn)
+
+    def attention_forward(self, attention, queries, keys, values, valid_lens):
+        dtype = self.dtype
+        with self.autocast_off():
+            context, weights = self.inner.attention_forward(
+                attention, cast_up(queries, dtype), cast_up(keys, dtype), cast_up(values, dtype), valid_lens)
+        return context.to(self.out.linear), weights.to(self.out.softmax)
+
+
+def under_autocast(inner, device_type, param_dtype):
+    """``inner`` for calls under the autocast now enabled on ``device_type``, parameters of
+    ``param_dtype``: run in that dtype with autocast off, results in the reference's dtypes."""
+    return CastingBackend(inner, device_type, param_dtype, param_dtype, reference_dtypes(device_type, param_dtype),
+                          True)
+
+
+def in_float32(inner, device_type, param_dtype, autocast):
+    """``inner`` (taking ``params_dtype``) for a float16 / bfloat16 model: run in float32,
+    results in the reference's dtypes (the model's, or autocast's when ``autocast``)."""
+    out = reference_dtypes(device_type, param_dtype) if autocast else ReferenceDtypes(*[param_dtype] * 3)
+    return CastingBackend(inner, device_type, param_dtype, torch.float32, out, autocast)

@@ -1,0 +1,240 @@
+"""Under ``torch.autocast`` every entry point runs, returns the dtypes d2l's modules return under
+the same autocast, passes gradients to the float32 parameters in float32, and is at least half as
+accurate as the reference itself: err(ours under autocast vs the float64 reference) <= 2 x
+err(the reference under autocast vs the float64 reference), on every output and gradient.
+Also ``.to(torch.bfloat16)`` models (parameters in bfloat16, no autocast)."""
+import copy
+
+import pytest
+import torch
+
+import seq2seq_fast as sf
+from helpers import paired_models, ragged_lens
+from seq2seq_fast import reference as R
+from seq2seq_fast.tools.train import Seq2SeqTrainer
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" and not torch.cuda.is_available() else b
+            for b in sf.available_backends()]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a CUDA device")
+AUTOCASTS = [  # (device, autocast dtype)
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=CUDA),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=CUDA),
+]
+V, E, H, L = 13, 6, 8, 2  # vocabulary, embedding, hidden size, layers
+B, T, S = 4, 7, 5  # batch, source steps, target steps
+
+
+def _inputs(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, V, (B, T), generator=g)
+    tgt = torch.randint(0, V, (B, S), generator=g)
+    src_lens = ragged_lens(B, T, generator=g)  # 0, T, T + 3 and a random one
+    tgt_lens = torch.tensor([S, 0, 2, S + 1])
+    grad_out = torch.randn(B, S, V, generator=g)
+    return [t.to(device) for t in (src, tgt, src_lens, tgt_lens, grad_out)]
+
+
+def _run(net, inputs, autocast):
+    """Encoder, decoder (teacher forcing) and loss of ``net``, then backward of the loss plus
+    <logits, grad_out>: outputs and every parameter's gradient, by name."""
+    src, tgt, src_lens, tgt_lens, grad_out = inputs
+    net.zero_grad(set_to_none=True)
+    with autocast:
+        enc_outputs, enc_state = net.encoder(src, src_lens)
+        Y, state = net.decoder(tgt, net.decoder.init_state((enc_outputs, enc_state), src_lens))
+        attention = torch.cat(net.decoder.attention_weights, dim=1)
+        loss = (R.MaskedSoftmaxCELoss() if isinstance(net, R.EncoderDecoder) else sf.MaskedSoftmaxCELoss())(
+            Y, tgt, tgt_lens)
+    (loss.sum() + (Y * grad_out.to(Y.dtype)).sum()).backward()
+    out = {"encoder outputs": enc_outputs, "encoder state": enc_state, "logits": Y, "decoder state": state[1],
+           "attention weights": attention, "loss": loss}
+    out.update({f"grad {name}": p.grad for name, p in net.named_parameters()})
+    return {name: t.detach() for name, t in out.items()}
+
+
+def _error(t, exact):
+    return (t.double() - exact).abs().max().item()
+
+
+def assert_autocast_accuracy(actual, expected, exact):
+    """Same dtypes as the reference under autocast, and the 2x accuracy rule against float64
+    (with a floor of float32 rounding, for outputs autocast leaves in float32)."""
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, the reference's is {want.dtype}"
+        floor = 1e-6 * (1 + exact[name].abs().max().item())
+        ours, theirs = _error(got, exact[name]), _error(want, exact[name])
+        assert ours <= 2 * theirs + floor, f"{name}: error {ours:.3g} > 2 x the reference's {theirs:.3g}"
+
+
+def _three(backend, device, seed=0):
+    """Our float32 model, d2l's with the same weights in float32 and in float64."""
+    ref, fast = paired_models(V, E, H, L, dtype=torch.float32, backend=backend, seed=seed)
+    return fast.to(device), ref.to(device), copy.deepcopy(ref).double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, dtype", AUTOCASTS)
+def test_training_forward_backward_matches_reference_under_autocast(backend, device, dtype):
+    fast, ref, ref64 = _three(backend, device)
+    inputs = _inputs(device)
+    autocast = torch.autocast(device, dtype=dtype)
+    actual = _run(fast, inputs, autocast)
+    expected = _run(ref, inputs, autocast)
+    exact = _run(ref64, [t.cpu() for t in inputs], torch.autocast("cpu", enabled=False))
+    assert_autocast_accuracy(actual, {k: v.cpu() for k, v in expected.items()}, exact)
+    for name, p in fast.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+    if device == "cpu" and dtype == torch.bfloat16:  # what autocast makes of d2l's modules on CPU
+        assert actual["logits"].dtype == actual["attention weights"].dtype == torch.bfloat16
+        assert actual["decoder state"].dtype == actual["loss"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, dtype", AUTOCASTS)
+def test_one_step_calls_match_reference_under_autocast(backend, device, dtype):
+    # predict_seq2seq's pattern: one decoder call per step on the state the last call returned
+    # (the projected keys are cached in it), without gradients.
+    fast, ref, ref64 = _three(backend, device)
+    src, tgt, src_lens, _, _ = _inputs(device)
+    fast.eval(), ref.eval(), ref64.eval()
+
+    def steps(net, autocast, cast=lambda t: t):
+        outs = []
+        with torch.no_grad(), autocast:
+            state = net.decoder.init_state(net.encoder(cast(src), cast(src_lens)), cast(src_lens))
+            for t in range(S):
+                Y, state = net.decoder(cast(tgt[:, t:t + 1]), state)
+                outs += [Y, state[1], net.decoder.attention_weights[0]]
+        return outs
+
+    autocast = torch.autocast(device, dtype=dtype)
+    projections = []
+    fast.decoder.attention.W_k.register_forward_hook(lambda *args: projections.append(1))
+    actual, expected = steps(fast, autocast), steps(ref, autocast)
+    assert len(projections) == 1, "the keys are projected once per sentence, under autocast too"
+    exact = steps(ref64, torch.autocast("cpu", enabled=False), lambda t: t.cpu())
+    names = [f"step {t} {what}" for t in range(S) for what in ("logits", "state", "attention")]
+    assert_autocast_accuracy(dict(zip(names, actual)), dict(zip(names, [t.cpu() for t in expected])),
+                             dict(zip(names, exact)))
+
+
+@pytest.mark.parametrize("backend", ["auto"] + [b for b in BACKENDS if b != "cpp"])  # cpp has no attention op
+@pytest.mark.parametrize("queries_dtype", [torch.float32, torch.bfloat16])
+def test_additive_attention_matches_reference_under_autocast(backend, queries_dtype):
+    torch.manual_seed(0)
+    ref = R.AdditiveAttention(4, 6, 8, 0.0)
+    fast = sf.AdditiveAttention(4, 6, 8, 0.0, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    ref64 = copy.deepcopy(ref).double()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 6, generator=g), torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 7, generator=g))
+    lens = torch.tensor([0, 3, 9])
+    grad_out = torch.randn(3, 2, 7, generator=g)
+
+    def run(module, dtype, autocast):
+        leaves = [t.detach().clone().to(dtype).requires_grad_() for t in (q, k, v)]
+        module.zero_grad(set_to_none=True)
+        with autocast:
+            context = module(*leaves, lens)
+        (context * grad_out.to(context.dtype)).sum().backward()
+        out = {"context": context, "weights": module.attention_weights}
+        out.update({f"grad {n}": t.grad for n, t in zip(("queries", "keys", "values"), leaves)})
+        out.update({f"grad {n}": p.grad for n, p in module.named_parameters()})
+        return {n: t.detach() for n, t in out.items()}
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    expected = run(ref, queries_dtype, autocast)
+    assert_autocast_accuracy(run(fast, queries_dtype, autocast), expected,
+                             run(ref64, torch.float64, torch.autocast("cpu", enabled=False)))
+
+
+def test_loss_of_autocast_logits_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(B, S, V, generator=g).bfloat16()
+    label = torch.randint(0, V, (B, S), generator=g)
+    lens = torch.tensor([S, 0, 2, S + 1])
+
+    def run(loss, p):
+        p = p.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = loss(p, label, lens)
+        out.sum().backward()
+        return {"loss": out.detach(), "grad pred": p.grad}
+
+    expected = run(R.MaskedSoftmaxCELoss(), pred)
+    exact = run(R.MaskedSoftmaxCELoss(), pred.double())
+    assert_autocast_accuracy(run(sf.MaskedSoftmaxCELoss(), pred), expected, exact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_beam_and_predict_run_under_autocast(backend):
+    fast, ref, ref64 = _three(backend, "cpu", seed=2)
+    src, _, src_lens, _, _ = _inputs("cpu", seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        greedy = sf.greedy_decode(fast.eval(), src, src_lens, bos=1, eos=2, max_len=6, return_attention=True)
+        beam = sf.beam_search(fast, src, src_lens, bos=1, eos=2, max_len=6, beam_size=3)
+        d2l_tokens, d2l_weights = R.predict_tokens(ref.eval(), src[1], int(src_lens[1]), 1, 2, 6)
+    # The reference's steps and those of a float64 run agree: the rounding flips no argmax here.
+    exact = sf.greedy_decode(ref64.eval(), src, src_lens, bos=1, eos=2, max_len=6, return_attention=True)
+    assert torch.equal(greedy.tokens, exact.tokens) and torch.equal(greedy.lengths, exact.lengths)
+    assert greedy.attention.dtype == d2l_weights[0].dtype == torch.bfloat16
+    assert greedy.tokens[1, :greedy.lengths[1]].tolist() == d2l_tokens
+    assert (greedy.attention.double() - exact.attention).abs().max() < 2 ** -7
+    assert beam.tokens.shape[0] == B and torch.isfinite(beam.scores[:, 0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainer_steps_under_autocast(backend):
+    fast, _, _ = _three(backend, "cpu")
+    src, tgt, src_lens, tgt_lens, _ = _inputs("cpu")
+    trainer = Seq2SeqTrainer(fast, bos=1, lr=0.01, init_weights=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [trainer.train_step((src, src_lens, tgt, tgt_lens))[0] for _ in range(3)]
+    assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+
+
+def _bfloat16_run(backend):
+    ref, fast = paired_models(V, E, H, L, dtype=torch.float32, backend=backend, seed=1)
+    ref64 = copy.deepcopy(ref).double()
+    inputs = _inputs("cpu")
+    off = torch.autocast("cpu", enabled=False)
+    expected = _run(ref.bfloat16(), inputs, off)
+    assert all(t.dtype == torch.bfloat16 for t in expected.values())
+    src, _, src_lens, _, _ = inputs
+    greedy = sf.greedy_decode(fast.bfloat16().eval(), src, src_lens, bos=1, eos=2, max_len=4, return_attention=True)
+    assert greedy.attention.dtype == torch.bfloat16
+    sf.beam_search(fast, src, src_lens, bos=1, eos=2, max_len=4, beam_size=2)
+    return _run(fast.train(), inputs, off), expected, _run(ref64, inputs, off)
+
+
+@pytest.mark.skipif("cpp" not in sf.available_backends(), reason="the float32 loop of bfloat16 models is the cpp one")
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_bfloat16_model_matches_reference(backend):
+    # .to(torch.bfloat16) without autocast: bfloat16 results as the reference's; on CPU the
+    # compiled loop runs them in float32 (dispatch._casting_backend).
+    assert_autocast_accuracy(*_bfloat16_run(backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpp"])
+def test_bfloat16_model_runs_on_the_python_loops(backend):
+    # The torch and triton loops run a bfloat16 model in bfloat16: the reference's dtypes (their
+    # gradients are not yet within 2x of the reference's error: issue #15, item 2).
+    actual, expected, _ = _bfloat16_run(backend)
+    assert {k: t.dtype for k, t in actual.items()} == {k: t.dtype for k, t in expected.items()}
+
+
+@pytest.mark.parametrize("backend", [b for b in sf.available_backends() if b != "triton"])
+def test_wrong_dtypes_are_still_rejected(backend):
+    _, fast = paired_models(V, E, H, L, dtype=torch.float32, backend=backend)
+    src, tgt, src_lens, _, _ = _inputs("cpu")
+    enc_outputs, enc_state = fast.encoder(src, src_lens)
+    bad = fast.decoder.init_state((enc_outputs.bfloat16(), enc_state), src_lens)
+    with pytest.raises(TypeError, match="enc_outputs"):  # outside autocast bfloat16 is wrong
+        fast.decoder(tgt, bad)
+    bad = fast.decoder.init_state((enc_outputs.double(), enc_state), src_lens)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="enc_outputs"):
+        fast.decoder(tgt, bad)  # autocast makes no float64
