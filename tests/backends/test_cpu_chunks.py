@@ -73,7 +73,8 @@ def test_a_small_models_trainer_step_runs_in_the_scope(threads, monkeypatch):
     _, model = paired_models(23, 8, 16, 2, dtype=torch.float32, backend="cpp")
     assert sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMETERS
     seen = []
-    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(type(Seq2SeqTrainer(model, bos=1, lr=0.01).optimizer), "step",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()))
     torch.set_num_threads(2)
     trainer = Seq2SeqTrainer(model, bos=1, lr=0.01)
     X, X_len, Y = batch(B=8)
