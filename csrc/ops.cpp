@@ -38,6 +38,8 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   //                  [3 + 3L + k]   b_hh_k        (3H,)      (GRU gate order r, z, n, as torch's)
   //                  [3 + 4L]       dense_weight  (V, H)
   //                  [4 + 4L]       dense_bias    (V,)
+  //                a dense of 0 rows (V = 0) skips the output layer: logits are (S, B, 0) (the
+  //                training path computes them inside linear_masked_ce instead)
   //   attn_mask    None or (S, B, T) scaled dropout keep-mask of the attention weights
   //   layer_mask   None or (L - 1, S, B, H) scaled keep-mask of the inputs of layers 1.. (L >= 2)
   //
