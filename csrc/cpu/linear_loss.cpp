@@ -16,10 +16,11 @@ namespace seq2seq_fast::cpu {
 namespace {
 
 // One pass over R rows of hidden (R, H) in chunks of `chunk` rows. lse (R,) is written (with nll)
-// when nll is given, else read. With scale (R,), the gradients of sum_r scale[r] * nll[r] are
-// written: gh (R, H), gW (V, H), gb (V,).
+// when `forward`, else read. With `grads`, the gradients of sum_r scale[r] * nll[r] are written:
+// gh (R, H), gW (V, H), gb (V,). (Flags, not null pointers: R = 0 makes every (R,) pointer null.)
 template <typename T>
 struct Pass {
+  bool forward, grads;
   int64_t R, H, V, chunk;
   const T* hidden;
   const T* W;
@@ -46,10 +47,10 @@ void run_chunks(const Pass<T>& p, const at::TensorOptions& opts) {
     }
     gemm<T>(false, true, n, V, H, T(1), h, H, p.W, H, T(1), y, V);
     // The chunk's rows as one sequence of n steps: row r at y + r * V.
-    if (p.nll != nullptr) {
+    if (p.forward) {
       cross_entropy_forward<T>(CeFwd{1, n, V, 0, V, y, p.label + r0, p.lse + r0, p.nll + r0});
     }
-    if (p.scale == nullptr) {
+    if (!p.grads) {
       continue;
     }
     cross_entropy_backward<T>(CeBwd{1, n, V, 0, V, y, p.label + r0, p.lse + r0, p.scale + r0, y});
@@ -57,7 +58,7 @@ void run_chunks(const Pass<T>& p, const at::TensorOptions& opts) {
     gemm<T>(true, false, V, H, n, T(1), y, V, h, H, r0 == 0 ? T(0) : T(1), p.gW, H);
     column_sums<T>(y, n, V, V, p.gb, r0 != 0);
   }
-  if (p.scale != nullptr && p.R == 0) {
+  if (p.grads && p.R == 0) {
     std::fill(p.gW, p.gW + V * H, T(0));
     std::fill(p.gb, p.gb + V, T(0));
   }
@@ -108,8 +109,9 @@ ForwardResult linear_masked_ce(const at::Tensor& hidden_in, const at::Tensor& we
     using T = scalar_t;
     const int64_t* len = lens.data_ptr<int64_t>();
     const at::Tensor scale = with_grads ? row_scales<T>(s, len, nullptr, rows.step_major, opts) : at::Tensor();
-    run_chunks<T>(Pass<T>{s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(), W.data_ptr<T>(),
-                          bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(), nll.data_ptr<T>(),
+    run_chunks<T>(Pass<T>{true, with_grads, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
+                          W.data_ptr<T>(), bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
+                          nll.data_ptr<T>(),
                           with_grads ? scale.data_ptr<T>() : nullptr,
                           with_grads ? grads->hidden.data_ptr<T>() : nullptr,
                           with_grads ? grads->weight.data_ptr<T>() : nullptr,
@@ -149,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_masked_ce_backward(
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::linear_masked_ce_backward", [&] {
     using T = scalar_t;
     const at::Tensor scale = row_scales<T>(s, lens.data_ptr<int64_t>(), g.data_ptr<T>(), rows.step_major, opts);
-    run_chunks<T>(Pass<T>{s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(), W.data_ptr<T>(),
-                          bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
+    run_chunks<T>(Pass<T>{false, true, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
+                          W.data_ptr<T>(), bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
                           nullptr, scale.data_ptr<T>(), grads.hidden.data_ptr<T>(), grads.weight.data_ptr<T>(),
                           grads.bias.data_ptr<T>()},
                   opts);

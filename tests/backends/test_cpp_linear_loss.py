@@ -99,6 +99,11 @@ def test_no_steps_gives_nan_as_d2l():
     label = torch.zeros(3, 0, dtype=torch.long)
     loss = cpp().linear_masked_ce(hidden, weight, bias, label, torch.tensor([0, 1, 2]))
     assert torch.isnan(loss).all()
+    for grad_loss in (torch.ones(3, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64).expand(3)):
+        loss = cpp().linear_masked_ce(hidden, weight, bias, label, torch.tensor([0, 1, 2]))
+        grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_loss)
+        assert grads[0].shape == (3, 0, 4)
+        assert torch.count_nonzero(grads[1]) == 0 and torch.count_nonzero(grads[2]) == 0, "no rows: zero gradients"
 
 
 def test_gradcheck_float64():
