@@ -7,6 +7,7 @@
 // Each Function saves what its backward reads in a struct of named tensors (Saved below), and
 // returns one gradient per forward argument: a Tensor[] argument counts one per element, so the
 // backward ops' grad_params map 1:1 onto params.
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -354,7 +355,12 @@ class LinearLossFunction : public torch::autograd::Function<LinearLossFunction> 
     const at::Tensor none;
     const bool uniform = g.sym_numel() == 1 || (g.sym_numel() > 1 && g.sym_stride(0) == 0);
     if (ctx->saved_data["with_grads"].toBool() && uniform) {
-      const at::Tensor c = g.select(0, 0);  // a 0-dim tensor: no host read of its value
+      const at::Tensor c = g.select(0, 0);  // a 0-dim tensor: no host read of its value but on the CPU
+      if (c.is_cpu() && !at::isTensorSubclassLike(c) && c.item<double>() == 1.0) {
+        // d2l's l.sum().backward(): the gradients as they are, which AccumulateGrad then takes
+        // over without a copy (this node's saved references are released before it runs).
+        return {s.grad_hidden, s.grad_weight, s.grad_bias, none, none, none, none};
+      }
       return {s.grad_hidden.mul(c), s.grad_weight.mul(c), s.grad_bias.mul(c), none, none, none, none};
     }
     static auto op = c10::Dispatcher::singleton()
