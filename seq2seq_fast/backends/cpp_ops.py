@@ -245,9 +245,10 @@ def masked_ce_loss(pred, label, valid_len):
     return _ops().masked_ce_loss(pred, label, valid_len)[0]
 
 
-# Values of the logits chunk that linear_masked_ce holds at once (16 MiB in float32): chunks of
-# 512 rows on an 8000-word vocabulary, large enough that each chunk's GEMMs run at full speed.
-LINEAR_LOSS_CHUNK_VALUES = 1 << 22
+# Values of the logits chunk that linear_masked_ce holds at once (8 MiB in float32): 262 rows on
+# an 8000-word vocabulary, enough for its GEMMs to run at speed. On the large benchmark setting
+# (benchmarks/train_memory.py) 2M and 4M values ran equally fast within the noise; 2M held less.
+LINEAR_LOSS_CHUNK_VALUES = 1 << 21
 
 
 def linear_loss_unsupported_reason(hidden):

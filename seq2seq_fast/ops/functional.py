@@ -153,7 +153,7 @@ def _loss_targets(label, valid_len):
 def linear_masked_ce_loss(hidden, weight, bias, label, valid_len, chunk_rows=None):
     """d2l's ``MaskedSoftmaxCELoss()(hidden @ weight.T + bias, label, valid_len)`` without holding
     the (B, S, V) logits or their gradient: they are made ``chunk_rows`` rows at a time (default:
-    about 4M values per chunk) and the gradients are computed in the same pass.
+    about 2M values per chunk) and the gradients are computed in the same pass.
 
     hidden (B, S, H) float (a (B, S, H) view of step-major memory is read in place), weight
     (V, H), bias (V,), label int (B, S) in [0, V), valid_len (B,). Returns the loss (B,),
