@@ -7,6 +7,7 @@
 // Each Function saves what its backward reads in a struct of named tensors (Saved below), and
 // returns one gradient per forward argument: a Tensor[] argument counts one per element, so the
 // backward ops' grad_params map 1:1 onto params.
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -291,10 +292,105 @@ LossOutputs masked_ce_loss_autograd(const at::Tensor& pred, const at::Tensor& la
   return {out[0], out[1]};
 }
 
+// ---- the fused output layer + loss ----------------------------------------------------------------
+// The forward also computes the gradients for grad_loss = ones when an input needs one (no second
+// pass over the vocabulary); a uniform grad_loss (stride 0: `l.sum().backward()` hands back an
+// expanded scalar, as d2l's training loop makes) scales them, any other grad_loss recomputes the
+// logits chunk by chunk in linear_masked_ce_backward.
+
+using LinearLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct LinearLossSaved : Saved<LinearLossSaved> {
+  at::Tensor hidden, weight, bias, label, valid_len, lse;  // forward arguments and lse
+  at::Tensor grad_hidden, grad_weight, grad_bias;          // for grad_loss = ones, or empty
+
+  template <typename F>
+  void each(F&& f) {
+    for (at::Tensor* t : {&hidden, &weight, &bias, &label, &valid_len, &lse, &grad_hidden, &grad_weight,
+                          &grad_bias}) {
+      f(*t);
+    }
+  }
+};
+
+const auto& linear_loss_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("seq2seq_fast::linear_masked_ce", "")
+                       .typed<LinearLossOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  return op;
+}
+
+class LinearLossFunction : public torch::autograd::Function<LinearLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& label, const at::Tensor& valid_len,
+                               int64_t chunk_rows, bool with_grads) {
+    at::Tensor loss, lse, g_hidden, g_weight, g_bias;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(loss, lse, g_hidden, g_weight, g_bias) =
+          linear_loss_op().call(hidden, weight, bias, label, valid_len, chunk_rows, with_grads);
+    }
+    ctx->mark_non_differentiable({lse, g_hidden, g_weight, g_bias});
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["with_grads"] = with_grads;
+    LinearLossSaved saved;
+    saved.hidden = hidden;
+    saved.weight = weight;
+    saved.bias = bias;
+    saved.label = label;
+    saved.valid_len = valid_len;
+    saved.lse = lse;
+    saved.grad_hidden = g_hidden;
+    saved.grad_weight = g_weight;
+    saved.grad_bias = g_bias;
+    saved.save(ctx);
+    return {loss, lse, g_hidden, g_weight, g_bias};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const LinearLossSaved s = LinearLossSaved::restore(ctx);
+    const at::Tensor& g = grads[0];
+    const at::Tensor none;
+    const bool uniform = g.sym_numel() == 1 || (g.sym_numel() > 1 && g.sym_stride(0) == 0);
+    if (ctx->saved_data["with_grads"].toBool() && uniform) {
+      const at::Tensor c = g.select(0, 0);  // a 0-dim tensor: no host read of its value but on the CPU
+      if (c.is_cpu() && !at::isTensorSubclassLike(c) && c.item<double>() == 1.0) {
+        // d2l's l.sum().backward(): the gradients as they are, which AccumulateGrad then takes
+        // over without a copy (this node's saved references are released before it runs).
+        return {s.grad_hidden, s.grad_weight, s.grad_bias, none, none, none, none};
+      }
+      return {s.grad_hidden.mul(c), s.grad_weight.mul(c), s.grad_bias.mul(c), none, none, none, none};
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("seq2seq_fast::linear_masked_ce_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+    auto [d_hidden, d_weight, d_bias] = op.call(g, s.hidden, s.weight, s.bias, s.label, s.valid_len, s.lse,
+                                                ctx->saved_data["chunk_rows"].toInt());
+    // One gradient per forward argument: hidden, weight, bias, label, valid_len, chunk_rows, with_grads.
+    return {d_hidden, d_weight, d_bias, none, none, none, none};
+  }
+};
+
+LinearLossOutputs linear_masked_ce_autograd(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+                                            const at::Tensor& label, const at::Tensor& valid_len, int64_t chunk_rows,
+                                            bool with_grads) {
+  if (!records({&hidden, &weight, &bias})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_loss_op().call(hidden, weight, bias, label, valid_len, chunk_rows, with_grads);
+  }
+  auto out = LinearLossFunction::apply(hidden, weight, bias, label, valid_len, chunk_rows, with_grads);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 }  // namespace
 }  // namespace seq2seq_fast
 
 TORCH_LIBRARY_IMPL(seq2seq_fast, Autograd, m) {
+  m.impl("linear_masked_ce", &seq2seq_fast::linear_masked_ce_autograd);
   m.impl("decoder_forward", &seq2seq_fast::decoder_forward_autograd);
   m.impl("encoder_forward", &seq2seq_fast::encoder_forward_autograd);
   m.impl("masked_ce_loss", &seq2seq_fast::masked_ce_loss_autograd);

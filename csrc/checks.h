@@ -486,6 +486,17 @@ inline DecoderWeights check_greedy_decode(const at::Tensor& enc, const at::Tenso
 
 // ---- the loss and the dropout keep-mask, for every device ------------------------------------
 
+// The targets of a loss over (B, S) rows of V classes (s: B, S, V): label (B, S) int64 ids in [0, V);
+// valid_len (B,) int64 >= 0 (values as check_values, `capturing` as there).
+inline void check_loss_targets(const at::Tensor& label, const at::Tensor& valid_len, const Sizes& s,
+                               const Placement& on, CaptureQuery capturing) {
+  check_token_layout(label, "label", on);
+  check_shape(label, "label", {s.B, s.S});
+  // Named valid_lens in messages, as the decoder's lengths (callers match on that name).
+  check_lens_layout(valid_len, "valid_len", s.B, on);
+  check_values(&label, "label", s.V, valid_len, "valid_len", capturing);
+}
+
 // masked_ce_loss(_backward)'s pred (B, S, V >= 1), whose placement `on` is (from check_reference,
 // run first so that a CUDA op can set its device guard); label (B, S) int64 ids in [0, V);
 // valid_len (B,) int64 >= 0 (values as check_values, `capturing` as there). Returns (B, S, V).
@@ -497,12 +508,51 @@ inline Sizes check_loss(const at::Tensor& pred, const at::Tensor& label, const a
   s.B = pred.size(0);
   s.S = pred.size(1);
   s.V = pred.size(2);
-  check_token_layout(label, "label", on);
-  check_shape(label, "label", {s.B, s.S});
-  // Named valid_lens in messages, as the decoder's lengths (callers match on that name).
-  check_lens_layout(valid_len, "valid_len", s.B, on);
-  check_values(&label, "label", s.V, valid_len, "valid_len", capturing);
+  check_loss_targets(label, valid_len, s, on, capturing);
   return s;
+}
+
+// linear_masked_ce(_backward)'s hidden (B, S, H >= 1), whose placement `on` is (from
+// check_reference, run first); weight (V >= 1, H), bias (V,); label and valid_len as check_loss's;
+// chunk_rows >= 1. Returns B, S, H, V.
+inline Sizes check_linear_loss(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& label, const at::Tensor& valid_len, int64_t chunk_rows,
+                               const Placement& on, CaptureQuery capturing) {
+  TORCH_CHECK_VALUE(hidden.dim() == 3 && hidden.size(2) >= 1,
+                    "seq2seq_fast: hidden must have shape (B, S, H >= 1), got ", hidden.sizes());
+  Sizes s;
+  s.B = hidden.size(0);
+  s.S = hidden.size(1);
+  s.H = hidden.size(2);
+  check_float(weight, "weight", on);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) == s.H,
+                    "seq2seq_fast: weight must have shape (V >= 1, H = ", s.H, "), got ", weight.sizes());
+  s.V = weight.size(0);
+  check_float(bias, "bias", on, {s.V});
+  TORCH_CHECK_VALUE(chunk_rows >= 1, "seq2seq_fast: chunk_rows must be >= 1, got ", chunk_rows);
+  check_loss_targets(label, valid_len, s, on, capturing);
+  return s;
+}
+
+// The rows linear_masked_ce reads, in memory order: hidden (B, S, H) as a view of step-major
+// (S, B, H) memory (the decoder's top states) stays as it is, anything else is made contiguous.
+// `hidden` is then (D0, D1, H) contiguous with (D0, D1) = (S, B) when step_major, else (B, S), and
+// `label` (D0, D1) in the same order.
+struct LinearLossRows {
+  at::Tensor hidden, label;
+  bool step_major;
+};
+
+inline LinearLossRows linear_loss_rows(const at::Tensor& hidden, const at::Tensor& label) {
+  if (!hidden.is_contiguous() && hidden.transpose(0, 1).is_contiguous()) {
+    return {hidden.transpose(0, 1), label.t().contiguous(), true};
+  }
+  return {hidden.contiguous(), label.contiguous(), false};
+}
+
+// A (D0, D1, ...) tensor in the rows' order as (B, S, ...): a view.
+inline at::Tensor batch_major(const at::Tensor& rows, bool step_major) {
+  return step_major ? rows.transpose(0, 1) : rows;
 }
 
 // The rows the loss kernels read: step-major logits (a (B, S, V) view of (S, B, V) memory, as the

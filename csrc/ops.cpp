@@ -41,6 +41,8 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   //                  [3 + 3L + k]   b_hh_k        (3H,)      (GRU gate order r, z, n, as torch's)
   //                  [3 + 4L]       dense_weight  (V, H)
   //                  [4 + 4L]       dense_bias    (V,)
+  //                a dense of 0 rows (V = 0) skips the output layer: logits are (S, B, 0) (the
+  //                training path computes them inside linear_masked_ce instead)
   //   attn_mask    None or (S, B, T) scaled dropout keep-mask of the attention weights
   //   layer_mask   None or (L - 1, S, B, H) scaled keep-mask of the inputs of layers 1.. (L >= 2)
   //
@@ -96,6 +98,24 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps) -> ()");
+  // d2l's dense output layer and MaskedSoftmaxCELoss fused, for training: logits = hidden @ W^T + b
+  // are computed chunk_rows (>= 1) rows at a time into one reused (chunk_rows, V) buffer and never
+  // held whole. hidden (B, S, H) (CPU: float32/float64; CUDA also float16/bfloat16; a (B, S, H)
+  // view of step-major (S, B, H) memory, as the decoder's top states, is read in place), weight
+  // (V >= 1, H), bias (V,); label and valid_len as masked_ce_loss's. Returns loss (B,) as
+  // masked_ce_loss's of the logits, lse (B, S) of every logits row, and, with with_grads, the
+  // gradients of hidden (laid out as hidden's memory, as masked_ce_loss_backward's), weight and
+  // bias for grad_loss = ones (B,), computed in the same pass (Liger-Kernel's trick: no second
+  // GEMM over the vocabulary); without with_grads those three are empty (0,).
+  m.def(
+      "linear_masked_ce(Tensor hidden, Tensor weight, Tensor bias, Tensor label, Tensor valid_len, int chunk_rows, "
+      "bool with_grads) -> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients of linear_masked_ce's loss for any grad_loss (B,), the logits recomputed chunk by
+  // chunk from the forward's arguments and lse: grad_hidden (laid out as hidden's memory),
+  // grad_weight (V, H), grad_bias (V,).
+  m.def(
+      "linear_masked_ce_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor bias, Tensor label, "
+      "Tensor valid_len, Tensor lse, int chunk_rows) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // ---- the encoder (d2l's Seq2SeqEncoder) ----
   // Embedding of X (B >= 1, T) int64 token ids, then a multi-layer GRU from a zero state.
   //   params      one ordered list of 1 + 4L tensors, L >= 1; its embedding fixes the call's

@@ -53,8 +53,9 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
               gi0_all.data_ptr<T>(), 3 * H);
     }
     // A small dense layer runs inside the chunks after each step (no other parallel region); a
-    // large one (its weight would evict the step weights from cache at every step) once after.
-    const bool dense_per_step = V * H <= kSmallWeightValues;
+    // large one (its weight would evict the step weights from cache at every step) once after; a
+    // dense of 0 rows not at all.
+    const bool dense_per_step = V > 0 && V * H <= kSmallWeightValues;
     // Logits of `rows` rows from `row` on, from the top layer's states after their step.
     auto dense_rows = [&](const PackedWeight<T>& dense, int64_t row, int64_t rows) {
       dense_logits<T>(dense, bias, V, st + (L - 1) * state_ld + (row + B) * H, H, rows,
@@ -93,7 +94,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
         }
       }
     });
-    if (!dense_per_step) {
+    if (!dense_per_step && V > 0) {
       dense_rows(PackedWeight<T>(true, S * B, V, H, ptr<T>(w.dense_w), H), 0, S * B);
     }
   });

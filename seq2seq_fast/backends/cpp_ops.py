@@ -130,6 +130,15 @@ def _cast(params, dtype):
     return params if dtype is None else [p.to(dtype) for p in params]
 
 
+def _dropout_rates(decoder):
+    """The decoder ops' dropout rates of ``decoder`` in its current mode (0: none)."""
+    modules = decoder._modules
+    dropout = modules["attention"]._modules["dropout"]
+    rnn = modules["rnn"]
+    return dict(attention_dropout=dropout.p if dropout.training else 0.0,
+                layer_dropout=rnn.dropout if rnn.training else 0.0)
+
+
 def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, params_dtype=None):
     """The compiled teacher-forced loop of ``Seq2SeqAttentionDecoder.forward``.
 
@@ -139,14 +148,8 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, pa
     parameter, enc_outputs, key_proj and hidden. ``params_dtype``: what the parameters are cast
     to first (the compiled loop runs a bfloat16 model in float32).
     """
-    modules = decoder._modules
-    dropout = modules["attention"]._modules["dropout"]
-    rnn = modules["rnn"]
-    return decoder_apply(
-        X, enc_outputs, hidden, valid_lens, key_proj, _cast(decoder_params(decoder), params_dtype),
-        attention_dropout=dropout.p if dropout.training else 0.0,
-        layer_dropout=rnn.dropout if rnn.training else 0.0,
-    )
+    return decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, _cast(decoder_params(decoder), params_dtype),
+                         **_dropout_rates(decoder))
 
 
 def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, attention_dropout=0.0,
@@ -155,6 +158,29 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     not look into ``nn.GRU`` modules). ``params``: the flat list of ``decoder_params``
     (embedding (V, E), W_q (H, H), w_v (1, H), w_ih, w_hh, b_ih, b_hh of each layer, dense weight
     (V, H), dense bias (V,)); the dropout rates apply as in training mode (0: none)."""
+    logits, attention, states = _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params,
+                                            attention_dropout, layer_dropout)
+    # The final state is a view of the states the op returns (the backward reads them anyway);
+    # the next call's op lays it out itself, without a copy from Python here.
+    return logits.transpose(0, 1), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
+
+
+def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+    """``decoder_forward`` without the output layer: (the top GRU layer's states (B, S, H) that
+    ``decoder.dense`` reads, a view of step-major memory; final hidden (L, B, H); attention
+    (B, S, T)). The op gets a dense of 0 rows, so it makes no logits; the dense layer's gradient
+    comes from what consumes the states (``linear_masked_ce``)."""
+    params = decoder_params(decoder)
+    weight, bias = params[-2], params[-1]
+    params[-2:] = [weight.new_empty((0, weight.shape[1])), bias.new_empty((0,))]
+    _, attention, states = _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params,
+                                       **_dropout_rates(decoder))
+    return states[-1, 1:].transpose(0, 1), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
+
+
+def _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params, attention_dropout, layer_dropout):
+    """The decoder_forward op with dropout masks drawn for the rates: (logits (S, B, V),
+    attention (S, B, T), states (L, S + 1, B, H))."""
     # The op checks every argument; the masks only need the sizes the op will check them against.
     S = X.shape[-1] if X.dim() else 0
     attn_mask = layer_mask = None
@@ -168,9 +194,7 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     keep = torch.is_grad_enabled() and _needs_grad([enc_outputs, hidden, key_proj, *params])
     logits, attention, states, _, _, _ = _ops().decoder_forward(
         X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, keep)
-    # The final state is a view of the states the op returns (the backward reads them anyway);
-    # the next call's op lays it out itself, without a copy from Python here.
-    return logits.transpose(0, 1), states.select(1, S), attention.transpose(0, 1)
+    return logits, attention, states
 
 
 def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention,
@@ -267,6 +291,37 @@ def _clip_fake(grads, theta):
     return grads[0].new_empty(())
 
 
+# Values of the logits chunk that linear_masked_ce holds at once (8 MiB in float32): 262 rows on
+# an 8000-word vocabulary, enough for its GEMMs to run at speed. On the large benchmark setting
+# (benchmarks/train_memory.py) 2M and 4M values ran equally fast within the noise; 2M held less.
+LINEAR_LOSS_CHUNK_VALUES = 1 << 21
+
+
+def linear_loss_unsupported_reason(hidden):
+    """``None`` if the fused output layer + loss can run on ``hidden``'s device and dtype, else
+    why not (on CUDA only once ``make gpu-check`` verified the cpp path there)."""
+    device = hidden.device.type
+    if device not in _LINEAR_LOSS_KERNEL_MISSING:
+        return f"the fused output layer + loss runs on CPU and CUDA, not {device}"
+    if device == "cuda" and not gpu_verified("cpp", "cuda"):
+        return "the fused output layer + loss's CUDA code has not run on a GPU yet (make gpu-check)"
+    if hidden.dtype not in (_FLOATS + _HALVES if device == "cuda" else _FLOATS):
+        return f"the fused output layer + loss runs on {device} in float32 and float64 (CUDA also float16, " \
+               f"bfloat16), not {hidden.dtype}"
+    return _LINEAR_LOSS_KERNEL_MISSING[device]
+
+
+def linear_masked_ce(hidden, weight, bias, label, valid_len, chunk_rows=None):
+    """d2l's masked softmax cross-entropy (B,) of the logits ``hidden @ weight.T + bias``, without
+    making them whole: hidden (B, S, H), weight (V, H), bias (V,), label int64 (B, S), valid_len
+    int64 (B,). Differentiable w.r.t. hidden, weight and bias; the gradients are computed in the
+    forward when one is needed (see csrc/ops.cpp)."""
+    if chunk_rows is None:
+        chunk_rows = max(1, LINEAR_LOSS_CHUNK_VALUES // max(1, weight.shape[0]))
+    with_grads = _needs_grad([hidden, weight, bias])
+    return _ops().linear_masked_ce(hidden, weight, bias, label, valid_len, chunk_rows, with_grads)[0]
+
+
 # ---- torch.library registrations ---------------------------------------------------------------------
 
 
@@ -283,6 +338,27 @@ def _loss_backward_fake(grad_loss, pred, label, valid_len, lse):
     if pred.transpose(0, 1).is_contiguous():  # step-major logits keep their layout
         return pred.new_empty((S, B, V)).transpose(0, 1)
     return pred.new_empty((B, S, V))
+
+
+def _rows_like(hidden, width):
+    """A (B, S, width) tensor laid out as the fused loss lays out hidden's rows (csrc/checks.h,
+    linear_loss_rows): step-major when hidden is a (B, S, H) view of step-major memory."""
+    B, S = hidden.shape[:2]
+    if not hidden.is_contiguous() and hidden.transpose(0, 1).is_contiguous():
+        return hidden.new_empty((S, B, width)).transpose(0, 1)
+    return hidden.new_empty((B, S, width))
+
+
+def _linear_loss_fake(hidden, weight, bias, label, valid_len, chunk_rows, with_grads):
+    B, S = hidden.shape[:2]
+    if not with_grads:
+        return hidden.new_empty((B,)), hidden.new_empty((B, S)), *(hidden.new_empty((0,)) for _ in range(3))
+    return (hidden.new_empty((B,)), hidden.new_empty((B, S)), _rows_like(hidden, hidden.shape[2]),
+            weight.new_empty(weight.shape), bias.new_empty(bias.shape))
+
+
+def _linear_loss_backward_fake(grad_loss, hidden, weight, bias, label, valid_len, lse, chunk_rows):
+    return _rows_like(hidden, hidden.shape[2]), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
 
 
 def _layers(params, fixed):
@@ -355,6 +431,12 @@ _LOSS_KERNEL_MISSING = {
         None if has_kernel("masked_ce_loss", device) else f"the C++ extension has no {device} fused loss kernel")
     for device in ("cpu", "cuda")
 }
+_LINEAR_LOSS_KERNEL_MISSING = {
+    device: _EXTENSION_ERROR or (
+        None if has_kernel("linear_masked_ce", device)
+        else f"the C++ extension has no {device} fused output layer + loss kernel")
+    for device in ("cpu", "cuda")
+}
 _KEEP_MASK_DTYPES = {
     device: dtypes for device, dtypes in (("cpu", _FLOATS), ("cuda", _FLOATS + _HALVES))
     if _EXTENSION_ERROR is None and has_kernel("keep_mask", device)
@@ -374,6 +456,8 @@ def _register():
     torch.library.register_fake(lib + "masked_ce_loss", _loss_fake)
     torch.library.register_fake(lib + "masked_ce_loss_backward", _loss_backward_fake)
     torch.library.register_fake(lib + "clip_grad_norm_", _clip_fake)
+    torch.library.register_fake(lib + "linear_masked_ce", _linear_loss_fake)
+    torch.library.register_fake(lib + "linear_masked_ce_backward", _linear_loss_backward_fake)
 
 
 _register()

@@ -5,9 +5,13 @@ from torch import nn
 
 from seq2seq_fast.modules.attention import AdditiveAttention
 from seq2seq_fast.modules.cuda_graph import graph_replay
+from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
 from seq2seq_fast.ops import functional, validation
 from seq2seq_fast.ops.dispatch import check_backend_name
 from seq2seq_fast.ops.state import DecoderState
+
+
+_LOSS = MaskedSoftmaxCELoss()  # stateless: the loss of EncoderDecoder.masked_ce_loss
 
 
 class Encoder(nn.Module):
@@ -48,6 +52,19 @@ class EncoderDecoder(nn.Module):
         enc_outputs = self.encoder(enc_X, *args)
         dec_state = self.decoder.init_state(enc_outputs, *args)
         return self.decoder(dec_X, dec_state)
+
+    def masked_ce_loss(self, enc_X, dec_X, label, valid_len, *args):
+        """d2l's ``MaskedSoftmaxCELoss()(self(enc_X, dec_X, *args)[0], label, valid_len)``, the
+        loss (B,) of a training step; with this package's decoder on the cpp backend its output
+        layer and the loss run fused, without the (B, S, V) logits (what ``Seq2SeqTrainer`` uses).
+
+        >>> net.masked_ce_loss(X, dec_input, Y, Y_valid_len, X_valid_len).sum().backward()
+        """
+        enc_outputs = self.encoder(enc_X, *args)
+        dec_state = self.decoder.init_state(enc_outputs, *args)
+        if isinstance(self.decoder, Seq2SeqAttentionDecoder):
+            return functional.decoder_masked_ce_loss(self.decoder, dec_X, dec_state, label, valid_len, _LOSS)
+        return _LOSS(self.decoder(dec_X, dec_state)[0], label, valid_len)
 
 
 class Seq2SeqEncoder(Encoder):

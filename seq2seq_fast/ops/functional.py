@@ -160,10 +160,9 @@ def masked_ce_loss(loss, pred, label, valid_len):
             return masked_ce_loss(loss, pred.float(), label, valid_len).to(dtype)
     if cpp_ops.loss_unsupported_reason(pred, loss) is None:
         # One fused pass (CPU; CUDA once verified); the op checks its arguments. Only d2l's loose inputs are made
-        # what it takes: integer labels of any width, float or (B, 1) lengths.
-        if not label.is_floating_point() and label.dtype not in (torch.int64, torch.bool) and not label.is_complex():
-            label = label.long()
-        return cpp_ops.masked_ce_loss(pred, label, validation.normalize_lengths(valid_len, "valid_len"))
+        # what it takes.
+        label, lens = _loss_targets(label, valid_len)
+        return cpp_ops.masked_ce_loss(pred, label, lens)
     validation.check_floating(pred, "pred", ndim=3)
     B, S, vocab = pred.shape
     validation.check_tokens(label, "label", vocab)
@@ -194,3 +193,51 @@ def clip_grad_norm_(grads, theta):
     if norm is None:
         norm = torch_ops.clip_grad_norm_(grads, float(theta))
     return norm
+
+
+def _loss_targets(label, valid_len):
+    """d2l's loose loss targets made what the fused ops take: integer labels of any width as
+    int64, float or (B, 1) lengths as int64 (B,)."""
+    if not label.is_floating_point() and label.dtype not in (torch.int64, torch.bool) and not label.is_complex():
+        label = label.long()
+    return label, validation.normalize_lengths(valid_len, "valid_len")
+
+
+def linear_masked_ce_loss(hidden, weight, bias, label, valid_len, chunk_rows=None):
+    """d2l's ``MaskedSoftmaxCELoss()(hidden @ weight.T + bias, label, valid_len)`` without holding
+    the (B, S, V) logits or their gradient: they are made ``chunk_rows`` rows at a time (default:
+    about 2M values per chunk) and the gradients are computed in the same pass.
+
+    hidden (B, S, H) float (a (B, S, H) view of step-major memory is read in place), weight
+    (V, H), bias (V,), label int (B, S) in [0, V), valid_len (B,). Returns the loss (B,),
+    differentiable w.r.t. hidden, weight and bias. CPU, and CUDA once verified on a GPU.
+
+    >>> dense = torch.nn.Linear(16, 10)
+    >>> h, label = torch.randn(4, 7, 16), torch.randint(0, 10, (4, 7))
+    >>> linear_masked_ce_loss(h, dense.weight, dense.bias, label, torch.tensor([7, 3, 0, 9])).shape
+    torch.Size([4])
+    """
+    validation.check_tensor(hidden, "hidden")
+    validation.check_tensor(label, "label")
+    reason = cpp_ops.linear_loss_unsupported_reason(hidden)
+    if reason is not None:
+        raise RuntimeError(f"linear_masked_ce_loss: {reason}")
+    if chunk_rows is not None:
+        validation.check_int(chunk_rows, "chunk_rows", minimum=1)
+    label, lens = _loss_targets(label, valid_len)
+    return cpp_ops.linear_masked_ce(hidden, weight, bias, label, lens, chunk_rows)
+
+
+def decoder_masked_ce_loss(decoder, X, state, label, valid_len, loss):
+    """``loss(decoder.forward(X, state)[0], label, valid_len)`` for d2l's ``MaskedSoftmaxCELoss``
+    ``loss``: on the cpp backend with the output layer and the loss fused (the logits are never
+    held whole, ``linear_masked_ce_loss``), else through the logits. Returns the loss (B,)."""
+    backend, values, hidden, lens, key_proj, _ = prepare_decoder_call(decoder, X, state)
+    dense = decoder._modules["dense"]._parameters
+    if (backend is cpp_ops and cpp_ops.linear_loss_unsupported_reason(values) is None
+            and cpp_ops.loss_unsupported_reason(values, loss) is None):
+        top, _, _ = cpp_ops.decoder_top_states(decoder, X, values, hidden, lens, key_proj)
+        validation.check_tensor(label, "label")
+        label, lens = _loss_targets(label, valid_len)
+        return cpp_ops.linear_masked_ce(top, dense["weight"], dense["bias"], label, lens)
+    return masked_ce_loss(loss, decoder_forward(decoder, X, state)[0], label, valid_len)

@@ -14,6 +14,7 @@ from torch import nn
 
 from seq2seq_fast.backends import cpp_ops
 from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
+from seq2seq_fast.modules.seq2seq import EncoderDecoder
 from seq2seq_fast.ops import functional, validation
 from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
 from seq2seq_fast.tools.extras import optional_import
@@ -186,8 +187,13 @@ class Seq2SeqTrainer:
         self.optimizer.zero_grad()
         bos = torch.full((Y.shape[0], 1), self.bos, dtype=Y.dtype, device=self.device)
         dec_input = torch.cat([bos, Y[:, :-1]], 1)
-        Y_hat, _ = self.net(X, dec_input, X_valid_len)
-        l = self.loss(Y_hat, Y, Y_valid_len)
+        fusable = isinstance(self.module, EncoderDecoder) and type(self.module).forward is EncoderDecoder.forward
+        if fusable and not self.ddp:
+            # The output layer and the loss fused (on the cpp backend): no (B, S, V) logits.
+            l = self.module.masked_ce_loss(X, dec_input, Y, Y_valid_len, X_valid_len)
+        else:
+            Y_hat, _ = self.net(X, dec_input, X_valid_len)
+            l = self.loss(Y_hat, Y, Y_valid_len)
         (l.sum() * self.world_size if self.world_size > 1 else l.sum()).backward()
         grad_clipping(self.module, self.clip_theta)
         self.optimizer.step()

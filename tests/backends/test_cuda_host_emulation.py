@@ -393,8 +393,8 @@ def build(out, library, kernels):
 
     (out / "cuda").mkdir()
     used = [0] * len(REWRITES)
-    for name in ("cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/loss.cpp", "cuda/dropout.cpp", "cuda/stream.h",
-                 "cuda/kernels.h", "checks.h", "random.h"):
+    for name in ("cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/loss.cpp", "cuda/linear_loss.cpp", "cuda/dropout.cpp",
+                 "cuda/stream.h", "cuda/kernels.h", "checks.h", "random.h"):
         with open(os.path.join(ROOT, "csrc", name)) as f:
             text = rewrite(f.read(), used).replace("seq2seq_fast_emu,", f"{library},")
         (out / name).write_text(text)
@@ -415,7 +415,7 @@ def build(out, library, kernels):
     includes += [os.path.join(p, "nvidia", sub, "include") for p in sys.path for sub in ("cu13", "cu12")
                  if os.path.isdir(os.path.join(p, "nvidia", sub, "include"))]
     sources = [str(out / n) for n in ("ops_emu.cpp", "cuda/decoder.cpp", "cuda/encoder.cpp", "cuda/loss.cpp",
-                                      "cuda/dropout.cpp", "launchers.cpp")]
+                                      "cuda/linear_loss.cpp", "cuda/dropout.cpp", "launchers.cpp")]
     load(name=library, sources=sources, extra_include_paths=includes, extra_cflags=["-O1", "-std=c++20", "-pthread"],
          extra_ldflags=["-pthread"], build_directory=str(out), is_python_module=False)
     return getattr(torch.ops, library)
@@ -533,6 +533,36 @@ def check_loss_and_keep_mask(emu, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_loss_and_keep_mask_host_code_match_cpu_ops(emu, dtype):
     check_loss_and_keep_mask(emu, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_linear_loss_host_code_matches_cpu_op(emu, dtype):
+    """The CUDA fused output layer + loss (ATen row ops on chunks) equals the CPU op: loss, lse and
+    every gradient, made in the forward and recomputed, both layouts, chunks around the row count."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_cpp_linear_loss import SHAPES, case
+
+    cpu = torch.ops.seq2seq_fast
+    for (B, S, H, V, chunk), layout in itertools.product(SHAPES + [(3, 0, 4, 5, 2)], ["contiguous", "step-major"]):
+        hidden, weight, bias, label, valid_len = (t.detach() for t in case(B, S, H, V, dtype, layout))
+        tag = f"B{B}-S{S}-H{H}-V{V}-chunk{chunk} {layout}"
+        expected = cpu.linear_masked_ce(hidden, weight, bias, label, valid_len, chunk, True)
+        actual = emu.linear_masked_ce(hidden, weight, bias, label, valid_len, chunk, True)
+        names = ("loss", "lse", "grad_hidden", "grad_weight", "grad_bias")
+        for name, a, e in zip(names, actual, expected):
+            torch.testing.assert_close(a, e, equal_nan=True, msg=lambda m: f"{tag}: {name}: {m}")
+        assert actual[2].stride() == expected[2].stride(), f"{tag}: grad_hidden keeps hidden's layout"
+        grad = torch.randn(B, dtype=dtype)
+        e_grads = cpu.linear_masked_ce_backward(grad, hidden, weight, bias, label, valid_len, expected[1], chunk)
+        a_grads = emu.linear_masked_ce_backward(grad, hidden, weight, bias, label, valid_len, actual[1], chunk)
+        for name, a, e in zip(names[2:], a_grads, e_grads):
+            torch.testing.assert_close(a, e, msg=lambda m: f"{tag} backward: {name}: {m}")
+        without = emu.linear_masked_ce(hidden, weight, bias, label, valid_len, chunk, False)
+        torch.testing.assert_close(without[0], expected[0], equal_nan=True)
+        assert all(t.shape == (0,) for t in without[2:])
+    hidden, weight, bias, label, valid_len = (t.detach() for t in case(3, 4, 5, 7, dtype, "contiguous"))
+    with pytest.raises(IndexError, match="label holds token id 7"):
+        emu.linear_masked_ce(hidden, weight, bias, torch.full_like(label, 7), valid_len, 2, False)
 
 
 def test_loss_and_keep_mask_kernels_run_on_cpu_threads_match_cpu_ops(emu_kernels):

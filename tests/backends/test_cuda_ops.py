@@ -25,7 +25,7 @@ def gpu(test):
 
 
 OPS = ("decoder_forward", "decoder_backward", "greedy_decode", "encoder_forward", "encoder_backward",
-       "masked_ce_loss", "masked_ce_loss_backward", "keep_mask")
+       "masked_ce_loss", "masked_ce_loss_backward", "linear_masked_ce", "linear_masked_ce_backward", "keep_mask")
 VOCAB, EMBED, BOS, EOS = 13, 6, 1, 2
 # dtype: (atol, rtol) of the CUDA op against the CPU op / the reference in the same dtype.
 TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-4, 1e-3)}

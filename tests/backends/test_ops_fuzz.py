@@ -320,6 +320,39 @@ def set_cpu_threads_cases():
     return [("valid", [0], "work"), ("two", [2], "work"), ("negative", [-1], "raise"), ("huge", [10**6], "raise"),
             ("float", [1.5], "raise"), ("tensor", [torch.zeros(2)], "raise"), ("none", [], "raise"),
             ("reset", [0], "work")]
+def linear_loss_input_cases(args, offset):
+    """Malformed hidden, weight, bias, label, valid_len, chunk_rows at args[offset:offset + 6]."""
+    hidden, weight, bias, label, valid_len = args[offset:offset + 5]
+    cases = [("hidden-step-major", replace(args, offset, hidden.transpose(0, 1).contiguous().transpose(0, 1)),
+              "work"), ("hidden-H0", replace(args, offset, hidden[..., :0]), "raise"),
+             ("weight-V0", replace(replace(args, offset + 1, weight[:0]), offset + 2, bias[:0]), "raise")]
+    for i, (name, t) in enumerate((("hidden", hidden), ("weight", weight), ("bias", bias))):
+        cases += [(n, replace(args, offset + i, bad), e) for n, bad, e in tensor_cases(name, t)]
+    cases += [(n, replace(args, offset + 3, t), e) for n, t, e in token_cases("label", label, V)]
+    cases += [(n, replace(args, offset + 4, t), e) for n, t, e in lens_cases(valid_len) if n != "valid_lens-none"]
+    cases += [("valid_len-none", replace(args, offset + 4, None), "raise"),
+              ("chunk_rows-0", replace(args, offset + 5, 0), "raise"),
+              ("chunk_rows-negative", replace(args, offset + 5, -1), "raise"),
+              ("chunk_rows-huge", replace(args, offset + 5, 2 ** 40), "work")]
+    return cases
+
+
+def linear_masked_ce_cases():
+    args = [rnd(B, S, H), rnd(V, H), rnd(V), torch.randint(0, V, (B, S)), torch.tensor([1, 2]), 2, True]
+    return [("valid", args, "work"), ("no-grads", replace(args, 6, False), "work")] + linear_loss_input_cases(args, 0)
+
+
+def linear_masked_ce_backward_cases():
+    hidden, weight, bias, label, valid_len = rnd(B, S, H), rnd(V, H), rnd(V), torch.randint(0, V, (B, S)), \
+        torch.tensor([1, 2])
+    _, lse, *_ = torch.ops.seq2seq_fast.linear_masked_ce(hidden, weight, bias, label, valid_len, 2, False)
+    args = [rnd(B), hidden, weight, bias, label, valid_len, lse, 2]
+    cases = [("valid", args, "work")]
+    cases += [(n, a[:6] + [lse] + a[6:], e)
+              for n, a, e in linear_loss_input_cases(args[:6] + args[7:], 1)]
+    cases += [(n, replace(args, 0, t), e) for n, t, e in tensor_cases("grad_loss", args[0])]
+    cases += [(n, replace(args, 6, t), e) for n, t, e in tensor_cases("lse", lse)]
+    return cases
 
 
 def cache_cases():
@@ -337,6 +370,8 @@ CASES = {
     "masked_ce_loss_backward": masked_ce_loss_backward_cases,
     "clip_grad_norm_": clip_grad_norm_cases,
     "set_cpu_threads": set_cpu_threads_cases,
+    "linear_masked_ce": linear_masked_ce_cases,
+    "linear_masked_ce_backward": linear_masked_ce_backward_cases,
     "cpu_cache_bytes": cache_cases,
     "release_cpu_cache": cache_cases,
 }

@@ -181,3 +181,37 @@ def test_fit_needs_a_stopping_rule():
         trainer.fit(task.train_iter, max_steps=2.5)
     with pytest.raises(ValueError, match="num_epochs"):
         trainer.fit(task.train_iter, num_epochs=-1)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_output_layer_and_loss_step_equals_the_logits_step(dropout, monkeypatch):
+    """On the cpp backend the trainer runs the output layer and the loss fused (no logits); its
+    loss and update equal those of the model's forward + MaskedSoftmaxCELoss (the same dropout
+    draws: the fused path draws its masks as the forward does)."""
+    task = _task(num_train=16)
+    torch.manual_seed(0)
+    fused = _model(task, dropout=dropout, backend="cpp")
+    trainer = Seq2SeqTrainer(fused, bos=task.tgt_vocab["<bos>"], lr=0.01)
+    plain = _model(task, dropout=dropout, backend="cpp")
+    plain.load_state_dict(fused.state_dict())
+    optimizer = torch.optim.Adam(plain.parameters(), lr=0.01)
+    batch = next(iter(task.train_iter))
+    from seq2seq_fast.backends import cpp_ops
+
+    calls = []
+    fused_op = cpp_ops.linear_masked_ce
+    monkeypatch.setattr(cpp_ops, "linear_masked_ce", lambda *args, **kw: calls.append(1) or fused_op(*args, **kw))
+    torch.manual_seed(4)
+    loss, _ = trainer.train_step(batch)
+    assert calls, "the trainer took the fused path"
+    X, X_len, Y, Y_len = batch
+    plain.train()
+    torch.manual_seed(4)
+    dec_input = torch.cat([torch.full((Y.shape[0], 1), trainer.bos), Y[:, :-1]], 1)
+    l = trainer.loss(plain(X, dec_input, X_len)[0], Y, Y_len)
+    l.sum().backward()
+    R.grad_clipping(plain, 1)
+    optimizer.step()
+    torch.testing.assert_close(loss, l.detach().sum(), atol=1e-10, rtol=1e-9)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[name], value, atol=1e-10, rtol=1e-8, msg=f"parameter {name}")

@@ -1,0 +1,169 @@
+// d2l's dense output layer and MaskedSoftmaxCELoss fused on CPU: the logits hidden @ W^T + b are
+// made chunk_rows rows at a time in one reused buffer (one BLAS GEMM per chunk), each chunk's
+// log-sum-exp and picked logit are taken with the loss's row kernel (csrc/cpu/rows.h), and, for
+// the gradients, the buffer is turned in place into scale * (softmax - one_hot) and multiplied
+// back: grad_hidden = G @ W, grad_W += G^T @ hidden, grad_b += column sums of G. Memory:
+// O(chunk_rows * V) instead of the (B, S, V) logits and their gradient. Rows are walked in
+// hidden's memory order (csrc/checks.h, linear_loss_rows).
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/gemm.h"
+#include "cpu/rows.h"
+#include "cpu/workspace.h"
+
+namespace seq2seq_fast::cpu {
+namespace {
+
+// One pass over R rows of hidden (R, H) in chunks of `chunk` rows. lse (R,) is written (with nll)
+// when `forward`, else read. With `grads`, the gradients of sum_r scale[r] * nll[r] are written:
+// gh (R, H), gW (V, H), gb (V,). (Flags, not null pointers: R = 0 makes every (R,) pointer null.)
+template <typename T>
+struct Pass {
+  bool forward, grads;
+  int64_t R, H, V, chunk;
+  const T* hidden;
+  const T* W;
+  const T* bias;
+  const int64_t* label;
+  T* lse;
+  T* nll;
+  const T* scale;
+  T* gh;
+  T* gW;
+  T* gb;
+};
+
+template <typename T>
+void run_chunks(const Pass<T>& p, const at::TensorOptions& opts) {
+  const int64_t V = p.V, H = p.H;
+  at::Tensor buf = cpu::empty({std::min(p.chunk, p.R), V}, opts);
+  T* y = buf.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < p.R; r0 += p.chunk) {
+    const int64_t n = std::min(p.chunk, p.R - r0);
+    const T* h = p.hidden + r0 * H;
+    for (int64_t r = 0; r < n; ++r) {
+      std::copy(p.bias, p.bias + V, y + r * V);
+    }
+    gemm<T>(false, true, n, V, H, T(1), h, H, p.W, H, T(1), y, V);
+    // The chunk's rows as one sequence of n steps: row r at y + r * V.
+    if (p.forward) {
+      cross_entropy_forward<T>(CeFwd{1, n, V, 0, V, y, p.label + r0, p.lse + r0, p.nll + r0});
+    }
+    if (!p.grads) {
+      continue;
+    }
+    cross_entropy_backward<T>(CeBwd{1, n, V, 0, V, y, p.label + r0, p.lse + r0, p.scale + r0, y});
+    gemm<T>(false, false, n, H, V, T(1), y, V, p.W, H, T(0), p.gh + r0 * H, H);
+    gemm<T>(true, false, V, H, n, T(1), y, V, h, H, r0 == 0 ? T(0) : T(1), p.gW, H);
+    column_sums<T>(y, n, V, V, p.gb, r0 != 0);
+  }
+  if (p.grads && p.R == 0) {
+    std::fill(p.gW, p.gW + V * H, T(0));
+    std::fill(p.gb, p.gb + V, T(0));
+  }
+}
+
+// scale of row (b, s) in the rows' order: g[b] / S for s < valid_len[b] (g = 1 without grad_loss), else 0.
+template <typename T>
+at::Tensor row_scales(const Sizes& s, const int64_t* len, const T* g, bool step_major, const at::TensorOptions& opts) {
+  at::Tensor scale = cpu::empty({s.B * s.S}, opts);
+  T* sc = scale.data_ptr<T>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t t = 0; t < s.S; ++t) {
+      sc[step_major ? t * s.B + b : b * s.S + t] =
+          t < len[b] ? (g != nullptr ? g[b] : T(1)) / static_cast<T>(s.S) : T(0);
+    }
+  }
+  return scale;
+}
+
+// Gradient tensors in the rows' order: grad_hidden (D0, D1, H) (returned as hidden's (B, S, H)
+// view), grad_weight (V, H), grad_bias (V,).
+struct Grads {
+  at::Tensor hidden, weight, bias;
+
+  Grads(const Sizes& s, bool step_major, const at::TensorOptions& opts)
+      : hidden(step_major ? cpu::empty({s.S, s.B, s.H}, opts) : cpu::empty({s.B, s.S, s.H}, opts)),
+        weight(cpu::empty({s.V, s.H}, opts)),
+        bias(cpu::empty({s.V}, opts)) {}
+};
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult linear_masked_ce(const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+                               const at::Tensor& label_in, const at::Tensor& valid_len_in, int64_t chunk_rows,
+                               bool with_grads) {
+  const Placement on = check_reference(hidden_in, "hidden", at::kCPU, kCpuFloats);
+  const Sizes s = check_linear_loss(hidden_in, weight_in, bias_in, label_in, valid_len_in, chunk_rows, on, nullptr);
+  const LinearLossRows rows = linear_loss_rows(hidden_in, label_in);
+  const at::Tensor W = weight_in.contiguous(), bias = bias_in.contiguous(), lens = valid_len_in.contiguous();
+  const auto opts = rows.hidden.options();
+  at::Tensor lse = cpu::empty({s.B * s.S}, opts), nll = cpu::empty({s.B * s.S}, opts);
+  at::Tensor loss = cpu::empty({s.B}, opts);
+  c10::optional<Grads> grads;
+  if (with_grads) {
+    grads.emplace(s, rows.step_major, opts);
+  }
+  AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::linear_masked_ce", [&] {
+    using T = scalar_t;
+    const int64_t* len = lens.data_ptr<int64_t>();
+    const at::Tensor scale = with_grads ? row_scales<T>(s, len, nullptr, rows.step_major, opts) : at::Tensor();
+    run_chunks<T>(Pass<T>{true, with_grads, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
+                          W.data_ptr<T>(), bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
+                          nll.data_ptr<T>(),
+                          with_grads ? scale.data_ptr<T>() : nullptr,
+                          with_grads ? grads->hidden.data_ptr<T>() : nullptr,
+                          with_grads ? grads->weight.data_ptr<T>() : nullptr,
+                          with_grads ? grads->bias.data_ptr<T>() : nullptr},
+                  opts);
+    const T* n = nll.data_ptr<T>();
+    T* out = loss.data_ptr<T>();
+    for (int64_t b = 0; b < s.B; ++b) {
+      const int64_t kept = std::min(len[b], s.S);
+      T sum = 0;
+      for (int64_t t = 0; t < kept; ++t) {
+        sum += n[rows.step_major ? t * s.B + b : b * s.S + t];
+      }
+      out[b] = sum / static_cast<T>(s.S);  // S = 0: 0 / 0, NaN, as d2l's mean of nothing
+    }
+  });
+  const at::Tensor lse_rows = rows.step_major ? lse.view({s.S, s.B}) : lse.view({s.B, s.S});
+  lse = batch_major(lse_rows, rows.step_major).contiguous();
+  if (!with_grads) {
+    return {loss, lse, cpu::empty({0}, opts), cpu::empty({0}, opts), cpu::empty({0}, opts)};
+  }
+  return {loss, lse, batch_major(grads->hidden, rows.step_major), grads->weight, grads->bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_masked_ce_backward(
+    const at::Tensor& grad_loss, const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+    const at::Tensor& label_in, const at::Tensor& valid_len_in, const at::Tensor& lse_in, int64_t chunk_rows) {
+  const Placement on = check_reference(hidden_in, "hidden", at::kCPU, kCpuFloats);
+  const Sizes s = check_linear_loss(hidden_in, weight_in, bias_in, label_in, valid_len_in, chunk_rows, on, nullptr);
+  check_loss_backward(s, grad_loss, lse_in, on);
+  const LinearLossRows rows = linear_loss_rows(hidden_in, label_in);
+  const at::Tensor W = weight_in.contiguous(), bias = bias_in.contiguous(), lens = valid_len_in.contiguous();
+  const at::Tensor g = grad_loss.contiguous();
+  const at::Tensor lse = (rows.step_major ? lse_in.t() : lse_in).contiguous();  // in the rows' order
+  const auto opts = rows.hidden.options();
+  Grads grads(s, rows.step_major, opts);
+  AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::linear_masked_ce_backward", [&] {
+    using T = scalar_t;
+    const at::Tensor scale = row_scales<T>(s, lens.data_ptr<int64_t>(), g.data_ptr<T>(), rows.step_major, opts);
+    run_chunks<T>(Pass<T>{false, true, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
+                          W.data_ptr<T>(), bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
+                          nullptr, scale.data_ptr<T>(), grads.hidden.data_ptr<T>(), grads.weight.data_ptr<T>(),
+                          grads.bias.data_ptr<T>()},
+                  opts);
+  });
+  return {batch_major(grads.hidden, rows.step_major), grads.weight, grads.bias};
+}
+
+}  // namespace
+}  // namespace seq2seq_fast::cpu
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CPU, m) {
+  m.impl("linear_masked_ce", &seq2seq_fast::cpu::linear_masked_ce);
+  m.impl("linear_masked_ce_backward", &seq2seq_fast::cpu::linear_masked_ce_backward);
+}
