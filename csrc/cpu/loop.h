@@ -79,9 +79,12 @@ void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values,
   // faster unsplit (3.2-3.4x the reference step by step against 2.6-3.3x split 32 + 32, five
   // rounds of benchmarks/call_overhead.py on 2 threads).
   constexpr double kChunkFlops = 4e6;
-  // Two chunks per thread, claimed as threads come free: a thread that shares its core with
-  // another process takes fewer, instead of the call waiting for its fixed share.
-  constexpr int64_t kChunksPerThread = 2;
+  // One chunk per thread, claimed as threads come free: a thread that starts late (a busy core)
+  // finds its chunk taken by one that finished. Two per thread, 16 rows each on d2l's zh step,
+  // made a quiet 2-core VM's 2-thread step 1.8-2.0x its 1-thread step (the chunk's GEMMs
+  // slower, each worker wake-up paid twice), one per thread 1.04-1.06x
+  // (benchmarks/contention.py, nine rounds each).
+  constexpr int64_t kChunksPerThread = 1;
   if (step_weight_values > kSmallWeightValues) {
     f(int64_t(0), B);
     return;

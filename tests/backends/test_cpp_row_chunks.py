@@ -1,7 +1,7 @@
-"""The compiled CPU loops split the batch into chunks of rows, up to two per thread, claimed by
-the threads as they come free (``for_row_chunks`` in csrc/cpu/loop.h, csrc/cpu/chunks.h): with
+"""The compiled CPU loops split the batch into chunks of rows, one per thread, claimed by the
+threads as they come free (``for_row_chunks`` in csrc/cpu/loop.h, csrc/cpu/chunks.h): with
 two threads and batches big enough to split (each chunk gets at least 8 rows and 4 MFLOP; the
-sizes below give two to four chunks in every op), outputs, every gradient, dropout and greedy
+sizes below give two chunks of 45 rows in every op), outputs, every gradient, dropout and greedy
 tokens still equal the reference row for row."""
 import pytest
 import torch
