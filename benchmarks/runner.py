@@ -41,6 +41,7 @@ from seq2seq_fast.ops.dispatch import BACKEND_NAMES  # noqa: E402
 import attention_bench as A  # noqa: E402
 import chapter_bench  # noqa: E402
 import contention  # noqa: E402
+import train_memory  # noqa: E402
 import report  # noqa: E402
 import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
@@ -67,8 +68,8 @@ implementations:
 RUNS = """\
 make bench:      --configs zh,large, every workload, --impls reference,reference+compile,hoisted+compile,best;
                  the book end to end: train_seq2seq over 10 epochs, predict_seq2seq
-make bench-full: --full: every configuration, workload and implementation, the training step's memory,
-                 the book end to end over 250 epochs, and --contend"""
+make bench-full: --full: every configuration, workload and implementation, the training step's memory
+                 (and the fused output layer's, large setting), the book end to end over 250 epochs, and --contend"""
 
 CHAPTER_EPOCHS = {"default": 10, "full": 250}
 
@@ -259,6 +260,10 @@ def main(argv=None):
     if not args.no_chapter and not args.smoke and torch.device(args.device).type == "cpu":
         epochs = args.chapter_epochs or CHAPTER_EPOCHS["full" if args.full else "default"]
         rows += chapter_bench.chapter_rows(epochs, rounds=3, log=lambda group: log(report.table(group)))
+    fused = None
+    if memory and not args.smoke and "large" in model["configs"]:
+        fused = train_memory.fused_comparison("large", args.device, rounds=3, per_round=2)
+        log(train_memory.table(fused))
     contended = []
     if (args.full if args.contend is None else args.contend) and torch.device(args.device).type == "cpu":
         contended = contention.contention_rows(["reference", "cpp", "trainer"], rounds=9, log=log)
@@ -269,7 +274,8 @@ def main(argv=None):
              + "; ".join(f"{r['section']} {r['config']} {r['workload']} {r['impl']}" for r in below))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(machine=info, plan=plan, rows=rows, contention=contended, seconds=elapsed, under_floor=len(below),
+        json.dump(dict(machine=info, plan=plan, rows=rows, contention=contended, fused_output_layer=fused,
+                       seconds=elapsed, under_floor=len(below),
                        configs={n: c.as_dict() for n, c in configs.items()}, attention_shapes=shapes), f, indent=2)
     tables = [(title, [r for r in rows if r["section"] == section])
               for section, title in (("model", "The whole model"), ("attention", "Attention alone"),
@@ -281,6 +287,8 @@ def main(argv=None):
         for title, part in tables:
             if part:
                 f.write(f"\n## {title}\n\n{report.table(part, markdown=True)}\n")
+        if fused:
+            f.write(f"\n## The fused output layer + loss (training step)\n\n```\n{train_memory.table(fused)}\n```\n")
         if contended:
             f.write(f"\n## A busy machine (zh training step)\n\n```\n{contention.table(contended)}\n```\n")
         f.write(f"\n{check}. Run took {elapsed:.0f} s.\n")

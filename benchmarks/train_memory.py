@@ -115,16 +115,27 @@ def main():
     if args.memory_child:
         _memory_child(args.memory_child, args.config, args.device, args.chunk_values)
         return
-    mem = {v: step_memory(v, args.config, args.device, args.chunk_values) for v in VARIANTS}
-    ms = step_times(args.config, args.device, args.rounds, args.per_round, args.chunk_values)
-    mib = {v: mem[v]["step_bytes"] / 2 ** 20 for v in VARIANTS}
-    print(f"{args.config} train step on {args.device}: step MiB (peak MiB), median ms")
-    for v in VARIANTS:
-        print(f"  {v:15s} {mib[v]:8.1f} ({mem[v]['peak_bytes'] / 2 ** 20:.0f})  {ms[v]:9.1f}")
-    print(f"  fused / unfused: memory {mib['fused'] / max(mib['unfused'], 1e-9):.2f}, "
-          f"time {ms['fused'] / ms['unfused']:.2f}")
-    print(json.dumps(dict(config=args.config, device=args.device, chunk_values=args.chunk_values, step_mib=mib,
-                          median_ms=ms)))
+    result = fused_comparison(args.config, args.device, args.rounds, args.per_round, args.chunk_values)
+    print(table(result))
+    print(json.dumps(result))
+
+
+def fused_comparison(config, device, rounds=5, per_round=3, chunk_values=0):
+    """Every variant's step memory (a subprocess each) and median time (interleaved)."""
+    mem = {v: step_memory(v, config, device, chunk_values) for v in VARIANTS}
+    ms = step_times(config, device, rounds, per_round, chunk_values)
+    return dict(config=config, device=device, chunk_values=chunk_values,
+                step_mib={v: mem[v]["step_bytes"] / 2 ** 20 for v in VARIANTS},
+                peak_mib={v: mem[v]["peak_bytes"] / 2 ** 20 for v in VARIANTS}, median_ms=ms)
+
+
+def table(result):
+    mib, ms = result["step_mib"], result["median_ms"]
+    lines = [f"{result['config']} train step on {result['device']}: step MiB (peak MiB), median ms"]
+    lines += [f"  {v:15s} {mib[v]:8.1f} ({result['peak_mib'][v]:.0f})  {ms[v]:9.1f}" for v in VARIANTS]
+    lines.append(f"  fused / unfused: memory {mib['fused'] / max(mib['unfused'], 1e-9):.2f}, "
+                 f"time {ms['fused'] / ms['unfused']:.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,14 @@ def test_competing_process_is_killed_on_exit():
     with contention.competing_process() as busy:
         assert busy.poll() is None
     assert busy.poll() is not None
+
+
+def test_fused_output_layer_table_gives_the_ratios():
+    import train_memory
+
+    result = dict(config="large", device="cpu", chunk_values=0,
+                  step_mib={"unfused": 400.0, "fused": 300.0, "fused-recompute": 310.0},
+                  peak_mib={"unfused": 1100.0, "fused": 1000.0, "fused-recompute": 1010.0},
+                  median_ms={"unfused": 1200.0, "fused": 1188.0, "fused-recompute": 1500.0})
+    text = train_memory.table(result)
+    assert "fused / unfused: memory 0.75, time 0.99" in text and text.count("\n") == 4
