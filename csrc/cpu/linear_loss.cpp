@@ -117,16 +117,7 @@ ForwardResult linear_masked_ce(const at::Tensor& hidden_in, const at::Tensor& we
                           with_grads ? grads->weight.data_ptr<T>() : nullptr,
                           with_grads ? grads->bias.data_ptr<T>() : nullptr},
                   opts);
-    const T* n = nll.data_ptr<T>();
-    T* out = loss.data_ptr<T>();
-    for (int64_t b = 0; b < s.B; ++b) {
-      const int64_t kept = std::min(len[b], s.S);
-      T sum = 0;
-      for (int64_t t = 0; t < kept; ++t) {
-        sum += n[rows.step_major ? t * s.B + b : b * s.S + t];
-      }
-      out[b] = sum / static_cast<T>(s.S);  // S = 0: 0 / 0, NaN, as d2l's mean of nothing
-    }
+    masked_sequence_means<T>(nll.data_ptr<T>(), len, s.B, s.S, rows.step_major, loss.data_ptr<T>());
   });
   const at::Tensor lse_rows = rows.step_major ? lse.view({s.S, s.B}) : lse.view({s.B, s.S});
   lse = batch_major(lse_rows, rows.step_major).contiguous();

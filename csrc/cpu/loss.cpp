@@ -23,17 +23,7 @@ std::tuple<at::Tensor, at::Tensor> masked_ce_loss(const at::Tensor& pred_in, con
     using T = scalar_t;
     cross_entropy_forward<T>(CeFwd{s.B, s.S, s.V, pred.stride(0), pred.stride(1), pred.data_ptr<T>(),
                                    label.data_ptr<int64_t>(), lse.data_ptr<T>(), nll.data_ptr<T>()});
-    const T* n = nll.data_ptr<T>();
-    const int64_t* len = lens.data_ptr<int64_t>();
-    T* out = loss.data_ptr<T>();
-    for (int64_t b = 0; b < s.B; ++b) {
-      const int64_t kept = std::min(len[b], s.S);
-      T sum = 0;
-      for (int64_t t = 0; t < kept; ++t) {
-        sum += n[b * s.S + t];
-      }
-      out[b] = sum / static_cast<T>(s.S);  // S = 0: 0 / 0, NaN, as d2l's mean of nothing
-    }
+    masked_sequence_means<T>(nll.data_ptr<T>(), lens.data_ptr<int64_t>(), s.B, s.S, false, loss.data_ptr<T>());
   });
   return {loss, lse};
 }

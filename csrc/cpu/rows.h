@@ -159,4 +159,19 @@ void scatter_add_rows(T* table, int64_t width, const int64_t* ids, int64_t count
   }
 }
 
+// d2l's MaskedSoftmaxCELoss from per-row losses: out[b] = (1 / S) * sum over t < min(len[b], S)
+// of nll(b, t), the row of (b, t) at t * B + b when step_major, else b * S + t. S = 0 gives
+// 0 / 0, NaN, as d2l's mean of nothing.
+template <typename T>
+void masked_sequence_means(const T* nll, const int64_t* len, int64_t B, int64_t S, bool step_major, T* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t kept = std::min(len[b], S);
+    T sum = 0;
+    for (int64_t t = 0; t < kept; ++t) {
+      sum += nll[step_major ? t * B + b : b * S + t];
+    }
+    out[b] = sum / static_cast<T>(S);
+  }
+}
+
 }  // namespace seq2seq_fast::cpu

@@ -236,16 +236,12 @@ def loss_unsupported_reason(pred, loss_module):
     """``None`` if the fused op can compute ``loss_module``'s loss of ``pred``, else why not. On
     CUDA only once ``make gpu-check`` verified the cpp path there (MaskedSoftmaxCELoss has no
     backend argument: it is always "auto")."""
-    device = pred.device.type
-    if device not in _LOSS_KERNEL_MISSING:
-        return f"the fused loss runs on CPU and CUDA, not {device}"
-    if device == "cuda" and not gpu_verified("cpp", "cuda"):
-        return "the fused loss's CUDA kernel has not run on a GPU yet (make gpu-check)"
-    if pred.dtype not in (_FLOATS + _HALVES if device == "cuda" else _FLOATS):
-        return f"the fused loss runs on {device} in float32 and float64 (CUDA also float16, bfloat16), not {pred.dtype}"
+    reason = _fused_reason("the fused loss", pred, _LOSS_KERNEL_MISSING)
+    if reason is not None:
+        return reason
     if loss_module.weight is not None or loss_module.label_smoothing != 0 or loss_module.ignore_index >= 0:
         return "the fused loss has no class weights, label smoothing or ignored class"
-    return _LOSS_KERNEL_MISSING[device]
+    return None
 
 
 def masked_ce_loss(pred, label, valid_len):
@@ -300,15 +296,21 @@ LINEAR_LOSS_CHUNK_VALUES = 1 << 21
 def linear_loss_unsupported_reason(hidden):
     """``None`` if the fused output layer + loss can run on ``hidden``'s device and dtype, else
     why not (on CUDA only once ``make gpu-check`` verified the cpp path there)."""
-    device = hidden.device.type
-    if device not in _LINEAR_LOSS_KERNEL_MISSING:
-        return f"the fused output layer + loss runs on CPU and CUDA, not {device}"
+    return _fused_reason("the fused output layer + loss", hidden, _LINEAR_LOSS_KERNEL_MISSING)
+
+
+def _fused_reason(what, tensor, kernel_missing):
+    """Why op ``what`` cannot run on ``tensor``'s device and dtype (``kernel_missing``: {device:
+    None, or why its kernel is missing}), or None: CPU and, once ``make gpu-check`` verified the
+    cpp path, CUDA; float32/float64, on CUDA also float16/bfloat16."""
+    device = tensor.device.type
+    if device not in kernel_missing:
+        return f"{what} runs on CPU and CUDA, not {device}"
     if device == "cuda" and not gpu_verified("cpp", "cuda"):
-        return "the fused output layer + loss's CUDA code has not run on a GPU yet (make gpu-check)"
-    if hidden.dtype not in (_FLOATS + _HALVES if device == "cuda" else _FLOATS):
-        return f"the fused output layer + loss runs on {device} in float32 and float64 (CUDA also float16, " \
-               f"bfloat16), not {hidden.dtype}"
-    return _LINEAR_LOSS_KERNEL_MISSING[device]
+        return f"{what}'s CUDA code has not run on a GPU yet (make gpu-check)"
+    if tensor.dtype not in (_FLOATS + _HALVES if device == "cuda" else _FLOATS):
+        return f"{what} runs on {device} in float32 and float64 (CUDA also float16, bfloat16), not {tensor.dtype}"
+    return kernel_missing[device]
 
 
 def linear_masked_ce(hidden, weight, bias, label, valid_len, chunk_rows=None):
