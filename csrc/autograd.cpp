@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "gemm_precision.h"
+
 namespace seq2seq_fast {
 namespace {
 
@@ -65,6 +67,14 @@ bool records(std::initializer_list<const at::Tensor*> tensors, at::TensorList pa
   return std::any_of(params.begin(), params.end(), [](const at::Tensor& t) { return t.requires_grad(); });
 }
 
+// A backward's GEMMs run in the precision of its forward's (csrc/gemm_precision.h): the forward
+// saves the calling thread's setting, the backward restores it for its call.
+void save_gemm_precision(AutogradContext* ctx) { ctx->saved_data["bf16_gemm"] = bf16_gemm_enabled(); }
+
+Bf16GemmScope forward_gemm_precision(AutogradContext* ctx) {
+  return Bf16GemmScope(ctx->saved_data["bf16_gemm"].toBool());
+}
+
 void check_kept(AutogradContext* ctx, const char* op) {
   TORCH_CHECK(ctx->saved_data["keep"].toBool(), "seq2seq_fast::", op,
               " was run with keep_activations=False; run it with keep_activations=True to differentiate it");
@@ -112,6 +122,7 @@ class DecoderFunction : public torch::autograd::Function<DecoderFunction> {
     ctx->set_materialize_grads(false);  // unused outputs arrive undefined, not as zeros
     ctx->mark_non_differentiable({inputs, layer_inputs, gates});
     ctx->saved_data["keep"] = keep;
+    save_gemm_precision(ctx);
     if (keep) {
       DecoderSaved saved;
       saved.X = X;
@@ -133,6 +144,7 @@ class DecoderFunction : public torch::autograd::Function<DecoderFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_kept(ctx, "decoder_forward");
+    const Bf16GemmScope precision = forward_gemm_precision(ctx);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("seq2seq_fast::decoder_backward", "")
                          .typed<DecoderGrads(const OptTensor&, const OptTensor&, const OptTensor&,
@@ -199,6 +211,7 @@ class EncoderFunction : public torch::autograd::Function<EncoderFunction> {
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({layer_inputs, gates});
     ctx->saved_data["keep"] = keep;
+    save_gemm_precision(ctx);
     if (keep) {
       EncoderSaved saved;
       saved.X = X;
@@ -214,6 +227,7 @@ class EncoderFunction : public torch::autograd::Function<EncoderFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_kept(ctx, "encoder_forward");
+    const Bf16GemmScope precision = forward_gemm_precision(ctx);
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("seq2seq_fast::encoder_backward", "")
                          .typed<Tensors(const at::Tensor&, const at::Tensor&, at::TensorList, const OptTensor&,
@@ -335,6 +349,7 @@ class LinearLossFunction : public torch::autograd::Function<LinearLossFunction> 
     ctx->mark_non_differentiable({lse, g_hidden, g_weight, g_bias});
     ctx->saved_data["chunk_rows"] = chunk_rows;
     ctx->saved_data["with_grads"] = with_grads;
+    save_gemm_precision(ctx);
     LinearLossSaved saved;
     saved.hidden = hidden;
     saved.weight = weight;
@@ -351,6 +366,7 @@ class LinearLossFunction : public torch::autograd::Function<LinearLossFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const LinearLossSaved s = LinearLossSaved::restore(ctx);
+    const Bf16GemmScope precision = forward_gemm_precision(ctx);
     const at::Tensor& g = grads[0];
     const at::Tensor none;
     const bool uniform = g.sym_numel() == 1 || (g.sym_numel() > 1 && g.sym_stride(0) == 0);

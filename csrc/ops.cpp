@@ -20,6 +20,13 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // The threads the CPU ops split a call over (csrc/cpu/chunks.h), whatever torch's own count:
   // 0 (the default) follows torch.get_num_threads(). Returns the previous setting.
   m.def("set_cpu_threads(int threads) -> int");
+  // Whether the calling thread's CPU op calls from now on may run their large float32 GEMMs on
+  // bfloat16 operands with float32 accumulation (csrc/gemm_precision.h; autocast's and bfloat16
+  // models' calls do); returns the previous setting. A backward runs as its forward did.
+  m.def("set_bf16_gemm(bool enabled) -> bool");
+  // Whether this CPU runs bfloat16 GEMMs faster than float32 ones (bfloat16 units and a BLAS
+  // entry point for them; timed once per process). Where not, set_bf16_gemm changes nothing.
+  m.def("cpu_bf16_gemm_available() -> bool");
 
   // ---- the attention decoder (d2l's Seq2SeqAttentionDecoder) ----
   // Shared arguments:

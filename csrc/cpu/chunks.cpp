@@ -18,6 +18,8 @@
 #include <omp.h>
 #endif
 
+#include "gemm_precision.h"
+
 // MKL's per-thread thread count (its C entry point; the lowercase names are the Fortran ones,
 // which take a pointer), exported by libtorch_cpu on x86-64 builds. Weak: torch builds without
 // MKL leave it null.
@@ -80,6 +82,7 @@ class Pool {
       count_ = count;
       next_.store(0);
       seats_ = workers_wanted;
+      bf16_gemm_ = bf16_gemm_enabled();
       error_ = nullptr;
       ++generation_;
     }
@@ -97,6 +100,7 @@ class Pool {
  private:
   void claim_and_run() {
     InTask scope;
+    const Bf16GemmScope precision(bf16_gemm_);  // the caller's, for workers
     const c10::function_ref<void(int64_t)>& task = *task_;
     for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) {
       try {
@@ -136,6 +140,7 @@ class Pool {
   size_t workers_ = 0;
   uint64_t generation_ = 0;
   int seats_ = 0, active_ = 0;  // workers that may still join the call; workers in it
+  bool bf16_gemm_ = false;      // the caller's GEMM precision (csrc/gemm_precision.h)
   const c10::function_ref<void(int64_t)>* task_ = nullptr;
   int64_t count_ = 0;
   std::atomic<int64_t> next_{0};

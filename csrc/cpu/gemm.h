@@ -16,6 +16,11 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+// Whether this CPU runs MKL's bfloat16 GEMM faster than sgemm (checked once per process). Where
+// it does, float32 GEMMs of large products run on bfloat16 operands while the calling thread's
+// bf16_gemm_enabled() (csrc/gemm_precision.h); small ones stay float32 (not faster there).
+bool bf16_gemm_available();
+
 template <typename T>
 inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
                  const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -54,6 +59,7 @@ class PackedWeight {
   const T* W_ = nullptr;
   at::Tensor stacked_;  // W of several blocks, for the BLAS (which takes one matrix)
   at::Tensor panels_;   // (ceil(N / 16), K, 16) when the panel kernel runs it
+  at::Tensor bf16_;     // W's rows in bfloat16 when the GEMM runs on bfloat16 operands
 };
 
 }  // namespace seq2seq_fast::cpu
