@@ -6,14 +6,19 @@ d2l's modules are built from ops on autocast's lists (``linear``, ``bmm``; on CU
 on CPU with bfloat16, for example, the logits and attention weights are bfloat16 while the GRU
 states and the loss stay float32. The compiled ops are on no autocast list and take float32 or
 float64 only on CPU. A ``CastingBackend`` runs its backend with autocast switched off in one
-dtype -- under autocast the parameters' (float32 for a float32 model: the issue's permitted
-fallback, and more accurate than the reference's bfloat16), for a float16 / bfloat16 model on
-the ``cpp`` CPU loop float32 (the parameters cast on every call) -- takes float16 / bfloat16
+dtype -- under autocast the parameters' (float32 for a float32 model), for a float16 / bfloat16
+model on the ``cpp`` CPU loop float32 (the parameters cast on every call) -- takes float16 / bfloat16
 inputs that autocast made (cast up once at the entry) and casts each output to the dtype the
 reference returns, found once per (device type, parameter dtype, autocast dtype) by running the
 reference's op kinds on tiny tensors under the caller's autocast (``reference_dtypes``). The
 casts are differentiable: gradients reach the parameters in their own dtype.
+
+Low-precision compute: on CPU under bfloat16 autocast (float32 models) and for bfloat16 models,
+the ``cpp`` ops run their large GEMMs on bfloat16 operands with float32 accumulation, where the
+CPU has bfloat16 units (``cpp_ops.bf16_gemms``); gates, softmax, scores, loss and the recurrent
+state stay float32, so the result is at least as accurate as the reference's under autocast.
 """
+import contextlib
 import warnings
 from typing import NamedTuple
 
@@ -21,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 _HALVES = (torch.float16, torch.bfloat16)
+# The op runs an output layer of up to this many weights inside its step loop (csrc/cpu:
+# kSmallWeightValues); a larger one once over all steps, which torch's bfloat16 linear does faster.
+_OP_DENSE_MAX_VALUES = 1 << 18
 
 
 def autocast_dtype(device_type):
@@ -86,7 +94,7 @@ class CastingBackend:
     bfloat16 models on the compiled CPU loop, which runs them in float32 (the parameters are cast
     on every call, ``inner`` taking ``params_dtype``) and returns their dtype."""
 
-    def __init__(self, inner, device_type, param_dtype, dtype, out, autocast):
+    def __init__(self, inner, device_type, param_dtype, dtype, out, autocast, bf16_gemm=False):
         self.inner = inner
         self.NAME = inner.NAME
         self.CHECKS_INPUTS = inner.CHECKS_INPUTS
@@ -96,11 +104,20 @@ class CastingBackend:
         self.out = out
         self.autocast = autocast  # whether autocast's float16 / bfloat16 inputs are accepted
         self._kwargs = {} if dtype == param_dtype else {"params_dtype": dtype}
+        # bfloat16 GEMMs (float32 accumulation) where the inner backend offers them: its
+        # bf16_gemms() scope around each call, else none.
+        self._gemms = inner.bf16_gemms if bf16_gemm and hasattr(inner, "bf16_gemms") else contextlib.nullcontext
         if hasattr(inner, "greedy_loop"):
             self.greedy_loop = self._greedy_loop
 
     def autocast_off(self):
         return torch.autocast(self.device_type, enabled=False)
+
+    @contextlib.contextmanager
+    def _running(self):
+        """Around each inner call: autocast off, and the GEMM precision chosen."""
+        with self.autocast_off(), self._gemms():
+            yield
 
     def accepts(self, dtype):
         """Whether an activation of ``dtype`` fits: the parameters' dtype, or under autocast
@@ -109,27 +126,47 @@ class CastingBackend:
 
     def decoder_forward(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
         dtype, out = self.dtype, self.out
-        with self.autocast_off():
-            Y, hidden_n, attention = self.inner.decoder_forward(
-                decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **self._kwargs)
+        args = (decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype))
+        if self._dense_outside(decoder):
+            with self._running():
+                top, hidden_n, attention = self.inner.decoder_top_states(*args, **self._kwargs)
+            Y = self._dense(decoder, top)
+        else:
+            with self._running():
+                Y, hidden_n, attention = self.inner.decoder_forward(*args, **self._kwargs)
         return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
+
+    def _dense_outside(self, decoder):
+        """Whether the output layer runs as torch's own bfloat16 linear after the op: with
+        bfloat16 GEMMs, for a weight too large for the op's per-step dense (oneDNN's bfloat16
+        GEMM runs (S * B) x V x H about twice as fast as MKL's the op would call)."""
+        weight = decoder._modules["dense"]._parameters["weight"]
+        return (self._gemms is not contextlib.nullcontext and hasattr(self.inner, "decoder_top_states")
+                and weight.numel() > _OP_DENSE_MAX_VALUES)
+
+    def _dense(self, decoder, top):
+        """``decoder.dense`` of the top states in bfloat16 (float32 accumulation), as the reference's
+        ``nn.Linear`` runs under autocast: the logits in bfloat16."""
+        dense = decoder._modules["dense"]._parameters
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return F.linear(top, dense["weight"], dense["bias"])
 
     def _greedy_loop(self, decoder, enc_outputs, hidden, valid_lens, key_proj, **kwargs):
         dtype = self.dtype
-        with self.autocast_off():
+        with self._running():
             tokens, lengths, attention = self.inner.greedy_loop(
                 decoder, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **kwargs,
                 **self._kwargs)
         return tokens, lengths, None if attention is None else attention.to(self.out.softmax)
 
     def encoder_forward(self, encoder, X):
-        with self.autocast_off():
+        with self._running():
             outputs, state = self.inner.encoder_forward(encoder, X, **self._kwargs)
         return outputs.to(self.out.rnn), state.to(self.out.rnn)
 
     def attention_forward(self, attention, queries, keys, values, valid_lens):
         dtype = self.dtype
-        with self.autocast_off():
+        with self._running():
             context, weights = self.inner.attention_forward(
                 attention, cast_up(queries, dtype), cast_up(keys, dtype), cast_up(values, dtype), valid_lens)
         return context.to(self.out.linear), weights.to(self.out.softmax)
@@ -137,13 +174,17 @@ class CastingBackend:
 
 def under_autocast(inner, device_type, param_dtype):
     """``inner`` for calls under the autocast now enabled on ``device_type``, parameters of
-    ``param_dtype``: run in that dtype with autocast off, results in the reference's dtypes."""
+    ``param_dtype``: run in that dtype with autocast off, results in the reference's dtypes;
+    under CPU bfloat16 autocast its large GEMMs on bfloat16 operands."""
+    bf16 = device_type == "cpu" and autocast_dtype(device_type) == torch.bfloat16
     return CastingBackend(inner, device_type, param_dtype, param_dtype, reference_dtypes(device_type, param_dtype),
-                          True)
+                          True, bf16_gemm=bf16)
 
 
 def in_float32(inner, device_type, param_dtype, autocast):
     """``inner`` (taking ``params_dtype``) for a float16 / bfloat16 model: run in float32,
-    results in the reference's dtypes (the model's, or autocast's when ``autocast``)."""
+    results in the reference's dtypes (the model's, or autocast's when ``autocast``); a bfloat16
+    model's large GEMMs on bfloat16 operands (a float16 model's would lose precision so)."""
     out = reference_dtypes(device_type, param_dtype) if autocast else ReferenceDtypes(*[param_dtype] * 3)
-    return CastingBackend(inner, device_type, param_dtype, torch.float32, out, autocast)
+    bf16 = device_type == "cpu" and param_dtype == torch.bfloat16
+    return CastingBackend(inner, device_type, param_dtype, torch.float32, out, autocast, bf16_gemm=bf16)

@@ -165,12 +165,12 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     return logits.transpose(0, 1), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
 
 
-def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, params_dtype=None):
     """``decoder_forward`` without the output layer: (the top GRU layer's states (B, S, H) that
     ``decoder.dense`` reads, a view of step-major memory; final hidden (L, B, H); attention
     (B, S, T)). The op gets a dense of 0 rows, so it makes no logits; the dense layer's gradient
-    comes from what consumes the states (``linear_masked_ce``)."""
-    params = decoder_params(decoder)
+    comes from what consumes the states (``linear_masked_ce``, or ``decoder.dense`` itself)."""
+    params = _cast(decoder_params(decoder), params_dtype)
     weight, bias = params[-2], params[-1]
     params[-2:] = [weight.new_empty((0, weight.shape[1])), bias.new_empty((0,))]
     _, attention, states = _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params,
@@ -269,6 +269,25 @@ def torch_threads_on_caller():
     finally:
         torch.set_num_threads(threads)
         _ops().set_cpu_threads(previous)
+
+
+def bf16_gemm_available():
+    """Whether the CPU ops run their large GEMMs faster on bfloat16 operands here (AMX or
+    AVX512-BF16 and MKL's bfloat16 GEMM; timed once per process by the extension)."""
+    return _EXTENSION_ERROR is None and bool(_ops().cpu_bf16_gemm_available())
+
+
+@contextlib.contextmanager
+def bf16_gemms():
+    """The CPU ops called inside (and the backward of those that record one) run their large
+    GEMMs on bfloat16 operands with float32 accumulation where ``bf16_gemm_available()``: the
+    precision autocast asks for. The GRU gates, softmax, attention scores, loss and recurrent
+    state stay float32; small GEMMs stay float32 (not faster in bfloat16)."""
+    previous = _ops().set_bf16_gemm(True)
+    try:
+        yield
+    finally:
+        _ops().set_bf16_gemm(previous)
 
 
 def clip_grad_norm_(grads, theta):

@@ -4,6 +4,7 @@ accurate as the reference itself: err(ours under autocast vs the float64 referen
 err(the reference under autocast vs the float64 reference), on every output and gradient.
 Also ``.to(torch.bfloat16)`` models (parameters in bfloat16, no autocast)."""
 import copy
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 import seq2seq_fast as sf
 from helpers import paired_models, ragged_lens
 from seq2seq_fast import reference as R
+from seq2seq_fast.backends import cpp_ops
 from seq2seq_fast.tools.train import Seq2SeqTrainer
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" and not torch.cuda.is_available() else b
@@ -21,16 +23,36 @@ AUTOCASTS = [  # (device, autocast dtype)
     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=CUDA),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=CUDA),
 ]
-V, E, H, L = 13, 6, 8, 2  # vocabulary, embedding, hidden size, layers
-B, T, S = 4, 7, 5  # batch, source steps, target steps
 
 
-def _inputs(device, seed=0):
+class Sizes(NamedTuple):
+    V: int  # vocabulary
+    E: int  # embedding
+    H: int  # hidden size
+    L: int  # layers
+    B: int  # batch
+    T: int  # source steps
+    S: int  # target steps
+
+
+SMALL = Sizes(13, 6, 8, 2, 4, 7, 5)
+V, E, H, L, B, T, S = SMALL
+# Models whose GEMMs the cpp CPU ops run on bfloat16 operands under autocast, where the CPU has
+# bfloat16 units (cpp_ops.bf16_gemm_available; K, N >= 64, >= 4M multiply-adds, weights over the
+# 64k values of the float32 panel kernel): the output
+# layer inside the op's steps (V * H <= 2^18), and one too large for it, run by torch after the op.
+BF16_GEMMS = [pytest.param(Sizes(600, 64, 160, 2, 96, 9, 7), id="dense-in-op"),
+              pytest.param(Sizes(2100, 64, 160, 2, 96, 9, 7), id="dense-after-op")]
+CPP = pytest.mark.skipif("cpp" not in sf.available_backends(), reason="the compiled loop's GEMMs")
+
+
+def _inputs(device, seed=0, sizes=SMALL):
+    V, _, _, _, B, T, S = sizes
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(0, V, (B, T), generator=g)
     tgt = torch.randint(0, V, (B, S), generator=g)
-    src_lens = ragged_lens(B, T, generator=g)  # 0, T, T + 3 and a random one
-    tgt_lens = torch.tensor([S, 0, 2, S + 1])
+    src_lens = ragged_lens(B, T, generator=g)  # 0, T, T + 3 and random ones
+    tgt_lens = torch.tensor([S, 0, 2, S + 1]) if sizes == SMALL else ragged_lens(B, S, generator=g)
     grad_out = torch.randn(B, S, V, generator=g)
     return [t.to(device) for t in (src, tgt, src_lens, tgt_lens, grad_out)]
 
@@ -68,9 +90,9 @@ def assert_autocast_accuracy(actual, expected, exact):
         assert ours <= 2 * theirs + floor, f"{name}: error {ours:.3g} > 2 x the reference's {theirs:.3g}"
 
 
-def _three(backend, device, seed=0):
+def _three(backend, device, seed=0, sizes=SMALL):
     """Our float32 model, d2l's with the same weights in float32 and in float64."""
-    ref, fast = paired_models(V, E, H, L, dtype=torch.float32, backend=backend, seed=seed)
+    ref, fast = paired_models(*sizes[:4], dtype=torch.float32, backend=backend, seed=seed)
     return fast.to(device), ref.to(device), copy.deepcopy(ref).double()
 
 
@@ -197,10 +219,10 @@ def test_trainer_steps_under_autocast(backend):
     assert all(p.dtype == torch.float32 for p in fast.parameters())
 
 
-def _bfloat16_run(backend):
-    ref, fast = paired_models(V, E, H, L, dtype=torch.float32, backend=backend, seed=1)
+def _bfloat16_run(backend, sizes=SMALL):
+    ref, fast = paired_models(*sizes[:4], dtype=torch.float32, backend=backend, seed=1)
     ref64 = copy.deepcopy(ref).double()
-    inputs = _inputs("cpu")
+    inputs = _inputs("cpu", sizes=sizes)
     off = torch.autocast("cpu", enabled=False)
     expected = _run(ref.bfloat16(), inputs, off)
     assert all(t.dtype == torch.bfloat16 for t in expected.values())
@@ -211,12 +233,80 @@ def _bfloat16_run(backend):
     return _run(fast.train(), inputs, off), expected, _run(ref64, inputs, off)
 
 
-@pytest.mark.skipif("cpp" not in sf.available_backends(), reason="the float32 loop of bfloat16 models is the cpp one")
+@CPP
 @pytest.mark.parametrize("backend", ["auto", "cpp"])
 def test_bfloat16_model_matches_reference(backend):
     # .to(torch.bfloat16) without autocast: bfloat16 results as the reference's; on CPU the
     # compiled loop runs them in float32 (dispatch._casting_backend).
     assert_autocast_accuracy(*_bfloat16_run(backend))
+
+
+# ---- the compiled CPU loop's bfloat16 GEMMs ----
+
+
+def _assert_bf16_gemms_ran(actual, float32, names):
+    """Where the CPU has bfloat16 units the results differ from the float32 run's by more than
+    float32 rounding (the GEMMs did take bfloat16 operands); elsewhere they are the float32 run's."""
+
+    for name in names:
+        diff = _error(actual[name], float32[name].double()) / (1e-30 + float32[name].abs().max().item())
+        if cpp_ops.bf16_gemm_available():
+            assert diff > 1e-4, f"{name}: equal to the float32 run's ({diff:.2g}): no bfloat16 GEMM ran"
+        else:
+            assert diff < 1e-2, f"{name}: {diff:.2g} from the float32 run's"
+
+
+@CPP
+@pytest.mark.parametrize("sizes", BF16_GEMMS)
+def test_bf16_gemms_match_reference_under_autocast(sizes):
+    fast, ref, ref64 = _three("cpp", "cpu", sizes=sizes)
+    inputs = _inputs("cpu", sizes=sizes)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    actual = _run(fast, inputs, autocast)
+    exact = _run(ref64, inputs, torch.autocast("cpu", enabled=False))
+    assert_autocast_accuracy(actual, _run(ref, inputs, autocast), exact)
+    float32 = _run(fast, inputs, torch.autocast("cpu", enabled=False))
+    # The encoder's and decoder's GEMMs, forward (outputs) and backward (weight gradients).
+    _assert_bf16_gemms_ran(actual, float32, ["encoder outputs", "decoder state", "logits",
+                                             "grad encoder.rnn.weight_hh_l0", "grad decoder.rnn.weight_hh_l1",
+                                             "grad decoder.dense.weight"])
+    # A float32 call after the autocast ones runs in float32 again (the setting is per call).
+    assert torch.equal(_run(fast, inputs, torch.autocast("cpu", enabled=False))["logits"], float32["logits"])
+
+
+@CPP
+@pytest.mark.parametrize("sizes", BF16_GEMMS)
+def test_bf16_gemms_of_one_step_calls_and_greedy(sizes):
+    fast, ref, ref64 = _three("cpp", "cpu", sizes=sizes)
+    src, tgt, src_lens, _, _ = _inputs("cpu", sizes=sizes)
+    fast.eval(), ref.eval(), ref64.eval()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def steps(net, autocast):
+        outs = {}
+        with torch.no_grad(), autocast:
+            state = net.decoder.init_state(net.encoder(src, src_lens), src_lens)
+            for t in range(3):
+                Y, state = net.decoder(tgt[:, t:t + 1], state)
+                outs.update({f"step {t} logits": Y, f"step {t} state": state[1],
+                             f"step {t} attention": net.decoder.attention_weights[0]})
+        return outs
+
+    actual = steps(fast, autocast)
+    assert_autocast_accuracy(actual, steps(ref, autocast), steps(ref64, torch.autocast("cpu", enabled=False)))
+    _assert_bf16_gemms_ran(actual, steps(fast, torch.autocast("cpu", enabled=False)), ["step 2 logits"])
+    with autocast:
+        greedy = sf.greedy_decode(fast, src, src_lens, bos=1, eos=2, max_len=4, return_attention=True)
+    exact = sf.greedy_decode(ref64, src, src_lens, bos=1, eos=2, max_len=4, return_attention=True)
+    assert greedy.attention.dtype == torch.bfloat16
+    # Rounding may flip a near tie of the argmax in a few rows; a wrong loop flips most.
+    assert (greedy.tokens[:, 0] == exact.tokens[:, 0]).float().mean() > 0.9
+
+
+@CPP
+@pytest.mark.parametrize("sizes", BF16_GEMMS)
+def test_bfloat16_model_with_bf16_gemms_matches_reference(sizes):
+    assert_autocast_accuracy(*_bfloat16_run("cpp", sizes))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpp"])
