@@ -14,7 +14,7 @@ import floor as F  # noqa: E402
 import runner  # noqa: E402
 import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
-from configs import CONFIGS  # noqa: E402
+from configs import CONFIGS, SMOKE  # noqa: E402
 
 
 def test_runner_smoke(tmp_path):
@@ -80,6 +80,31 @@ def test_every_filter_narrows_every_section():
     args = runner._parser().parse_args(["--configs", "gnmt-b128-q10"])
     _, sections, skipped = runner._plan(args, runner._parser())
     assert runner._plan_lines(sections, skipped)[0] == "model section: not run (the filters leave it no configs)"
+
+
+def test_workloads_under_autocast_follow_the_amp_recipe():
+    import torch
+
+    cfg = SMOKE
+    reference, data = W.reference_model(cfg, "cpu"), W.inputs(cfg, "cpu")
+    seen = []
+
+    def backward_hook(grad):
+        seen.append(("backward", torch.is_autocast_enabled("cpu")))
+
+    def forward_hook(module, args, out):
+        seen.append((out.dtype, torch.is_autocast_enabled("cpu")))
+        if out.requires_grad:
+            out.register_hook(backward_hook)
+
+    reference.decoder.dense.register_forward_hook(forward_hook)
+    for workload in S.NAMES["workloads"]["model"]:
+        for autocast, dtype in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+            seen.clear()
+            W.build(workload, "reference", reference, cfg, data, autocast)()
+            assert seen and set(seen[:-1] if workload == "train_step" else seen) == {(dtype, autocast is not None)}
+            if workload == "train_step":
+                assert seen[-1] == ("backward", False), "the backward runs outside autocast"
 
 
 def test_floor_is_the_larger_of_gemm_and_byte_time():
