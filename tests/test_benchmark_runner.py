@@ -107,6 +107,26 @@ def test_workloads_under_autocast_follow_the_amp_recipe():
                 assert seen[-1] == ("backward", False), "the backward runs outside autocast"
 
 
+def test_the_float32_base_under_a_bfloat16_floor_is_not_under_the_floor():
+    from rows import group_rows, under_floor
+
+    rows = group_rows("model", "c", "autocast-bf16", "w", {"reference": 1.0, "cpp": 1.0}, {}, F.Floor(2.0, 2.0, 0.1, 1, 1),
+                      {"reference": dict(bounded=False)})
+    assert [r["impl"] for r in under_floor(rows)] == ["cpp"]
+
+
+@pytest.mark.parametrize("listed, says", [
+    ("AVX2, AVX-512, AVX512-BF16, AMX, AMX-BF16", "AMX-BF16, AVX512-BF16"),
+    ("AVX2, AVX-512, AVX512-BF16", "AVX512-BF16"),
+    ("AVX2, AVX-512", "neither AMX-BF16 nor AVX512-BF16"),
+    ("unknown", "unknown"),
+])
+def test_autocast_table_says_which_bfloat16_units_the_cpu_offered(listed, says):
+    from machine import bf16_units
+
+    assert bf16_units({"instruction sets": listed}) == f"bfloat16 units the CPU offered: {says}"
+
+
 def test_floor_is_the_larger_of_gemm_and_byte_time():
     import torch
 
