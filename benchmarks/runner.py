@@ -205,8 +205,8 @@ def _parser():
     parser.add_argument("--impls", help="comma-separated implementations (default: "
                                         f"{','.join(S.DEFAULT['impls'])})")
     parser.add_argument("--dtypes", help="comma-separated dtypes of model and inputs (default: float32, and "
-                                         f"{S.AUTOCAST} where RUNS below says); {S.AUTOCAST}: float32 under "
-                                         "bfloat16 autocast (model section)")
+                                         f"{S.AUTOCAST} as make bench and make bench-full below say); "
+                                         f"{S.AUTOCAST}: float32 under bfloat16 autocast (model section)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
