@@ -13,6 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # /proc/cpuinfo flag -> the name the output gives it, in the order printed.
 ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16",
              "amx_tile": "AMX", "amx_bf16": "AMX-BF16"}
+# The instruction sets with bfloat16 arithmetic, matrix units first.
+BF16_UNITS = ("AMX-BF16", "AVX512-BF16")
 
 
 def _cpuinfo():
@@ -37,6 +39,17 @@ def instruction_sets(cpuinfo):
             flags = set(line.split(":", 1)[1].split())
             return [name for flag, name in ISA_FLAGS.items() if flag in flags]
     return []
+
+
+def bf16_units(info):
+    """The line over the autocast table: the bfloat16 units the CPU offered (of ``BF16_UNITS``,
+    from ``machine_info``'s instruction sets), or the GPU it ran on."""
+    if "gpu" in info:
+        return f"bfloat16 autocast on the GPU: {info['gpu']}"
+    listed = info["instruction sets"]
+    offered = [unit for unit in BF16_UNITS if unit in listed.split(", ")]
+    found = ", ".join(offered) or ("unknown" if listed == "unknown" else "neither " + " nor ".join(BF16_UNITS))
+    return f"bfloat16 units the CPU offered: {found}"
 
 
 def _git(*args):

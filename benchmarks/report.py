@@ -14,6 +14,8 @@ floor: the workload's GEMMs run by torch.matmul on operands of exactly their sha
   operands; with several threads, the faster of the BLAS's threading and rows split over the
   threads), or its bytes copied, whichever takes longer, run in the group's interleaved rounds
   and counted at the fastest call (benchmarks/floor.py).
+autocast-bf16: the float32 model called under torch.autocast in bfloat16; its floor runs the
+  GEMMs in bfloat16 (the logits' bytes at bfloat16 size), and its base is the reference in float32.
 A row that was not measured shows a footnote saying why."""
 
 

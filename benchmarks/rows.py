@@ -2,7 +2,8 @@
 workload) timed in interleaved rounds, then a ``floor`` row. Row keys: ``section, config,
 dtype, workload, impl, median_s`` (None: not measured), ``speedup`` (the reference's time over
 the row's), ``over_floor`` (the row's time over the floor), ``note`` (why a row is not
-measured, or how it was run)."""
+measured, or how it was run); ``bounded``: False where the floor is no bound on the row (the
+float32 base of a group under autocast, whose floor runs in the autocast dtype)."""
 import statistics
 
 from timing import interleaved_samples
@@ -69,4 +70,4 @@ def under_floor(rows):
 
     floors = {key(r): r["median_s"] for r in rows if r["impl"] == FLOOR}
     return [r for r in rows if r["impl"] != FLOOR and r["median_s"] is not None and floors.get(key(r)) is not None
-            and r["median_s"] < floors[key(r)]]
+            and r["median_s"] < floors[key(r)] and r.get("bounded", True)]

@@ -2,8 +2,9 @@
 bench-full`` (everything). Two sections, each a table of groups (one configuration, dtype and
 workload): the whole model, and the additive attention alone. Every group times the d2l
 reference, what a user would try instead (torch.compile), the backends, and ends with the
-floor, a lower bound on the time (benchmarks/floor.py). Prints the machine and what runs, each
-group as it is done, then the tables; writes results.md, results.json and speedups.png.
+floor, a lower bound on the time (benchmarks/floor.py). The whole model also runs under
+bfloat16 autocast (dtype autocast-bf16), in a table of its own. Prints the machine and what
+runs, each group as it is done, then the tables; writes results.md, results.json and speedups.png.
 
     python benchmarks/runner.py [--full] [--configs zh,large] [--workloads ...] [--impls ...]
 """
@@ -47,7 +48,7 @@ import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
 from configs import CONFIGS, SMOKE  # noqa: E402
 from floor import FloorWork  # noqa: E402
-from machine import machine_info  # noqa: E402
+from machine import bf16_units, machine_info  # noqa: E402
 from peak_memory import train_step_peak  # noqa: E402
 from rows import failing, group_rows, time_group, under_floor  # noqa: E402
 
@@ -63,13 +64,26 @@ implementations:
                      triton             the fused Triton kernel (CUDA only)
   both:              best               the fastest backend on the device (model: cpp, else triton on
                                         CUDA, else torch; attention: triton)
-  every group ends with a floor row (not an implementation: a lower bound on the time)."""
+  every group ends with a floor row (not an implementation: a lower bound on the time).
+  --dtypes autocast-bf16 (model section): model and inputs in float32, called under
+  torch.autocast(dtype=torch.bfloat16); the training step's backward outside it (torch's AMP recipe).
+  Each group: reference in float32 without autocast (the base of its speedups), reference+autocast
+  (the reference under autocast), each selected backend under autocast, and the floor with its GEMMs
+  run in bfloat16 (the logits' bytes at bfloat16 size); torch.compile is not run under autocast."""
 
 RUNS = """\
-make bench:      --configs zh,large, every workload, --impls reference,reference+compile,hoisted+compile,best;
+make bench:      --configs zh,large, every workload, --impls reference,reference+compile,hoisted+compile,best,
+                 float32, and under autocast-bf16 the large decoder_forward group only;
                  the book end to end: train_seq2seq over 10 epochs, predict_seq2seq
-make bench-full: --full: every configuration, workload and implementation, the training step's memory
-                 (and the fused output layer's, large setting), the book end to end over 250 epochs, and --contend"""
+make bench-full: --full: every configuration, workload and implementation, in float32 and under autocast-bf16,
+                 the training step's memory (and the fused output layer's, large setting), the book end
+                 to end over 250 epochs, and --contend
+(--dtypes given: every selected configuration and workload in each of its dtypes)"""
+
+# --dtypes names run under torch.autocast (model and inputs in float32) -> the autocast dtype.
+AUTOCAST_DTYPES = {S.AUTOCAST: torch.bfloat16}
+AUTOCAST_REFERENCE = "reference+autocast"
+AUTOCAST_BASE_NOTE = "float32, not under autocast: the group's base; the bfloat16 floor does not bound it"
 
 CHAPTER_EPOCHS = {"default": 10, "full": 250}
 
@@ -111,6 +125,25 @@ def _applies(impl, workload, dtype):
     return impl != "reference+compile" or dtype == torch.float32
 
 
+def _precision(dtype_name):
+    """``(dtype of model and inputs, autocast dtype or None)`` of a --dtypes name."""
+    autocast = AUTOCAST_DTYPES.get(dtype_name)
+    return (torch.float32 if autocast else getattr(torch, dtype_name)), autocast
+
+
+def _builds(impls, workload, dtype, autocast):
+    """{row's implementation: (implementation, autocast dtype or None)} of a group; under
+    autocast every row runs under it except the reference, which also runs under it as
+    ``reference+autocast``."""
+    applying = [impl for impl in impls if _applies(impl, workload, autocast or dtype)]
+    if autocast is None:
+        return {impl: (impl, None) for impl in applying}
+    builds = {}
+    if "reference" in applying:
+        builds = {"reference": ("reference", None), AUTOCAST_REFERENCE: ("reference", autocast)}
+    return {**builds, **{impl: (impl, autocast) for impl in applying if impl != "reference"}}
+
+
 def _step_memory(config_name, impl, device, log):
     """Memory of a float32 training step in a subprocess of its own."""
     try:
@@ -121,33 +154,37 @@ def _step_memory(config_name, impl, device, log):
     return dict(peak_mib=mem["peak_bytes"] / 2**20, step_mib=mem["step_bytes"] / 2**20)
 
 
-def _floor_work(workload, cfg, reference, data, device, dtype):
+def _floor_work(workload, cfg, reference, data, device, dtype, autocast=None):
+    """The floor of a group; under ``autocast`` its GEMMs run in the autocast dtype."""
     rows = None
     if workload == "greedy_decode":  # the steps, and rows per step, a greedy decoding really runs
-        rows = W.greedy_rows(W.reference_greedy(reference, cfg, data)())
-    return FloorWork(W.workload_gemms(workload, cfg, rows), W.workload_bytes(workload, cfg, reference), device, dtype)
+        rows = W.greedy_rows(W.reference_greedy(reference, cfg, data, autocast)())
+    return FloorWork(W.workload_gemms(workload, cfg, rows), W.workload_bytes(workload, cfg, reference, autocast),
+                     device, autocast or dtype)
 
 
-def model_rows(configs, workloads, impls, device, dtype, min_time, memory, log):
+def model_rows(configs, workloads, impls, device, dtype_name, min_time, memory, log):
     """Rows of the whole model: every implementation of ``impls`` on every configuration and
-    workload; memory of the float32 training step (not compiled) when ``memory``."""
+    workload in the --dtypes name ``dtype_name`` (under autocast: see ``_builds``); memory of
+    the float32 training step (not compiled, not under autocast) when ``memory``."""
     rows = []
-    dtype_name = str(dtype).replace("torch.", "")
+    dtype, autocast = _precision(dtype_name)
     for config_name, cfg in configs.items():
         reference = W.reference_model(cfg, device, dtype)
         data = W.inputs(cfg, device, dtype)
         for workload in workloads:
             callables = {}
-            for impl in (i for i in impls if _applies(i, workload, dtype)):
+            for name, (impl, amp) in _builds(impls, workload, dtype, autocast).items():
                 try:
-                    callables[impl] = W.build(workload, impl, reference, cfg, data)
+                    callables[name] = W.build(workload, impl, reference, cfg, data, amp)
                 except Exception as exc:  # a row that cannot run says why instead of stopping the run
-                    callables[impl] = failing(exc)
-            work = _floor_work(workload, cfg, reference, data, device, dtype)
-            times, notes, bound = time_group(callables, device, min_time, work)
+                    callables[name] = failing(exc)
+            work = _floor_work(workload, cfg, reference, data, device, dtype, autocast)
+            base = {"reference": AUTOCAST_BASE_NOTE} if autocast else {}
+            times, notes, bound = time_group(callables, device, min_time, work, base)
             del work  # its operands
-            extra = {}
-            if memory and workload == "train_step" and dtype == torch.float32 and config_name in CONFIGS:
+            extra = {impl: dict(bounded=False) for impl in base}  # float32, under a bfloat16 floor
+            if memory and workload == "train_step" and dtype_name == "float32" and config_name in CONFIGS:
                 extra = {impl: _step_memory(config_name, impl, device, log) for impl in times
                          if impl != "reference+compile" and times[impl] is not None}
             group = group_rows("model", config_name, dtype_name, workload, times, notes, bound, extra)
@@ -167,7 +204,9 @@ def _parser():
     parser.add_argument("--workloads", help="comma-separated workloads (default: all)")
     parser.add_argument("--impls", help="comma-separated implementations (default: "
                                         f"{','.join(S.DEFAULT['impls'])})")
-    parser.add_argument("--dtypes", help="comma-separated dtypes of model and inputs (default: float32)")
+    parser.add_argument("--dtypes", help="comma-separated dtypes of model and inputs (default: float32, and "
+                                         f"{S.AUTOCAST} as make bench and make bench-full below say); "
+                                         f"{S.AUTOCAST}: float32 under bfloat16 autocast (model section)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
@@ -199,8 +238,11 @@ def _plan(args, parser):
         part = sel.for_section(section)
         if args.no_compile:
             part["impls"] = tuple(i for i in part["impls"] if not i.endswith("+compile"))
+        runs = sel.runs(section)
         if args.smoke:
             part["configs"] = ("smoke",)
+            runs = {dtype: (("smoke",) if configs else (), workloads) for dtype, (configs, workloads) in runs.items()}
+        part["runs"] = runs
         if section == "model":
             part["impls"], skipped[section] = model_impls(args.device, part["impls"])
         else:
@@ -211,17 +253,32 @@ def _plan(args, parser):
     return sel, sections, skipped
 
 
+def _dtype_names(part):
+    """A section's dtypes, each run on fewer configurations or workloads than the section's
+    with those it runs."""
+    names = []
+    for dtype, (configs, workloads) in part["runs"].items():
+        if (configs, workloads) == (part["configs"], part["workloads"]):
+            names.append(dtype)
+        elif configs and workloads:
+            names.append(f"{dtype} ({', '.join(configs)}; {', '.join(workloads)} only)")
+        else:
+            names.append(f"{dtype} (not run with these filters)")
+    return names
+
+
 def _plan_lines(sections, skipped):
     lines = []
+    options = ("configs", "workloads", "impls", "dtypes")
     for section, part in sections.items():
-        empty = part is None or not all(part[o] for o in ("configs", "workloads", "impls"))
+        empty = part is None or not all(part[o] for o in options)
         if empty:
             lines.append(f"{section} section: not run (" + ("--no-attention" if part is None else
-                         "the filters leave it no " + ", ".join(o for o in ("configs", "workloads", "impls")
-                                                                 if not part[o])) + ")")
+                         "the filters leave it no " + ", ".join(o for o in options if not part[o])) + ")")
             continue
         lines.append(f"{section} section: configs {', '.join(part['configs'])}; workloads "
-                     f"{', '.join(part['workloads'])}; implementations {', '.join(part['impls'])}, floor")
+                     f"{', '.join(part['workloads'])}; implementations {', '.join(part['impls'])}, floor; "
+                     f"dtypes {', '.join(_dtype_names(part))}")
         lines += [f"  not run here: {impl}: {why}" for impl, why in skipped[section].items()]
     return lines
 
@@ -250,13 +307,14 @@ def main(argv=None):
         "configs", ())}
     rows = []
     for name in sel.dtypes:
-        dtype = getattr(torch, name)
-        if model["workloads"] and model["impls"]:
-            rows += model_rows(configs, model["workloads"], model["impls"], args.device, dtype, args.min_time,
-                               memory, log)
-        if attention and attention["workloads"] and attention["impls"]:
-            rows += A.attention_rows(args.device, shapes, attention["workloads"], attention["impls"], dtype,
-                                     args.min_time, log=lambda group: log(report.table(group)))
+        if name in model["runs"] and model["impls"]:
+            names, workloads = model["runs"][name]
+            rows += model_rows({n: configs[n] for n in names}, workloads, model["impls"], args.device, name,
+                               args.min_time, memory, log)
+        if attention and name in attention["runs"] and attention["impls"]:
+            names, workloads = attention["runs"][name]
+            rows += A.attention_rows(args.device, {n: shapes[n] for n in names}, workloads, attention["impls"],
+                                     getattr(torch, name), args.min_time, log=lambda group: log(report.table(group)))
     if not args.no_chapter and not args.smoke and torch.device(args.device).type == "cpu":
         epochs = args.chapter_epochs or CHAPTER_EPOCHS["full" if args.full else "default"]
         rows += chapter_bench.chapter_rows(epochs, rounds=3, log=lambda group: log(report.table(group)))
@@ -277,16 +335,20 @@ def main(argv=None):
         json.dump(dict(machine=info, plan=plan, rows=rows, contention=contended, fused_output_layer=fused,
                        seconds=elapsed, under_floor=len(below),
                        configs={n: c.as_dict() for n, c in configs.items()}, attention_shapes=shapes), f, indent=2)
-    tables = [(title, [r for r in rows if r["section"] == section])
-              for section, title in (("model", "The whole model"), ("attention", "Attention alone"),
-                                     ("chapter", "The book end to end (zh setting, CPU)"))]
+    # (title, the line over the table or "", rows)
+    tables = [("The whole model", "", [r for r in rows if r["section"] == "model" and r["dtype"] != S.AUTOCAST]),
+              ("The whole model under bfloat16 autocast", bf16_units(info),
+               [r for r in rows if r["dtype"] == S.AUTOCAST]),
+              ("Attention alone", "", [r for r in rows if r["section"] == "attention"]),
+              ("The book end to end (zh setting, CPU)", "", [r for r in rows if r["section"] == "chapter"])]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("# seq2seq_fast benchmark\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n")
         f.write("\n".join(f"  - {line.strip()}" if line.startswith(" ") else f"- {line}" for line in plan))
         f.write("\n\n" + report.EXPLANATION + "\n")
-        for title, part in tables:
+        for title, lead, part in tables:
             if part:
-                f.write(f"\n## {title}\n\n{report.table(part, markdown=True)}\n")
+                lead = f"{lead}\n\n" if lead else ""
+                f.write(f"\n## {title}\n\n{lead}{report.table(part, markdown=True)}\n")
         if fused:
             f.write(f"\n## The fused output layer + loss (training step)\n\n```\n{train_memory.table(fused)}\n```\n")
         if contended:
@@ -294,9 +356,9 @@ def main(argv=None):
         f.write(f"\n{check}. Run took {elapsed:.0f} s.\n")
     if rows:
         report.plot(rows, os.path.join(args.out, "speedups.png"))
-    for title, part in tables:
+    for title, lead, part in tables:
         if part:
-            print(f"\n== {title}\n{report.table(part)}")
+            print(f"\n== {title}\n" + (f"{lead}\n" if lead else "") + report.table(part))
     if contended:
         print(f"\n== A busy machine (zh training step)\n{contention.table(contended)}")
     print(f"\n{check}.\nrun took {elapsed:.0f} s; wrote {args.out}/results.md, results.json"

@@ -3,7 +3,10 @@
 Implementations: ``reference`` (d2l's modules, eager), ``reference+compile`` (the same under
 ``torch.compile``, what a user would try first), each backend of seq2seq_fast by name, and
 ``<backend>+graph``: that backend's decoder with ``capture_cuda_graph=True`` (CUDA inference).
+With ``autocast`` (a dtype) a workload runs under ``torch.autocast`` in it on the inputs' device;
+the training step as torch's AMP recipe does: forward and loss under autocast, backward outside.
 """
+import contextlib
 from collections import Counter
 
 import torch
@@ -70,44 +73,58 @@ def inputs(cfg, device, dtype=torch.float32, seed=1):
     return {k: v.to(device) for k, v in data.items()}
 
 
-def decoder_forward(model, cfg, data):
+def precision(data, autocast):
+    """The context a workload's calls run in: ``torch.autocast`` in dtype ``autocast`` on the
+    inputs' device, or none (None)."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(data["src"].device.type, dtype=autocast)
+
+
+def decoder_forward(model, cfg, data, autocast=None):
     """The decoder alone, eval mode, no grad, teacher-forced over all target steps."""
     model.eval()
     decoder = model.decoder
     state = list(decoder.init_state((data["enc_outputs"], data["hidden"]), data["src_len"]))
+    context = precision(data, autocast)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), context:
             # A fresh plain list: no key projection carried over from the previous call.
             return decoder(data["tgt"], list(state))[0]
 
     return run
 
 
-def train_step(model, cfg, data, loss):
-    """Encoder + decoder forward in training mode, d2l's masked loss, backward."""
+def train_step(model, cfg, data, loss, autocast=None):
+    """Encoder + decoder forward in training mode, d2l's masked loss, backward; under
+    ``autocast`` the forward and the loss, not the backward (bfloat16 needs no loss scaling)."""
     model.train()
     bos = torch.full((cfg.batch, 1), BOS, dtype=torch.long, device=data["tgt"].device)
     dec_input = torch.cat([bos, data["tgt"][:, :-1]], dim=1)
     params = [p for p in model.parameters()]
+    context = precision(data, autocast)
 
     def run():
         for p in params:
             p.grad = None
-        Y_hat, _ = model(data["src"], dec_input, data["src_len"])
-        loss(Y_hat, data["tgt"], data["tgt_len"]).sum().backward()
+        with context:
+            Y_hat, _ = model(data["src"], dec_input, data["src_len"])
+            total = loss(Y_hat, data["tgt"], data["tgt_len"]).sum()
+        total.backward()
 
     return run
 
 
-def reference_greedy(model, cfg, data):
+def reference_greedy(model, cfg, data, autocast=None):
     """The reference decoder run on the whole batch one step at a time until every row has
     produced eos (or ``tgt_steps`` steps)."""
     model.eval()
     decoder, encoder = model.decoder, model.encoder
+    context = precision(data, autocast)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), context:
             state = decoder.init_state(encoder(data["src"], data["src_len"]), data["src_len"])
             token = torch.full((cfg.batch, 1), BOS, dtype=torch.long, device=data["src"].device)
             finished = torch.zeros(cfg.batch, dtype=torch.bool, device=token.device)
@@ -124,26 +141,29 @@ def reference_greedy(model, cfg, data):
     return run
 
 
-def greedy(model, cfg, data):
+def greedy(model, cfg, data, autocast=None):
     model.eval()
+    context = precision(data, autocast)
 
     def run():
-        return sf.greedy_decode(model, data["src"], data["src_len"], bos=BOS, eos=EOS, max_len=cfg.tgt_steps)
+        with context:
+            return sf.greedy_decode(model, data["src"], data["src_len"], bos=BOS, eos=EOS, max_len=cfg.tgt_steps)
 
     return run
 
 
-def build(workload, impl, reference, cfg, data):
-    """A zero-argument callable running ``workload`` with implementation ``impl``."""
+def build(workload, impl, reference, cfg, data, autocast=None):
+    """A zero-argument callable running ``workload`` with implementation ``impl``, under
+    ``torch.autocast`` in dtype ``autocast`` where given."""
     model = make_model(impl, reference, cfg)
     is_reference = impl.startswith("reference")
     if workload == "decoder_forward":
-        return decoder_forward(model, cfg, data)
+        return decoder_forward(model, cfg, data, autocast)
     if workload == "train_step":
         loss = R.MaskedSoftmaxCELoss() if is_reference else sf.MaskedSoftmaxCELoss()
-        return train_step(model, cfg, data, loss)
+        return train_step(model, cfg, data, loss, autocast)
     if workload == "greedy_decode":
-        return (reference_greedy if is_reference else greedy)(model, cfg, data)
+        return (reference_greedy if is_reference else greedy)(model, cfg, data, autocast)
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -205,14 +225,16 @@ def greedy_rows(tokens, eos=EOS):
     return (~done_before).sum(dim=0).tolist()
 
 
-def workload_bytes(workload, cfg, reference):
+def workload_bytes(workload, cfg, reference, autocast=None):
     """Bytes ``workload`` must touch at least once: the weights (read; in training also their
-    gradients written), the inputs read and the logits written (none in greedy decoding)."""
-    param = next(reference.parameters())
-    weights = sum(p.numel() for p in reference.parameters()) * param.element_size()
+    gradients written), the inputs read and the logits written (none in greedy decoding), each
+    in the parameters' dtype but the logits under ``autocast``, which come in its dtype."""
+    size = next(reference.parameters()).element_size()
+    weights = sum(p.numel() for p in reference.parameters()) * size
     B, T, S, H, L, V = cfg.batch, cfg.src_steps, cfg.tgt_steps, cfg.hidden, cfg.layers, cfg.vocab
+    logits = S * B * V * (size if autocast is None else torch.empty((), dtype=autocast).element_size())
     if workload == "decoder_forward":
-        return weights + (T * B * H + L * B * H + S * B * V) * param.element_size()
+        return weights + (T * B * H + L * B * H) * size + logits
     if workload == "train_step":
-        return 2 * weights + S * B * V * param.element_size()
+        return 2 * weights + logits
     return weights

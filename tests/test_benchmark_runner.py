@@ -14,27 +14,39 @@ import floor as F  # noqa: E402
 import runner  # noqa: E402
 import selection as S  # noqa: E402
 import workloads as W  # noqa: E402
-from configs import CONFIGS  # noqa: E402
+from configs import CONFIGS, SMOKE  # noqa: E402
+
+
+def _groups(rows):
+    """{(section, dtype, workload): its rows, in order}."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["section"], r["dtype"], r["workload"]), []).append(r)
+    return groups
 
 
 def test_runner_smoke(tmp_path):
     assert runner.main(["--smoke", "--no-compile", "--min-time", "0.01", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     rows = result["rows"]
-    groups = {(r["section"], r["workload"]) for r in rows}
-    assert groups == {(section, w) for section, names in S.NAMES["workloads"].items() for w in names}
-    for section, workload in groups:
-        group = [r for r in rows if (r["section"], r["workload"]) == (section, workload)]
-        assert group[0]["impl"] == "reference" and group[-1]["impl"] == "floor", (section, workload)
-        measured = [r for r in group if r["impl"] != "floor"]
-        assert measured and all(r["median_s"] > 0 for r in measured), (section, workload)
+    groups = _groups(rows)
+    float32 = {(section, "float32", w) for section, names in S.NAMES["workloads"].items() for w in names}
+    assert set(groups) == float32 | {("model", S.AUTOCAST, "decoder_forward")}, "one group under autocast"
+    for key, group in groups.items():
+        assert group[0]["impl"] == "reference" and group[-1]["impl"] == "floor", key
+        measured = group[:-1]
+        assert measured and all(r["median_s"] > 0 for r in measured), key
         floor = group[-1]["median_s"]
-        assert all(r["median_s"] >= floor for r in measured), f"{section} {workload}: a row under the floor {floor}"
-    assert {r["impl"] for r in rows if r["section"] == "model"} == {"reference", runner.best_backend("cpu"), "floor"}
+        assert all(r["median_s"] >= floor for r in measured if r.get("bounded", True)), f"{key}: under the floor"
+    best = runner.best_backend("cpu")
+    assert {r["impl"] for r in rows if r["section"] == "model" and r["dtype"] == "float32"} == {"reference", best,
+                                                                                                 "floor"}
+    assert [r["impl"] for r in rows if r["dtype"] == S.AUTOCAST] == ["reference", "reference+autocast", best, "floor"]
     assert result["under_floor"] == 0
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.count("| smoke |") == len(rows)
-    assert markdown.count("| median ms |") == 2 and "median_s" not in markdown, "one unit (ms) in both tables"
+    assert markdown.count("| median ms |") == 3 and "median_s" not in markdown, "one unit (ms) in every table"
+    assert "## The whole model under bfloat16 autocast\n\nbfloat16 units the CPU offered: " in markdown
     assert "every measured row is at or above its floor" in markdown
     assert (tmp_path / "speedups.png").stat().st_size > 0
     assert result["machine"]["torch"] and result["machine"]["instruction sets"]
@@ -70,7 +82,7 @@ def test_names_match_in_any_case():
 def test_every_filter_narrows_every_section():
     sel = S.select(configs="large,gnmt-b128-q10", workloads="train_step,forward", impls="reference,cpp,hoisted")
     assert sel.for_section("model") == dict(configs=("large",), workloads=("train_step",), impls=("reference", "cpp"),
-                                            dtypes=("float32",))
+                                            dtypes=("float32", S.AUTOCAST))
     assert sel.for_section("attention") == dict(configs=("large", "gnmt-b128-q10"), workloads=("forward",),
                                                 impls=("reference", "hoisted"), dtypes=("float32",))
     default = S.select()
@@ -80,6 +92,113 @@ def test_every_filter_narrows_every_section():
     args = runner._parser().parse_args(["--configs", "gnmt-b128-q10"])
     _, sections, skipped = runner._plan(args, runner._parser())
     assert runner._plan_lines(sections, skipped)[0] == "model section: not run (the filters leave it no configs)"
+
+
+def _model_runs(*argv):
+    parser = runner._parser()
+    _, sections, _ = runner._plan(parser.parse_args(list(argv)), parser)
+    return sections["model"]["runs"], sections["attention"]["runs"]
+
+
+def test_make_bench_runs_one_autocast_group_and_bench_full_all():
+    workloads = ("decoder_forward", "train_step", "greedy_decode")
+    model, attention = _model_runs()
+    assert model == {"float32": (("zh", "large"), workloads), S.AUTOCAST: (("large",), ("decoder_forward",))}
+    assert S.AUTOCAST not in attention, "autocast runs the whole model only"
+    model, attention = _model_runs("--full")
+    assert model == {"float32": (tuple(CONFIGS), workloads), S.AUTOCAST: (tuple(CONFIGS), workloads)}
+    assert S.AUTOCAST not in attention
+    assert _model_runs("--dtypes", "autocast-BF16")[0] == {S.AUTOCAST: (("zh", "large"), workloads)}, \
+        "named in --dtypes: every selected config and workload"
+    assert _model_runs("--configs", "zh")[0][S.AUTOCAST] == ((), ("decoder_forward",)), "filters narrow it too"
+    assert _model_runs("--smoke")[0][S.AUTOCAST] == (("smoke",), ("decoder_forward",))
+
+
+def test_autocast_groups_time_the_float32_reference_its_autocast_and_the_backends(tmp_path):
+    best = runner.best_backend("cpu")
+    assert runner.main(["--smoke", "--dtypes", S.AUTOCAST, "--impls", "reference,torch,best,reference+compile",
+                        "--min-time", "0.01", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    groups = _groups(rows)
+    assert set(groups) == {("model", S.AUTOCAST, w) for w in S.NAMES["workloads"]["model"]}
+    for key, group in groups.items():
+        by = {r["impl"]: r for r in group}
+        assert list(by) == ["reference", "reference+autocast", *dict.fromkeys(["torch", best]), "floor"], key
+        base = by["reference"]
+        assert base["speedup"] == 1.0 and base["note"] == runner.AUTOCAST_BASE_NOTE and base["bounded"] is False, key
+        for r in group[1:]:
+            assert r["speedup"] == pytest.approx(base["median_s"] / r["median_s"]) and "bounded" not in r, key
+    assert runner.report.table(rows).count("float32, not under autocast") == 1, "one footnote for the base rows"
+
+
+def test_workloads_under_autocast_follow_the_amp_recipe():
+    import torch
+
+    cfg = SMOKE
+    reference, data = W.reference_model(cfg, "cpu"), W.inputs(cfg, "cpu")
+    seen = []
+
+    def backward_hook(grad):
+        seen.append(("backward", torch.is_autocast_enabled("cpu")))
+
+    def forward_hook(module, args, out):
+        seen.append((out.dtype, torch.is_autocast_enabled("cpu")))
+        if out.requires_grad:
+            out.register_hook(backward_hook)
+
+    reference.decoder.dense.register_forward_hook(forward_hook)
+    for workload in S.NAMES["workloads"]["model"]:
+        for autocast, dtype in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+            seen.clear()
+            W.build(workload, "reference", reference, cfg, data, autocast)()
+            assert seen and set(seen[:-1] if workload == "train_step" else seen) == {(dtype, autocast is not None)}
+            if workload == "train_step":
+                assert seen[-1] == ("backward", False), "the backward runs outside autocast"
+
+
+def test_autocast_floor_runs_its_gemms_in_bfloat16(monkeypatch):
+    import torch
+
+    cfg = SMOKE
+    reference, data = W.reference_model(cfg, "cpu"), W.inputs(cfg, "cpu")
+    real, dtypes = torch.matmul, set()
+
+    def matmul(a, b, **kwargs):
+        dtypes.update((a.dtype, b.dtype))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", matmul)
+    for workload in S.NAMES["workloads"]["model"]:
+        for autocast, dtype in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+            dtypes.clear()
+            work = runner._floor_work(workload, cfg, reference, data, "cpu", torch.float32, autocast)
+            for fn in work.callables().values():
+                fn()
+            assert dtypes == {dtype}, (workload, autocast)
+    logits = cfg.tgt_steps * cfg.batch * cfg.vocab
+    for workload, fewer in (("decoder_forward", 2 * logits), ("train_step", 2 * logits), ("greedy_decode", 0)):
+        assert W.workload_bytes(workload, cfg, reference, torch.bfloat16) == \
+            W.workload_bytes(workload, cfg, reference) - fewer, "the logits at 2 bytes, not 4"
+
+
+def test_the_float32_base_under_a_bfloat16_floor_is_not_under_the_floor():
+    from rows import group_rows, under_floor
+
+    rows = group_rows("model", "c", S.AUTOCAST, "w", {"reference": 1.0, "cpp": 1.0}, {}, F.Floor(2.0, 2.0, 0.1, 1, 1),
+                      {"reference": dict(bounded=False)})
+    assert [r["impl"] for r in under_floor(rows)] == ["cpp"]
+
+
+@pytest.mark.parametrize("listed, says", [
+    ("AVX2, AVX-512, AVX512-BF16, AMX, AMX-BF16", "AMX-BF16, AVX512-BF16"),
+    ("AVX2, AVX-512, AVX512-BF16", "AVX512-BF16"),
+    ("AVX2, AVX-512", "neither AMX-BF16 nor AVX512-BF16"),
+    ("unknown", "unknown"),
+])
+def test_autocast_table_says_which_bfloat16_units_the_cpu_offered(listed, says):
+    from machine import bf16_units
+
+    assert bf16_units({"instruction sets": listed}) == f"bfloat16 units the CPU offered: {says}"
 
 
 def test_floor_is_the_larger_of_gemm_and_byte_time():
