@@ -59,7 +59,7 @@ class PackedWeight {
   const T* W_ = nullptr;
   at::Tensor stacked_;  // W of several blocks, for the BLAS (which takes one matrix)
   at::Tensor panels_;   // (ceil(N / 16), K, 16) when the panel kernel runs it
-  at::Tensor bf16_;     // W's rows in bfloat16 when the GEMM runs on bfloat16 operands
+  at::Tensor bf16_;     // op(W)^T (N x K) in bfloat16 when the GEMM runs on bfloat16 operands
 };
 
 }  // namespace seq2seq_fast::cpu
