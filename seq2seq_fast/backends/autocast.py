@@ -127,7 +127,7 @@ class CastingBackend:
     def decoder_forward(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
         dtype, out = self.dtype, self.out
         args = (decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype))
-        if self._dense_outside(decoder):
+        if self.dense_outside(decoder):
             with self._running():
                 top, hidden_n, attention = self.inner.decoder_top_states(*args, **self._kwargs)
             Y = self._dense(decoder, top)
@@ -136,13 +136,30 @@ class CastingBackend:
                 Y, hidden_n, attention = self.inner.decoder_forward(*args, **self._kwargs)
         return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
 
-    def _dense_outside(self, decoder):
+    def dense_outside(self, decoder):
         """Whether the output layer runs as torch's own bfloat16 linear after the op: with
         bfloat16 GEMMs, for a weight too large for the op's per-step dense (oneDNN's bfloat16
         GEMM runs (S * B) x V x H about twice as fast as MKL's the op would call)."""
         weight = decoder._modules["dense"]._parameters["weight"]
         return (self._gemms is not contextlib.nullcontext and hasattr(self.inner, "decoder_top_states")
                 and weight.numel() > _OP_DENSE_MAX_VALUES)
+
+    def decoder_top_states(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
+        """The inner backend's ``decoder_top_states`` in the working dtype, for the fused output
+        layer and loss (``linear_masked_ce``)."""
+        dtype = self.dtype
+        with self._running():
+            return self.inner.decoder_top_states(decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens,
+                                                 key_proj.to(dtype), **self._kwargs)
+
+    def linear_masked_ce(self, top, weight, bias, label, valid_len):
+        """The inner backend's fused output layer and loss in the working dtype, returned in the
+        dtype of d2l's loss of the reference's logits (float32 under autocast: its cross-entropy
+        is on autocast's float32 list)."""
+        dtype = self.dtype
+        with self._running():
+            loss = self.inner.linear_masked_ce(top, weight.to(dtype), bias.to(dtype), label, valid_len)
+        return loss.to(loss_dtype(self.device_type, self.out.linear))
 
     def _dense(self, decoder, top):
         """``decoder.dense`` of the top states in bfloat16 (float32 accumulation), as the reference's

@@ -234,10 +234,14 @@ def decoder_masked_ce_loss(decoder, X, state, label, valid_len, loss):
     held whole, ``linear_masked_ce_loss``), else through the logits. Returns the loss (B,)."""
     backend, values, hidden, lens, key_proj, _ = prepare_decoder_call(decoder, X, state)
     dense = decoder._modules["dense"]._parameters
-    if (backend is cpp_ops and cpp_ops.linear_loss_unsupported_reason(values) is None
+    # Under autocast / for a half-precision model the fused op runs in the CastingBackend's
+    # dtype, unless the output layer is one it runs as torch's bfloat16 linear (faster there).
+    casting = type(backend) is CastingBackend
+    if (getattr(backend, "inner", backend) is cpp_ops and not (casting and backend.dense_outside(decoder))
+            and cpp_ops.linear_loss_unsupported_reason(values) is None
             and cpp_ops.loss_unsupported_reason(values, loss) is None):
-        top, _, _ = cpp_ops.decoder_top_states(decoder, X, values, hidden, lens, key_proj)
+        top, _, _ = backend.decoder_top_states(decoder, X, values, hidden, lens, key_proj)
         validation.check_tensor(label, "label")
         label, lens = _loss_targets(label, valid_len)
-        return cpp_ops.linear_masked_ce(top, dense["weight"], dense["bias"], label, lens)
+        return backend.linear_masked_ce(top, dense["weight"], dense["bias"], label, lens)
     return masked_ce_loss(loss, decoder_forward(decoder, X, state)[0], label, valid_len)

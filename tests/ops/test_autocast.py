@@ -328,3 +328,26 @@ def test_wrong_dtypes_are_still_rejected(backend):
     bad = fast.decoder.init_state((enc_outputs.double(), enc_state), src_lens)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="enc_outputs"):
         fast.decoder(tgt, bad)  # autocast makes no float64
+
+
+@CPP
+@pytest.mark.parametrize("sizes", [pytest.param(SMALL, id="small"), *BF16_GEMMS])
+def test_training_loss_under_autocast_matches_reference(sizes):
+    # EncoderDecoder.masked_ce_loss (the trainer's loss): under autocast the output layer and the
+    # loss run fused in float32 (bfloat16 GEMMs where large), or, for an output layer run as
+    # torch's bfloat16 linear, through the logits; either way d2l's loss within the 2x rule.
+    fast, ref, ref64 = _three("cpp", "cpu", sizes=sizes)
+    src, tgt, src_lens, tgt_lens, _ = _inputs("cpu", sizes=sizes)
+
+    def run(net, autocast):
+        net.zero_grad(set_to_none=True)
+        with autocast:
+            if isinstance(net, sf.EncoderDecoder):
+                loss = net.masked_ce_loss(src, tgt, tgt, tgt_lens, src_lens)
+            else:
+                loss = R.MaskedSoftmaxCELoss()(net(src, tgt, src_lens)[0], tgt, tgt_lens)
+        loss.sum().backward()
+        return {"loss": loss.detach(), **{f"grad {n}": p.grad for n, p in net.named_parameters()}}
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    assert_autocast_accuracy(run(fast, autocast), run(ref, autocast), run(ref64, torch.autocast("cpu", enabled=False)))
