@@ -8,7 +8,9 @@
   timed right before). A per-step GEMM has M = B rows and runs once per step; one batched over
   the steps has M = S·B and runs once. With p > 1 CPU threads the faster of two ways counts:
   the BLAS's own threading, or the rows split evenly over the threads, each share at one
-  thread (what the ``cpp`` backend does).
+  thread (what the ``cpp`` backend does). Under autocast the GEMMs run in bfloat16 and in
+  float32, and the faster counts (an implementation may keep GEMMs too small for bfloat16 to
+  pay in float32, as the ``cpp`` backend does).
 * bytes: what the workload must touch at least once (weights read, activations read and
   written) copied once (half read, half written), less a 1-element copy's time.
 
@@ -99,10 +101,24 @@ class FloorWork:
     GEMMS, SPLIT, BYTES = "floor: GEMMs", "floor: GEMMs, rows split over threads", "floor: bytes"
 
     def __init__(self, gemms, nbytes, device, dtype=torch.float32, cap=256 << 20):
+        """``dtype``: the GEMMs' dtype, or a tuple of dtypes each timed (the fastest counts)."""
         self.gemms, self.nbytes, self.device = list(gemms), nbytes, device
         self.threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
         self.seconds = {}  # callable name -> ([fixed cost, one per call], [work, one per call])
-        operands = {}
+        self._fns = {}
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+        for d in dtypes:
+            suffix = "" if len(dtypes) == 1 else f" ({str(d).replace('torch.', '')})"
+            self._add_gemms(d, suffix)
+        self._copy_size = min(max(8, nbytes), cap)
+        src = torch.randn(self._copy_size // 8, device=device)
+        dst, one = torch.empty_like(src), torch.zeros(1, device=device)
+        self._fns[self.BYTES] = self._timed(self.BYTES, lambda: one.copy_(one), lambda: dst.copy_(src))
+
+    def _add_gemms(self, dtype, suffix):
+        """The GEMMs' callables in ``dtype``: the BLAS's threading, and with several threads the
+        rows split over them; named GEMMS and SPLIT plus ``suffix``."""
+        device, operands = self.device, {}
 
         def calls(shape_of):
             out = []
@@ -127,17 +143,13 @@ class FloorWork:
 
         gemm_calls = calls(lambda g: ((g.m, g.n, g.k, g.batch), 1))
         gemm_trivial = trivial(gemm_calls)
-        self._fns = {self.GEMMS: self._timed(self.GEMMS, lambda: _run(gemm_trivial), lambda: _run(gemm_calls))}
+        name = self.GEMMS + suffix
+        self._fns[name] = self._timed(name, lambda: _run(gemm_trivial), lambda: _run(gemm_calls))
         if p > 1:
             split_calls = calls(share)
             split_trivial = trivial(split_calls)
-            self._fns[self.SPLIT] = _one_thread(self._timed(self.SPLIT, lambda: _run(split_trivial),
-                                                            lambda: _run(split_calls)))
-        self._copy_size = min(max(8, nbytes), cap)
-        src = torch.randn(self._copy_size // 8, device=device)
-        dst, one = torch.empty_like(src), torch.zeros(1, device=device)
-        self._fns[self.BYTES] = self._timed(self.BYTES, lambda: one.copy_(one), lambda: dst.copy_(src))
-
+            name = self.SPLIT + suffix
+            self._fns[name] = _one_thread(self._timed(name, lambda: _run(split_trivial), lambda: _run(split_calls)))
     def _timed(self, name, overhead, work):
         """A callable running ``overhead`` then ``work``, recording the time of each."""
         self.seconds[name] = ([], [])
@@ -161,8 +173,7 @@ class FloorWork:
         """The :class:`Floor` from ``seconds`` ({callable name: ([fixed cost], [work]), one per
         call}; default: what the callables recorded): the fastest work less the fastest fixed cost."""
         fastest = {name: max(0.0, min(work) - min(fixed)) for name, (fixed, work) in (seconds or self.seconds).items()}
-        gemm_s = fastest[self.GEMMS]
-        if self.SPLIT in fastest:
-            gemm_s = min(gemm_s, fastest[self.SPLIT] / self.threads)
-        bytes_s = fastest[self.BYTES] * self.nbytes / self._copy_size
+        bytes_s = fastest.pop(self.BYTES) * self.nbytes / self._copy_size
+        # Every GEMMs variant (dtype, threading) is a way to run them all: the fastest counts.
+        gemm_s = min(t / self.threads if name.startswith(self.SPLIT) else t for name, t in fastest.items())
         return Floor(max(gemm_s, bytes_s), gemm_s, bytes_s, sum(g.flops for g in self.gemms), self.nbytes)

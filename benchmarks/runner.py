@@ -155,12 +155,13 @@ def _step_memory(config_name, impl, device, log):
 
 
 def _floor_work(workload, cfg, reference, data, device, dtype, autocast=None):
-    """The floor of a group; under ``autocast`` its GEMMs run in the autocast dtype."""
+    """The floor of a group; under ``autocast`` its GEMMs run in the autocast dtype and in
+    ``dtype``, the faster counting."""
     rows = None
     if workload == "greedy_decode":  # the steps, and rows per step, a greedy decoding really runs
         rows = W.greedy_rows(W.reference_greedy(reference, cfg, data, autocast)())
     return FloorWork(W.workload_gemms(workload, cfg, rows), W.workload_bytes(workload, cfg, reference, autocast),
-                     device, autocast or dtype)
+                     device, (autocast, dtype) if autocast else dtype)
 
 
 def model_rows(configs, workloads, impls, device, dtype_name, min_time, memory, log):
