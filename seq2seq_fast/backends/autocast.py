@@ -166,7 +166,9 @@ class CastingBackend:
         ``nn.Linear`` runs under autocast: the logits in bfloat16."""
         dense = decoder._modules["dense"]._parameters
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return F.linear(top, dense["weight"], dense["bias"])
+            # On the step-major (S, B, H) memory the states are (contiguous: one addmm, the
+            # bias fused), returned as the (B, S, V) view the op's logits are too.
+            return F.linear(top.transpose(0, 1), dense["weight"], dense["bias"]).transpose(0, 1)
 
     def _greedy_loop(self, decoder, enc_outputs, hidden, valid_lens, key_proj, **kwargs):
         dtype = self.dtype
