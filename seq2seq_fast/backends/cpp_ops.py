@@ -296,10 +296,14 @@ def clip_grad_norm_(grads, theta):
     Returns the norm (0-dim); ``None`` when the op cannot take these tensors (the caller falls
     back to torch's multi-tensor ops)."""
     first = grads[0]
-    if (_EXTENSION_ERROR is not None or first.device.type != "cpu" or first.dtype not in _FLOATS
-            or not all(g.dtype == first.dtype and g.device == first.device and g.is_contiguous() for g in grads)):
+    if _EXTENSION_ERROR is not None or first.device.type != "cpu" or first.dtype not in _FLOATS:
         return None
-    return _ops().clip_grad_norm_(grads, theta)
+    try:
+        # The op checks every tensor (one dtype and device, contiguous) before it touches any:
+        # a list it rejects is left as it was, for torch's ops.
+        return _ops().clip_grad_norm_(grads, theta)
+    except (TypeError, ValueError):
+        return None
 
 
 def _clip_fake(grads, theta):

@@ -73,10 +73,9 @@ def test_a_small_models_trainer_step_runs_in_the_scope(threads, monkeypatch):
     _, model = paired_models(23, 8, 16, 2, dtype=torch.float32, backend="cpp")
     assert sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMETERS
     seen = []
-    monkeypatch.setattr(type(Seq2SeqTrainer(model, bos=1, lr=0.01).optimizer), "step",
-                        lambda self, *a, **k: seen.append(torch.get_num_threads()))
     torch.set_num_threads(2)
     trainer = Seq2SeqTrainer(model, bos=1, lr=0.01)
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: seen.append(torch.get_num_threads()))
     X, X_len, Y = batch(B=8)
     trainer.train_step((X, X_len, Y, torch.full((8,), 4)))
     assert seen == [1] and torch.get_num_threads() == 2

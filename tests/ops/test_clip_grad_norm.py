@@ -78,3 +78,12 @@ def test_mixed_dtypes_fall_back_to_the_torch_path():
 def test_bad_input_is_named(grads, theta, error, match):
     with pytest.raises(error, match=match):
         functional.clip_grad_norm_(grads, theta)
+
+
+def test_non_contiguous_and_mixed_device_lists_fall_back_unchanged_until_clipped():
+    # The op rejects the list as a whole (checked before any write), then torch's path clips it.
+    a, b = torch.full((4, 3), 2.0).t(), torch.full((5,), 2.0)
+    norm = functional.clip_grad_norm_([a, b], 1.0)
+    torch.testing.assert_close(norm, torch.tensor(68.0).sqrt())
+    torch.testing.assert_close(b, torch.full((5,), 2.0 / 68 ** 0.5))
+    torch.testing.assert_close(a, torch.full((3, 4), 2.0 / 68 ** 0.5))
