@@ -7,6 +7,7 @@ import subprocess
 import torch
 
 import seq2seq_fast as sf
+from seq2seq_fast.backends import cpp_ops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,7 +50,8 @@ def bf16_units(info):
     listed = info["instruction sets"]
     offered = [unit for unit in BF16_UNITS if unit in listed.split(", ")]
     found = ", ".join(offered) or ("unknown" if listed == "unknown" else "neither " + " nor ".join(BF16_UNITS))
-    return f"bfloat16 units the CPU offered: {found}"
+    line = f"bfloat16 units the CPU offered: {found}"
+    return line + (f"; the cpp ops' bfloat16 GEMMs: {info['cpp bf16 GEMMs']}" if "cpp bf16 GEMMs" in info else "")
 
 
 def _git(*args):
@@ -74,6 +76,8 @@ def machine_info(device):
         "triton": None,
         "seq2seq_fast": sf.__version__,
         "backends": ", ".join(sf.available_backends()),
+        # What the cpp ops' bfloat16 GEMMs (under CPU autocast) run on: amx, mkl or none.
+        "cpp bf16 GEMMs": cpp_ops.bf16_gemm_kernel(),
     }
     try:
         import triton

@@ -24,9 +24,12 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // bfloat16 operands with float32 accumulation (csrc/gemm_precision.h; autocast's and bfloat16
   // models' calls do); returns the previous setting. A backward runs as its forward did.
   m.def("set_bf16_gemm(bool enabled) -> bool");
-  // Whether this CPU runs bfloat16 GEMMs faster than float32 ones (bfloat16 units and a BLAS
-  // entry point for them; timed once per process). Where not, set_bf16_gemm changes nothing.
-  m.def("cpu_bf16_gemm_available() -> bool");
+  // The kernel the CPU ops' bfloat16 GEMMs run on here: "amx" (this extension's AMX tile kernel
+  // for a step loop's weights, MKL's for the rest), "mkl" (MKL's bfloat16 GEMM: AVX512-BF16, or
+  // AMX with SEQ2SEQ_FAST_AMX=0), or "none" where bfloat16 GEMMs are not faster than float32 ones
+  // (no bfloat16 units, no BLAS entry point; timed once per process): set_bf16_gemm then changes
+  // nothing.
+  m.def("cpu_bf16_gemm() -> str");
 
   // ---- the attention decoder (d2l's Seq2SeqAttentionDecoder) ----
   // Shared arguments:

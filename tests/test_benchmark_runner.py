@@ -201,6 +201,8 @@ def test_autocast_table_says_which_bfloat16_units_the_cpu_offered(listed, says):
     from machine import bf16_units
 
     assert bf16_units({"instruction sets": listed}) == f"bfloat16 units the CPU offered: {says}"
+    assert bf16_units({"instruction sets": listed, "cpp bf16 GEMMs": "amx"}) == \
+        f"bfloat16 units the CPU offered: {says}; the cpp ops' bfloat16 GEMMs: amx"
 
 
 def test_floor_is_the_larger_of_gemm_and_byte_time():

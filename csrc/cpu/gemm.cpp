@@ -8,18 +8,15 @@
 #include "cpu/gemm.h"
 
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "cpu/gemm_bf16.h"
 #include "cpu/math.h"
-#include "gemm_precision.h"
 #include "cpu/weight_cache.h"
 #include "cpu/workspace.h"
 
@@ -32,10 +29,6 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's bfloat16 GEMM (float32 accumulation and output), CBLAS row-major convention; bfloat16
-// values as their 16 bits.
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
-                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 
@@ -185,124 +178,12 @@ bool panel_kernel_available() {
 #endif
 }
 
-// ---- bfloat16 GEMMs (csrc/gemm_precision.h) ---------------------------------------------------
-
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enum values
-
-// float32 -> bfloat16 bits, rounded to nearest even as c10::BFloat16 rounds (NaN stays NaN).
-inline uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    return 0x7fc0;
-  }
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// `rows` rows of `cols` values, `ld` apart, into `dst` (rows x cols, contiguous).
-void to_bf16_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* in = src + r * ld;
-    uint16_t* out = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      out[c] = to_bf16(in[c]);
-    }
-  }
-}
-
-// A GEMM's operands in bfloat16, per thread, reused across calls (a decoder step converts one
-// (B, H) state per GEMM; the weights are converted once, in PackedWeight).
-uint16_t* bf16_scratch(int which, int64_t values) {
-  thread_local std::vector<uint16_t> scratch[2];
-  std::vector<uint16_t>& s = scratch[which];
-  if (static_cast<int64_t>(s.size()) < values) {
-    s.resize(static_cast<size_t>(values));
-  }
-  return s.data();
-}
-
-void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda,
-               const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(M < kMax && N < kMax && K < kMax && lda < kMax && ldb < kMax && ldc < kMax,
-              "seq2seq_fast: GEMM sizes exceed the 32-bit BLAS interface");
-  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(M),
-                         static_cast<int>(N), static_cast<int>(K), alpha, A, static_cast<int>(lda), B,
-                         static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
-}
-
-// Seconds of one run of f.
-template <typename F>
-double seconds(const F& f) {
-  const auto start = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-// Whether MKL's bfloat16 GEMM beats sgemm by a margin here, on a decoder step's shape of the
-// large setting (64 x 1536 x 512): with AMX or AVX512-BF16 it runs 2.5-3x faster; without
-// them MKL emulates it, slower than sgemm. Timed once per process (about 20 ms), the two
-// interleaved and each at its fastest, so that a busy machine slows both alike.
-bool bf16_gemm_measured_faster() {
-  constexpr int64_t M = 64, N = 1536, K = 512;
-  std::vector<float> a(M * K, 0.5f), w(N * K, 0.25f), c(M * N);
-  std::vector<uint16_t> a16(M * K), w16(N * K);
-  to_bf16_rows(a.data(), M, K, K, a16.data());
-  to_bf16_rows(w.data(), N, K, K, w16.data());
-  auto run_bf16 = [&] { bf16_gemm(false, true, M, N, K, 1.0f, a16.data(), K, w16.data(), K, 0.0f, c.data(), N); };
-  auto run_f32 = [&] {
-    gemm_impl<float>(sgemm_, false, true, M, N, K, 1.0f, a.data(), K, w.data(), K, 0.0f, c.data(), N);
-  };
-  double bf16 = 1e30, f32 = 1e30;
-  for (int i = 0; i < 10; ++i) {
-    bf16 = std::min(bf16, seconds(run_bf16));
-    f32 = std::min(f32, seconds(run_f32));
-  }
-  return bf16 < 0.8 * f32;
-}
-
-bool bf16_units() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-#else
-  return false;
-#endif
-}
-
-// bfloat16 operands pay for their conversion and win only on large products: K and N of 64 or
-// more and 4M multiply-adds (d2l's zh GEMMs, K = 32, stay float32; a large-setting step's
-// 64 x 1536 x 512 runs about 3x faster in bfloat16 on AMX).
-bool bf16_worth(int64_t M, int64_t N, int64_t K) { return K >= 64 && N >= 64 && M * N * K >= (int64_t(1) << 22); }
-
-bool use_bf16(int64_t M, int64_t N, int64_t K) {
-  return bf16_gemm_enabled() && bf16_worth(M, N, K) && bf16_gemm_available();
-}
-
 }  // namespace
-
-bool bf16_gemm_available() {
-  // SEQ2SEQ_FAST_BF16_GEMM=0 keeps every GEMM float32; =1 uses MKL's bfloat16 GEMM without timing it.
-  static const bool available = [] {
-    const char* flag = std::getenv("SEQ2SEQ_FAST_BF16_GEMM");
-    const std::string setting = flag == nullptr ? "" : flag;
-    if (cblas_gemm_bf16bf16f32 == nullptr || sgemm_ == nullptr || setting == "0") {
-      return false;
-    }
-    return setting == "1" || (bf16_units() && bf16_gemm_measured_faster());
-  }();
-  return available;
-}
 
 void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (use_bf16(M, N, K)) {
-    // op(A) is M x K: A holds M x K rows, or K x M when transposed; likewise B.
-    const int64_t a_rows = ta ? K : M, a_cols = ta ? M : K, b_rows = tb ? N : K, b_cols = tb ? K : N;
-    uint16_t* a = bf16_scratch(0, a_rows * a_cols);
-    uint16_t* b = bf16_scratch(1, b_rows * b_cols);
-    to_bf16_rows(A, a_rows, a_cols, lda, a);
-    to_bf16_rows(B, b_rows, b_cols, ldb, b);
-    bf16_gemm(ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, beta, C, ldc);
+  if (bf16::use(M, N, K)) {
+    bf16::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   gemm_impl<float>(sgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -369,24 +250,9 @@ PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::
       panels_ = derived_from_weights(trans ? 1 : 2, sources_of(blocks, cols), [&] { return pack_panels(trans, N, K, stacked_rows()); });
       return;
     }
-    if (use_bf16(M, N, K)) {
-      // op(W)^T (N x K) in bfloat16: MKL runs A @ B^T faster than A @ B at a step's M = B
-      // rows (10-20 % at 64 x 512 x 1536 here), so both layouts of W take that form.
-      bf16_ = derived_from_weights(trans ? 3 : 4, sources_of(blocks, cols), [&] {
-        const std::vector<const T*> rows = stacked_rows();
-        at::Tensor out = cpu::empty({N, K}, at::TensorOptions().dtype(at::kBFloat16));
-        uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-        for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r) {
-          if (trans) {  // row n of W is row n of op(W)^T
-            to_bf16_rows(rows[r], 1, K, K, dst + r * K);
-          } else {  // row k of W is column k of op(W)^T
-            for (int64_t n = 0; n < N; ++n) {
-              dst[n * K + r] = to_bf16(rows[r][n]);
-            }
-          }
-        }
-        return out;
-      });
+    if (bf16::use(M, N, K)) {
+      bf16_ = derived_from_weights(trans ? 3 : 4, sources_of(blocks, cols),
+                                   [&] { return bf16::pack_weight(trans, N, K, stacked_rows()); });
       return;
     }
   }
@@ -415,10 +281,7 @@ void PackedWeight<T>::gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) c
       return;
     }
     if (bf16_.defined()) {
-      uint16_t* a = bf16_scratch(0, M_ * K_);
-      to_bf16_rows(A, M_, K_, lda, a);
-      bf16_gemm(false, true, M_, N_, K_, 1.0f, a, K_, reinterpret_cast<const uint16_t*>(bf16_.data_ptr()), K_, beta,
-                C, ldc);
+      bf16::weight_gemm(bf16_, M_, N_, K_, A, lda, beta, C, ldc);
       return;
     }
   }
@@ -430,6 +293,3 @@ template class PackedWeight<double>;
 
 }  // namespace seq2seq_fast::cpu
 
-TORCH_LIBRARY_IMPL(seq2seq_fast, CompositeExplicitAutograd, m) {
-  m.impl("cpu_bf16_gemm_available", &seq2seq_fast::cpu::bf16_gemm_available);
-}

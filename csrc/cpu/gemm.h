@@ -1,5 +1,7 @@
 // GEMMs of the CPU step loops on raw pointers: a BLAS entry point, and PackedWeight, the weight
-// operand of a step loop's many GEMMs packed once for a register-blocked panel kernel.
+// operand of a step loop's many GEMMs packed once for a register-blocked panel kernel. Large
+// float32 GEMMs run on bfloat16 operands while the calling thread asks for it
+// (csrc/gemm_precision.h, csrc/cpu/gemm_bf16.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,11 +18,6 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
-// Whether this CPU runs MKL's bfloat16 GEMM faster than sgemm (checked once per process). Where
-// it does, float32 GEMMs of large products run on bfloat16 operands while the calling thread's
-// bf16_gemm_enabled() (csrc/gemm_precision.h); small ones stay float32 (not faster there).
-bool bf16_gemm_available();
-
 template <typename T>
 inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
                  const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
@@ -59,7 +56,7 @@ class PackedWeight {
   const T* W_ = nullptr;
   at::Tensor stacked_;  // W of several blocks, for the BLAS (which takes one matrix)
   at::Tensor panels_;   // (ceil(N / 16), K, 16) when the panel kernel runs it
-  at::Tensor bf16_;     // op(W)^T (N x K) in bfloat16 when the GEMM runs on bfloat16 operands
+  at::Tensor bf16_;     // op(W) in bfloat16 (csrc/cpu/gemm_bf16.h) when the GEMM runs on bfloat16 operands
 };
 
 }  // namespace seq2seq_fast::cpu

@@ -271,10 +271,17 @@ def torch_threads_on_caller():
         _ops().set_cpu_threads(previous)
 
 
+def bf16_gemm_kernel():
+    """What the CPU ops' bfloat16 GEMMs run on here: "amx" (the extension's AMX tile kernel for
+    the step loops' weights, MKL's bfloat16 GEMM for the rest), "mkl" (MKL's: AVX512-BF16, or AMX
+    with ``SEQ2SEQ_FAST_AMX=0``), or "none" (bfloat16 no faster than float32 here; timed once per
+    process by the extension)."""
+    return "none" if _EXTENSION_ERROR is not None else _ops().cpu_bf16_gemm()
+
+
 def bf16_gemm_available():
-    """Whether the CPU ops run their large GEMMs faster on bfloat16 operands here (AMX or
-    AVX512-BF16 and MKL's bfloat16 GEMM; timed once per process by the extension)."""
-    return _EXTENSION_ERROR is None and bool(_ops().cpu_bf16_gemm_available())
+    """Whether the CPU ops run their large GEMMs faster on bfloat16 operands here."""
+    return bf16_gemm_kernel() != "none"
 
 
 @contextlib.contextmanager

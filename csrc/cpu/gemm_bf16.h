@@ -1,0 +1,37 @@
+// bfloat16 GEMMs with float32 accumulation and output, for the CPU ops' float32 GEMMs while the
+// calling thread's bf16_gemm_enabled() (csrc/gemm_precision.h): operands rounded to bfloat16 on
+// the way in. Two kernels: MKL's cblas_gemm_bf16bf16f32 (any GEMM), and for a weight used by
+// many GEMMs (a step loop's) this file's AMX tile kernel on the weight packed once, where the
+// CPU has AMX: at a step's 32-64 rows MKL spends a third of its time re-packing the weight on
+// every call (64 x 1536 x 512: 490 us against 370 with the weight packed; 32 rows: 330 vs 180).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace seq2seq_fast::cpu {
+
+// Whether this CPU runs MKL's bfloat16 GEMM faster than sgemm (timed once per process).
+bool bf16_gemm_available();
+
+namespace bf16 {
+
+// Whether a float32 GEMM of these sizes runs on bfloat16 operands now: the thread's setting is
+// on, bf16_gemm_available(), and the product large enough to pay for rounding its operands.
+bool use(int64_t M, int64_t N, int64_t K);
+
+// Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C on bfloat16-rounded A and B (MKL).
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// The weight operand op(W) (K x N) of many GEMMs C[M, N] = A[M, K] @ op(W) + beta * C, rounded
+// to bfloat16 once, laid out for weight_gemm: `rows` are W's rows (N rows of K values when
+// trans, else K rows of N values).
+at::Tensor pack_weight(bool trans, int64_t N, int64_t K, const std::vector<const float*>& rows);
+void weight_gemm(const at::Tensor& packed, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, float beta,
+                 float* C, int64_t ldc);
+
+}  // namespace bf16
+}  // namespace seq2seq_fast::cpu
