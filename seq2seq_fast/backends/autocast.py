@@ -128,14 +128,14 @@ class CastingBackend:
 
     def decoder_forward(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
         dtype, out = self.dtype, self.out
-        args = (decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype))
         if self.dense_outside(decoder):
-            with self._running():
-                top, hidden_n, attention = self.inner.decoder_top_states(*args, **self._kwargs)
+            top, hidden_n, attention = self.decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj)
             Y = self._dense(decoder, top)
         else:
             with self._running():
-                Y, hidden_n, attention = self.inner.decoder_forward(*args, **self._kwargs)
+                Y, hidden_n, attention = self.inner.decoder_forward(
+                    decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype),
+                    **self._kwargs)
         return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
 
     def dense_outside(self, decoder):
