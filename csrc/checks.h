@@ -562,11 +562,12 @@ inline at::Tensor loss_rows(const at::Tensor& pred) {
   return pred.transpose(0, 1).is_contiguous() ? pred : pred.contiguous();
 }
 
-// What masked_ce_loss_backward reads besides the forward's arguments: grad_loss (B,), lse (B, S).
+// What masked_ce_loss_backward reads besides the forward's arguments: grad_loss (B,), lse (B, S),
+// on `loss`: the device and dtype of the forward's loss.
 inline void check_loss_backward(const Sizes& s, const at::Tensor& grad_loss, const at::Tensor& lse,
-                                const Placement& on) {
-  check_float(grad_loss, "grad_loss", on, {s.B});
-  check_float(lse, "lse", on, {s.B, s.S});
+                                const Placement& loss) {
+  check_float(grad_loss, "grad_loss", loss, {s.B});
+  check_float(lse, "lse", loss, {s.B, s.S});
 }
 
 // keep_mask's like (its dtype one of `allowed`; the dispatcher chose the device) and p in [0, 1].

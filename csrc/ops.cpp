@@ -86,14 +86,16 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // probability 1 - p, else 0, from a counter-based stream keyed by torch's default generator of
   // like's device (CPU: float32/float64; CUDA also float16/bfloat16; see csrc/random.h).
   m.def("keep_mask(Tensor like, SymInt[] size, float p) -> Tensor");
-  // d2l's MaskedSoftmaxCELoss: pred (B, S, V >= 1) logits (CPU: float32/float64; CUDA also
-  // float16/bfloat16, accumulated in float32), label (B, S) int64
+  // d2l's MaskedSoftmaxCELoss: pred (B, S, V >= 1) logits (CPU: float32/float64/bfloat16; CUDA
+  // float16/bfloat16/float32/float64; half types accumulated in float32), label (B, S) int64
   // ids in [0, V), valid_len (B,) int64 >= 0 (called valid_lens in error messages).
   // Returns loss (B,) = mean over the S steps of the cross-entropy, steps >= valid_len weighted 0,
-  // and the log-sum-exp (B, S) of every row, which the backward reads.
+  // and the log-sum-exp (B, S) of every row, which the backward reads; both in pred's dtype, but
+  // float32 for bfloat16 pred on CPU (autocast's logits, whose loss d2l computes in float32).
   m.def("masked_ce_loss(Tensor pred, Tensor label, Tensor valid_len) -> (Tensor loss, Tensor lse)");
-  // Gradient of masked_ce_loss w.r.t. pred, laid out as pred's memory when pred is a (B, S, V)
-  // view of step-major (S, B, V) logits, else contiguous.
+  // Gradient of masked_ce_loss w.r.t. pred, in pred's dtype, laid out as pred's memory when pred
+  // is a (B, S, V) view of step-major (S, B, V) logits, else contiguous; grad_loss and lse in the
+  // loss's dtype.
   m.def(
       "masked_ce_loss_backward(Tensor grad_loss, Tensor pred, Tensor label, Tensor valid_len, Tensor lse) "
       "-> Tensor grad_pred");

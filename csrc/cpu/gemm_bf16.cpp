@@ -20,6 +20,7 @@
 #endif
 
 #include "cpu/gemm.h"
+#include "cpu/math.h"
 #include "cpu/workspace.h"
 #include "gemm_precision.h"
 
@@ -34,16 +35,6 @@ namespace seq2seq_fast::cpu {
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enum values
-
-// float32 -> bfloat16 bits, rounded to nearest even as c10::BFloat16 rounds (NaN stays NaN).
-inline uint16_t round_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    return 0x7fc0;
-  }
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // `rows` rows of `cols` values, `ld` apart, into `dst` (rows of `dst_cols` >= cols values, the
 // rest zero).

@@ -91,4 +91,21 @@ SEQ2SEQ_FAST_INLINE T tanh_t(T x) {
   }
 }
 
+// bfloat16 as its 16 bits: float32 -> bfloat16 rounded to nearest even as c10::BFloat16 rounds
+// (NaN stays NaN), and back (exact). Written on the bits so that row loops over them vectorize.
+SEQ2SEQ_FAST_INLINE uint16_t round_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return 0x7fc0;
+  }
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+SEQ2SEQ_FAST_INLINE float widen_bf16(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
 }  // namespace seq2seq_fast::cpu

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <vector>
 
 namespace seq2seq_fast::cpu {
 namespace {
@@ -268,19 +269,37 @@ SEQ2SEQ_FAST_INLINE void argmax_rows_impl(const T* Y, int64_t rows, int64_t V, i
   }
 }
 
-// Rows [r0, r1) of the B * S rows, row r = (b, s) = (r / S, r % S).
+// The loss rows: row r = (b, s) = (r / S, r % S) of the B * S rows starts at this offset.
+SEQ2SEQ_FAST_INLINE int64_t ce_row_offset(int64_t r, int64_t S, int64_t stride_b, int64_t stride_s) {
+  return (r / S) * stride_b + (r % S) * stride_s;
+}
+
+template <typename T>
+SEQ2SEQ_FAST_INLINE T log_sum_exp(const T* x, int64_t V) {
+  const T m = row_max<T>(x, V);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t v = 0; v < V; ++v) {
+    sum += exp_t<T>(x[v] - m);
+  }
+  return m + std::log(sum);
+}
+
+// g = scale * (softmax(x) - one_hot(label)), from the row's log-sum-exp; g may be x.
+template <typename T>
+SEQ2SEQ_FAST_INLINE void ce_grad_row(const T* x, int64_t V, T lse, T scale, int64_t label, T* g) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    g[v] = scale * exp_t<T>(x[v] - lse);
+  }
+  g[label] -= scale;
+}
+
 template <typename T>
 SEQ2SEQ_FAST_INLINE void cross_entropy_forward_rows(const CeFwd& p, int64_t r0, int64_t r1) {
-  const int64_t V = p.V;
   for (int64_t r = r0; r < r1; ++r) {
-    const T* x = static_cast<const T*>(p.x) + (r / p.S) * p.stride_b + (r % p.S) * p.stride_s;
-    const T m = row_max<T>(x, V);
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t v = 0; v < V; ++v) {
-      sum += exp_t<T>(x[v] - m);
-    }
-    const T lse = m + std::log(sum);
+    const T* x = static_cast<const T*>(p.x) + ce_row_offset(r, p.S, p.stride_b, p.stride_s);
+    const T lse = log_sum_exp<T>(x, p.V);
     static_cast<T*>(p.lse)[r] = lse;
     static_cast<T*>(p.nll)[r] = lse - x[p.label[r]];
   }
@@ -288,18 +307,10 @@ SEQ2SEQ_FAST_INLINE void cross_entropy_forward_rows(const CeFwd& p, int64_t r0, 
 
 template <typename T>
 SEQ2SEQ_FAST_INLINE void cross_entropy_backward_rows(const CeBwd& p, int64_t r0, int64_t r1) {
-  const int64_t V = p.V;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t offset = (r / p.S) * p.stride_b + (r % p.S) * p.stride_s;
-    const T* x = static_cast<const T*>(p.x) + offset;
-    T* g = static_cast<T*>(p.grad) + offset;
-    const T lse = static_cast<const T*>(p.lse)[r];
-    const T scale = static_cast<const T*>(p.scale)[r];
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      g[v] = scale * exp_t<T>(x[v] - lse);
-    }
-    g[p.label[r]] -= scale;
+    const int64_t offset = ce_row_offset(r, p.S, p.stride_b, p.stride_s);
+    ce_grad_row<T>(static_cast<const T*>(p.x) + offset, p.V, static_cast<const T*>(p.lse)[r],
+                   static_cast<const T*>(p.scale)[r], p.label[r], static_cast<T*>(p.grad) + offset);
   }
 }
 
@@ -346,6 +357,40 @@ SEQ2SEQ_FAST_CLONES void cross_entropy_forward_f32(const CeFwd& p, int64_t r0, i
 }
 SEQ2SEQ_FAST_CLONES void cross_entropy_backward_f32(const CeBwd& p, int64_t r0, int64_t r1) {
   cross_entropy_backward_rows<float>(p, r0, r1);
+}
+
+// bfloat16 logits: each row widened into `row` (V floats), the float math, the gradient rounded
+// back to bfloat16.
+SEQ2SEQ_FAST_CLONES void cross_entropy_forward_bf16_rows(const CeFwd& p, int64_t r0, int64_t r1, float* row) {
+  const int64_t V = p.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* x = static_cast<const uint16_t*>(p.x) + ce_row_offset(r, p.S, p.stride_b, p.stride_s);
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      row[v] = widen_bf16(x[v]);
+    }
+    const float lse = log_sum_exp<float>(row, V);
+    static_cast<float*>(p.lse)[r] = lse;
+    static_cast<float*>(p.nll)[r] = lse - row[p.label[r]];
+  }
+}
+SEQ2SEQ_FAST_CLONES void cross_entropy_backward_bf16_rows(const CeBwd& p, int64_t r0, int64_t r1, float* row) {
+  const int64_t V = p.V;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t offset = ce_row_offset(r, p.S, p.stride_b, p.stride_s);
+    const uint16_t* x = static_cast<const uint16_t*>(p.x) + offset;
+    uint16_t* g = static_cast<uint16_t*>(p.grad) + offset;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      row[v] = widen_bf16(x[v]);
+    }
+    ce_grad_row<float>(row, V, static_cast<const float*>(p.lse)[r], static_cast<const float*>(p.scale)[r],
+                       p.label[r], row);
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      g[v] = round_bf16(row[v]);
+    }
+  }
 }
 
 template <typename T, typename P, typename F32, typename F64>
@@ -442,6 +487,19 @@ void cross_entropy_forward(const CeFwd& p) {
 template <typename T>
 void cross_entropy_backward(const CeBwd& p) {
   run_rows<T>(p, p.B * p.S, 20 * p.V, cross_entropy_backward_f32, cross_entropy_backward_rows<double>);
+}
+
+void cross_entropy_forward_bf16(const CeFwd& p) {
+  parallel_ranges(p.B * p.S, grain_rows(30 * p.V), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(p.V);
+    cross_entropy_forward_bf16_rows(p, r0, r1, row.data());
+  });
+}
+void cross_entropy_backward_bf16(const CeBwd& p) {
+  parallel_ranges(p.B * p.S, grain_rows(20 * p.V), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(p.V);
+    cross_entropy_backward_bf16_rows(p, r0, r1, row.data());
+  });
 }
 
 template void cross_entropy_forward<float>(const CeFwd&);

@@ -129,6 +129,9 @@ template <typename T>
 void cross_entropy_forward(const CeFwd& p);
 template <typename T>
 void cross_entropy_backward(const CeBwd& p);
+// The same on bfloat16 logits: x and grad bfloat16; lse, nll and scale float32; the math in float32.
+void cross_entropy_forward_bf16(const CeFwd& p);
+void cross_entropy_backward_bf16(const CeBwd& p);
 
 // Rows per parallel chunk so that each chunk does at least `work` element operations: a
 // d2l-sized step (B = 64, H = 32) stays on one thread, where a fork/join costs more than it saves.

@@ -22,7 +22,7 @@ NAME = "cpp"
 CHECKS_INPUTS = True
 
 _FLOATS = (torch.float32, torch.float64)
-_HALVES = (torch.float16, torch.bfloat16)  # CUDA kernels only (fp32 accumulation)
+_HALVES = (torch.float16, torch.bfloat16)  # the CUDA kernels (fp32 accumulation); on CPU the loss takes bfloat16
 
 
 def unsupported_reason(device_type, dtype, grad_mode):
@@ -236,7 +236,7 @@ def loss_unsupported_reason(pred, loss_module):
     """``None`` if the fused op can compute ``loss_module``'s loss of ``pred``, else why not. On
     CUDA only once ``make gpu-check`` verified the cpp path there (MaskedSoftmaxCELoss has no
     backend argument: it is always "auto")."""
-    reason = _fused_reason("the fused loss", pred, _LOSS_KERNEL_MISSING)
+    reason = _fused_reason("the fused loss", pred, _LOSS_KERNEL_MISSING, cpu_dtypes=_FLOATS + (torch.bfloat16,))
     if reason is not None:
         return reason
     if loss_module.weight is not None or loss_module.label_smoothing != 0 or loss_module.ignore_index >= 0:
@@ -246,7 +246,8 @@ def loss_unsupported_reason(pred, loss_module):
 
 def masked_ce_loss(pred, label, valid_len):
     """d2l's masked softmax cross-entropy (B,) of logits ``pred`` (B, S, V), ``label`` (B, S)
-    and ``valid_len`` int64 (B,), fused in one pass (differentiable w.r.t. ``pred``)."""
+    and ``valid_len`` int64 (B,), fused in one pass (differentiable w.r.t. ``pred``); float32
+    for bfloat16 logits on CPU."""
     return _ops().masked_ce_loss(pred, label, valid_len)[0]
 
 
@@ -329,17 +330,19 @@ def linear_loss_unsupported_reason(hidden):
     return _fused_reason("the fused output layer + loss", hidden, _LINEAR_LOSS_KERNEL_MISSING)
 
 
-def _fused_reason(what, tensor, kernel_missing):
+def _fused_reason(what, tensor, kernel_missing, cpu_dtypes=_FLOATS):
     """Why op ``what`` cannot run on ``tensor``'s device and dtype (``kernel_missing``: {device:
-    None, or why its kernel is missing}), or None: CPU and, once ``make gpu-check`` verified the
-    cpp path, CUDA; float32/float64, on CUDA also float16/bfloat16."""
+    None, or why its kernel is missing}), or None: CPU in ``cpu_dtypes`` and, once ``make
+    gpu-check`` verified the cpp path, CUDA in float32/float64/float16/bfloat16."""
     device = tensor.device.type
     if device not in kernel_missing:
         return f"{what} runs on CPU and CUDA, not {device}"
     if device == "cuda" and not gpu_verified("cpp", "cuda"):
         return f"{what}'s CUDA code has not run on a GPU yet (make gpu-check)"
-    if tensor.dtype not in (_FLOATS + _HALVES if device == "cuda" else _FLOATS):
-        return f"{what} runs on {device} in float32 and float64 (CUDA also float16, bfloat16), not {tensor.dtype}"
+    allowed = _FLOATS + _HALVES if device == "cuda" else cpu_dtypes
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in allowed)
+        return f"{what} runs on {device} in {names}, not {tensor.dtype}"
     return kernel_missing[device]
 
 
@@ -362,7 +365,9 @@ def _keep_mask_fake(like, size, p):
 
 
 def _loss_fake(pred, label, valid_len):
-    return pred.new_empty(pred.shape[:1]), pred.new_empty(pred.shape[:2])
+    # float32 for bfloat16 logits on CPU (csrc/ops.cpp)
+    dtype = torch.float32 if pred.dtype == torch.bfloat16 and pred.device.type == "cpu" else pred.dtype
+    return pred.new_empty(pred.shape[:1], dtype=dtype), pred.new_empty(pred.shape[:2], dtype=dtype)
 
 
 def _loss_backward_fake(grad_loss, pred, label, valid_len, lse):

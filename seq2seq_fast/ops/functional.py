@@ -153,11 +153,18 @@ def masked_ce_loss(loss, pred, label, valid_len):
     device_type = pred.device.type
     autocast = torch.is_autocast_enabled(device_type)
     if pred.dtype in _HALVES and (autocast or device_type == "cpu"):
-        # float16 / bfloat16 logits under autocast or on CPU: the loss in float32 (the fused op's
-        # dtype on CPU), returned in the dtype of d2l's loss (under the same autocast).
+        # float16 / bfloat16 logits under autocast or on CPU: the loss in float32, returned in the
+        # dtype of d2l's loss (under the same autocast). The fused CPU op reads bfloat16 logits
+        # as they are; others are cast up first.
         dtype = loss_dtype(device_type, pred.dtype) if autocast else pred.dtype
+        if device_type != "cpu" or cpp_ops.loss_unsupported_reason(pred, loss) is not None:
+            pred = pred.float()
         with torch.autocast(device_type, enabled=False):
-            return masked_ce_loss(loss, pred.float(), label, valid_len).to(dtype)
+            return _masked_ce_loss(loss, pred, label, valid_len).to(dtype)
+    return _masked_ce_loss(loss, pred, label, valid_len)
+
+
+def _masked_ce_loss(loss, pred, label, valid_len):
     if cpp_ops.loss_unsupported_reason(pred, loss) is None:
         # One fused pass (CPU; CUDA once verified); the op checks its arguments. Only d2l's loose inputs are made
         # what it takes.

@@ -47,6 +47,34 @@ def test_loss_and_gradient_match_d2l(shape, layout, dtype):
     assert grad_actual.stride() == pred.stride(), "the gradient keeps the logits' layout"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "step-major"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 7, 13), (64, 10, 201), (3, 4, 1000)], ids=str)
+def test_bfloat16_logits_are_read_as_they_are(shape, layout):
+    """bfloat16 logits (autocast's): the loss and lse in float32 equal to the float64 loss of the
+    same values, the gradient in bfloat16 equal to the float64 gradient rounded once."""
+    pred, label, valid_len = case(*shape, torch.bfloat16, layout)
+    exact = pred.detach().double().requires_grad_()
+    expected = R.MaskedSoftmaxCELoss()(exact, label, valid_len)
+    loss, lse = torch.ops.seq2seq_fast.masked_ce_loss(pred.detach(), label, valid_len)
+    assert loss.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(loss, expected.float(), atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(exact, dim=2), atol=2e-6, rtol=2e-5)
+    g = torch.randn(shape[0])
+    (grad_expected,) = torch.autograd.grad(expected, exact, g.double())
+    (grad_actual,) = torch.autograd.grad(loss_op(pred, label, valid_len), pred, g)
+    assert grad_actual.dtype == torch.bfloat16 and grad_actual.stride() == pred.stride()
+    # One rounding to bfloat16 (8 bits): within an ulp of the exact gradient rounded.
+    torch.testing.assert_close(grad_actual.double(), grad_expected, atol=1e-6, rtol=2 ** -7)
+
+
+def test_bfloat16_opcheck():
+    pred, label, valid_len = case(3, 4, 5, torch.bfloat16, "step-major")
+    torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss.default, (pred, label, valid_len))
+    _, lse = torch.ops.seq2seq_fast.masked_ce_loss(pred.detach(), label, valid_len)
+    torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss_backward.default,
+                          (torch.randn(3), pred.detach(), label, valid_len, lse))
+
+
 def test_other_strides_are_made_contiguous():
     _, label, valid_len = case(4, 6, 9, torch.float64, "contiguous")
     v_strided = torch.randn(4, 9, 6, dtype=torch.float64).transpose(1, 2)  # V not contiguous
@@ -97,8 +125,12 @@ def test_bad_inputs_raise_named_errors():
         ops.masked_ce_loss(pred, torch.full_like(label, 5), valid_len)
     with pytest.raises(IndexError, match="label holds token id -1"):
         ops.masked_ce_loss(pred, torch.full_like(label, -1), valid_len)
-    with pytest.raises(TypeError, match="pred must be float32 or float64"):
+    with pytest.raises(TypeError, match="pred must be float32, float64 or bfloat16, got Half"):
         ops.masked_ce_loss(pred.half(), label, valid_len)
+    _, lse = ops.masked_ce_loss(pred.detach().bfloat16(), label, valid_len)
+    with pytest.raises(TypeError, match=r"grad_loss must have dtype Float \(the dtype of the loss\), got BFloat16"):
+        ops.masked_ce_loss_backward(torch.ones(3, dtype=torch.bfloat16), pred.detach().bfloat16(), label, valid_len,
+                                    lse)
     with pytest.raises(TypeError, match="label must hold int64"):
         ops.masked_ce_loss(pred, label.int(), valid_len)
     with pytest.raises(ValueError, match=r"label must have shape \[3, 4\]"):
