@@ -304,6 +304,28 @@ def test_bf16_gemms_of_one_step_calls_and_greedy(sizes):
 
 
 @CPP
+def test_inference_output_layer_follows_its_weights():
+    # An output layer run after the op keeps its bfloat16 weight between inference calls: changed
+    # in place (as an optimizer does), the next call must use the new values.
+    sizes = BF16_GEMMS[1].values[0]
+    fast, ref, _ = _three("cpp", "cpu", sizes=sizes)
+    src, tgt, src_lens, _, _ = _inputs("cpu", sizes=sizes)
+    fast.eval(), ref.eval()
+
+    def logits(net):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(src, tgt, src_lens)[0].float()
+
+    for change in (lambda dense: dense.weight.mul_(-2), lambda dense: dense.bias.add_(5)):
+        logits(fast)
+        with torch.no_grad():
+            change(fast.decoder.dense), change(ref.decoder.dense)
+        actual, expected = logits(fast), logits(ref)
+        # bfloat16 logits: a few of their ulps apart; a stale weight is off by their size.
+        assert (actual - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@CPP
 @pytest.mark.parametrize("sizes", BF16_GEMMS)
 def test_bfloat16_model_with_bf16_gemms_matches_reference(sizes):
     assert_autocast_accuracy(*_bfloat16_run("cpp", sizes))
