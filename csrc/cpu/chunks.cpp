@@ -192,6 +192,8 @@ CallerOnly::~CallerOnly() {
   restore_blas({omp_threads_, mkl_threads_});
 }
 
+int64_t chunk_threads() { return call_threads(); }
+
 int64_t set_cpu_threads(int64_t threads) {
   TORCH_CHECK_VALUE(threads >= 0 && threads <= 4096, "seq2seq_fast: threads must be in [0, 4096] (0: torch's count), got ",
                     threads);

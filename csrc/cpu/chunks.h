@@ -23,6 +23,9 @@ namespace seq2seq_fast::cpu {
 // another thread's call is running.
 void run_chunks(int64_t count, c10::function_ref<void(int64_t)> task);
 
+// The threads run_chunks splits a call over now.
+int64_t chunk_threads();
+
 // The threads run_chunks splits over from now on, whatever torch's own count (0: torch's count,
 // at::get_num_threads()); returns the previous setting. The op set_cpu_threads (csrc/ops.cpp).
 int64_t set_cpu_threads(int64_t threads);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -19,6 +20,7 @@
 #define SEQ2SEQ_FAST_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 #endif
 
+#include "cpu/chunks.h"
 #include "cpu/gemm.h"
 #include "cpu/math.h"
 #include "cpu/workspace.h"
@@ -135,8 +137,10 @@ SEQ2SEQ_FAST_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t K32, const u
   alignas(64) float edge[4][kTile * kTile];
   const int64_t panel_values = K32 * kTile;  // bfloat16 values of one packed panel
   const int64_t rows_a = round_up(M, kBlock), panels_b = round_up(N, kBlock) / kTile;
-  for (int64_t m = 0; m < rows_a; m += kBlock) {
-    for (int64_t p = 0; p < panels_b; p += 2) {
+  // Panels outer: each pair of weight panels is read from memory once and stays in cache for
+  // every row block (a step loop's weights do not fit in L2; its A, a step's rows, does).
+  for (int64_t p = 0; p < panels_b; p += 2) {
+    for (int64_t m = 0; m < rows_a; m += kBlock) {
       const bool inside = m + kBlock <= M && (p + 2) * kTile <= N;
       float* c = C + m * ldc + p * kTile;
       // Each accumulator tile's place: in C, or (a block over C's edge) in `edge`.
@@ -293,7 +297,17 @@ void weight_gemm(const at::Tensor& packed, int64_t M, int64_t N, int64_t K, cons
     uint16_t* a = scratch(0, rows * K32);
     round_rows(A, M, K, lda, a, K32);
     std::fill(a + M * K32, a + rows * K32, uint16_t(0));
-    amx_gemm(M, N, K32, a, w, beta != 0.0f, C, ldc);
+    // Column blocks over the threads: each streams only its share of the weight, which is what
+    // bounds a step's GEMM (its few rows reuse each weight value M times at most). Two chunks
+    // per thread, claimed as threads come free, of at least kChunkFlops each.
+    constexpr double kChunkFlops = 8e6;
+    const int64_t blocks = round_up(N, kBlock) / kBlock;
+    const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / (2.0 * double(M) * kBlock * K)));
+    const int64_t grain = std::max(by_work, (blocks + 2 * chunk_threads() - 1) / (2 * chunk_threads()));
+    parallel_ranges(blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * kBlock, n1 = std::min(N, b1 * kBlock);
+      amx_gemm(M, n1 - n0, K32, a, w + n0 * K32, beta != 0.0f, C + n0, ldc);
+    });
     return;
   }
 #endif
