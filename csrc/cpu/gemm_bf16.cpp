@@ -23,6 +23,7 @@
 #include "cpu/chunks.h"
 #include "cpu/gemm.h"
 #include "cpu/math.h"
+#include "cpu/rows.h"
 #include "cpu/workspace.h"
 #include "gemm_precision.h"
 
@@ -38,17 +39,24 @@ namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enum values
 
-// `rows` rows of `cols` values, `ld` apart, into `dst` (rows of `dst_cols` >= cols values, the
-// rest zero).
-void round_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst, int64_t dst_cols) {
-  for (int64_t r = 0; r < rows; ++r) {
+SEQ2SEQ_FAST_CLONES void round_row_range(const float* src, int64_t r0, int64_t r1, int64_t cols, int64_t ld,
+                                         uint16_t* dst, int64_t dst_cols) {
+  for (int64_t r = r0; r < r1; ++r) {
     const float* in = src + r * ld;
     uint16_t* out = dst + r * dst_cols;
+#pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
       out[c] = round_bf16(in[c]);
     }
     std::fill(out + cols, out + dst_cols, uint16_t(0));
   }
+}
+
+// `rows` rows of `cols` values, `ld` apart, into `dst` (rows of `dst_cols` >= cols values, the
+// rest zero); a batched GEMM's operands (millions of values) over the ops' threads.
+void round_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst, int64_t dst_cols) {
+  parallel_ranges(rows, grain_rows(cols, int64_t(1) << 18),
+                  [&](int64_t r0, int64_t r1) { round_row_range(src, r0, r1, cols, ld, dst, dst_cols); });
 }
 
 // A GEMM's operands in bfloat16, per thread, reused across calls (a decoder step rounds one
