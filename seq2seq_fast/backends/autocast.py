@@ -15,10 +15,9 @@ casts are differentiable: gradients reach the parameters in their own dtype.
 
 Low-precision compute: on CPU under bfloat16 autocast (float32 models) and for bfloat16 models,
 the ``cpp`` ops run their large GEMMs on bfloat16 operands with float32 accumulation, where the
-CPU has bfloat16 units (``cpp_ops.bf16_gemms``); gates, softmax, scores, loss and the recurrent
+CPU has bfloat16 units (``cpp_ops.set_bf16_gemm``); gates, softmax, scores, loss and the recurrent
 state stay float32, so the result is at least as accurate as the reference's under autocast.
 """
-import contextlib
 import warnings
 import weakref
 from typing import NamedTuple
@@ -88,6 +87,29 @@ def cast_up(tensor, dtype):
     return tensor
 
 
+class _Running:
+    """The scope of one inner call: autocast off on ``device_type`` and, with ``set_bf16_gemm``,
+    bfloat16 GEMMs on; both restored after. Set directly, not through ``torch.autocast``, whose
+    context costs several microseconds (a d2l zh training step makes three such calls). One
+    object per call: a backend serves every thread."""
+    __slots__ = ("device_type", "set_bf16_gemm", "autocast", "bf16_gemm")
+
+    def __init__(self, device_type, set_bf16_gemm):
+        self.device_type = device_type
+        self.set_bf16_gemm = set_bf16_gemm
+
+    def __enter__(self):
+        self.autocast = torch.is_autocast_enabled(self.device_type)
+        torch.set_autocast_enabled(self.device_type, False)
+        if self.set_bf16_gemm is not None:
+            self.bf16_gemm = self.set_bf16_gemm(True)
+
+    def __exit__(self, *exc):
+        if self.set_bf16_gemm is not None:
+            self.set_bf16_gemm(self.bf16_gemm)
+        torch.set_autocast_enabled(self.device_type, self.autocast)
+
+
 class CastingBackend:
     """Backend module ``inner`` run in ``dtype`` for a model whose parameters are of
     ``param_dtype``, its outputs cast to ``out``'s dtypes: under autocast (``autocast=True``;
@@ -107,20 +129,18 @@ class CastingBackend:
         self._kwargs = {} if dtype == param_dtype else {"params_dtype": dtype}
         # bfloat16 GEMMs (float32 accumulation) where the inner backend offers them and they are
         # faster here (the extension times them once, now, outside any parallel region): its
-        # bf16_gemms() scope around each call, else none.
-        fast_bf16 = bf16_gemm and hasattr(inner, "bf16_gemms") and inner.bf16_gemm_available()
-        self._gemms = inner.bf16_gemms if fast_bf16 else contextlib.nullcontext
+        # setter, switched on around each call, else None.
+        fast_bf16 = bf16_gemm and hasattr(inner, "set_bf16_gemm") and inner.bf16_gemm_available()
+        self._set_bf16_gemm = inner.set_bf16_gemm if fast_bf16 else None
         if hasattr(inner, "greedy_loop"):
             self.greedy_loop = self._greedy_loop
 
     def autocast_off(self):
-        return torch.autocast(self.device_type, enabled=False)
+        return _Running(self.device_type, None)
 
-    @contextlib.contextmanager
     def _running(self):
         """Around each inner call: autocast off, and the GEMM precision chosen."""
-        with self.autocast_off(), self._gemms():
-            yield
+        return _Running(self.device_type, self._set_bf16_gemm)
 
     def accepts(self, dtype):
         """Whether an activation of ``dtype`` fits: the parameters' dtype, or under autocast
@@ -144,7 +164,7 @@ class CastingBackend:
         bfloat16 GEMMs, for a weight too large for the op's per-step dense (oneDNN's bfloat16
         GEMM runs (S * B) x V x H about twice as fast as MKL's the op would call)."""
         weight = decoder._modules["dense"]._parameters["weight"]
-        return (self._gemms is not contextlib.nullcontext and hasattr(self.inner, "decoder_top_states")
+        return (self._set_bf16_gemm is not None and hasattr(self.inner, "decoder_top_states")
                 and weight.numel() > _OP_DENSE_MAX_VALUES)
 
     def decoder_top_states(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):

@@ -285,17 +285,13 @@ def bf16_gemm_available():
     return bf16_gemm_kernel() != "none"
 
 
-@contextlib.contextmanager
-def bf16_gemms():
-    """The CPU ops called inside (and the backward of those that record one) run their large
-    GEMMs on bfloat16 operands with float32 accumulation where ``bf16_gemm_available()``: the
-    precision autocast asks for. The GRU gates, softmax, attention scores, loss and recurrent
-    state stay float32; small GEMMs stay float32 (not faster in bfloat16)."""
-    previous = _ops().set_bf16_gemm(True)
-    try:
-        yield
-    finally:
-        _ops().set_bf16_gemm(previous)
+def set_bf16_gemm(enabled):
+    """Whether the CPU ops this thread calls from now on (and the backward of those that record
+    one) run their large GEMMs on bfloat16 operands with float32 accumulation, where
+    ``bf16_gemm_available()``: the precision autocast asks for. The GRU gates, softmax, attention
+    scores, loss and recurrent state stay float32; small GEMMs stay float32 (not faster in
+    bfloat16). Returns the previous setting."""
+    return _ops().set_bf16_gemm(enabled)
 
 
 def clip_grad_norm_(grads, theta):
