@@ -67,14 +67,6 @@ def test_bfloat16_logits_are_read_as_they_are(shape, layout):
     torch.testing.assert_close(grad_actual.double(), grad_expected, atol=1e-6, rtol=2 ** -7)
 
 
-def test_bfloat16_opcheck():
-    pred, label, valid_len = case(3, 4, 5, torch.bfloat16, "step-major")
-    torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss.default, (pred, label, valid_len))
-    _, lse = torch.ops.seq2seq_fast.masked_ce_loss(pred.detach(), label, valid_len)
-    torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss_backward.default,
-                          (torch.randn(3), pred.detach(), label, valid_len, lse))
-
-
 def test_other_strides_are_made_contiguous():
     _, label, valid_len = case(4, 6, 9, torch.float64, "contiguous")
     v_strided = torch.randn(4, 9, 6, dtype=torch.float64).transpose(1, 2)  # V not contiguous
@@ -100,8 +92,9 @@ def test_gradcheck_float64():
         torch.autograd.gradcheck(lambda p: loss_op(p, label, valid_len), (pred,))
 
 
-def test_opcheck_both_ops():
-    pred, label, valid_len = case(3, 4, 5, torch.float32, "step-major")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_both_ops(dtype):
+    pred, label, valid_len = case(3, 4, 5, dtype, "step-major")
     torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss.default, (pred, label, valid_len))
     _, lse = torch.ops.seq2seq_fast.masked_ce_loss(pred.detach(), label, valid_len)
     torch.library.opcheck(torch.ops.seq2seq_fast.masked_ce_loss_backward.default,
