@@ -229,10 +229,18 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
         cli.main(["translate", "--checkpoint", text, "--debug"])
 
 
+def _sigint_as_in_a_terminal():
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that (Python then
+    # installs no KeyboardInterrupt handler): a suite run in the background, as `make test &`
+    # or `nohup`, would otherwise send its Ctrl-C to a child that cannot get it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupt_ends_in_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "seq2seq_fast", "demo", "--steps", "100000", "--time-budget", "0",
                              "--num-train", "300", "--num-test", "8", "--quiet"], cwd=tmp_path, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         assert proc.stdout.readline().startswith("seq2seq_fast demo:"), "the demo starts training"
         proc.send_signal(signal.SIGINT)
