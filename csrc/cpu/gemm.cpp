@@ -234,6 +234,11 @@ template <typename T>
 PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::initializer_list<RowBlock<T>> blocks)
     : trans_(trans), M_(M), N_(N), K_(K) {
   const int64_t cols = trans ? K : N;
+  int64_t total_rows = 0;
+  for (const RowBlock<T>& b : blocks) {
+    total_rows += b.rows;
+  }
+  TORCH_INTERNAL_ASSERT(total_rows == (trans ? N : K), "seq2seq_fast: weight blocks");
   const auto stacked_rows = [&] {
     std::vector<const T*> rows;
     for (const RowBlock<T>& b : blocks) {
@@ -241,7 +246,6 @@ PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::
         rows.push_back(b.data + r * b.ld);
       }
     }
-    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(rows.size()) == (trans ? N : K), "seq2seq_fast: weight blocks");
     return rows;
   };
   if constexpr (std::is_same_v<T, float>) {
@@ -256,20 +260,7 @@ PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::
       return;
     }
   }
-  if (blocks.size() == 1) {
-    W_ = blocks.begin()->data;
-    ldw_ = blocks.begin()->ld;
-    return;
-  }
-  const std::vector<const T*> rows = stacked_rows();
-  stacked_ = cpu::empty({static_cast<int64_t>(rows.size()), cols},
-                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* out = stacked_.data_ptr<T>();
-  for (size_t r = 0; r < rows.size(); ++r) {
-    std::copy(rows[r], rows[r] + cols, out + r * cols);
-  }
-  W_ = out;
-  ldw_ = cols;
+  blocks_.assign(blocks.begin(), blocks.end());
 }
 
 template <typename T>
@@ -285,7 +276,16 @@ void PackedWeight<T>::gemm(const T* A, int64_t lda, T beta, T* C, int64_t ldc) c
       return;
     }
   }
-  blas_gemm(false, trans_, M_, N_, K_, T(1), A, lda, W_, ldw_, beta, C, ldc);
+  // Blocks of W^T are column ranges of C; blocks of W are row ranges of K, summed into C.
+  int64_t offset = 0;
+  for (const RowBlock<T>& b : blocks_) {
+    if (trans_) {
+      blas_gemm(false, true, M_, b.rows, K_, T(1), A, lda, b.data, b.ld, beta, C + offset, ldc);
+    } else {
+      blas_gemm(false, false, M_, N_, b.rows, T(1), A + offset, lda, b.data, b.ld, offset == 0 ? beta : T(1), C, ldc);
+    }
+    offset += b.rows;
+  }
 }
 
 template class PackedWeight<float>;

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <vector>
 
 namespace seq2seq_fast::cpu {
 
@@ -52,9 +53,8 @@ class PackedWeight {
 
  private:
   bool trans_ = false;
-  int64_t M_ = 0, N_ = 0, K_ = 0, ldw_ = 0;
-  const T* W_ = nullptr;
-  at::Tensor stacked_;  // W of several blocks, for the BLAS (which takes one matrix)
+  int64_t M_ = 0, N_ = 0, K_ = 0;
+  std::vector<RowBlock<T>> blocks_;  // for the BLAS: one GEMM per block, no stacked copy
   at::Tensor panels_;   // (ceil(N / 16), K, 16) when the panel kernel runs it
   at::Tensor bf16_;     // op(W) in bfloat16 (csrc/cpu/gemm_bf16.h) when the GEMM runs on bfloat16 operands
 };
