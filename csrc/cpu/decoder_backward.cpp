@@ -1,6 +1,6 @@
 // The attention decoder's backward through time on CPU (layouts: csrc/cpu/decoder_step.h): the
-// gradients of every step's attention and GRU layers, row chunk by row chunk, then each weight
-// gradient as one GEMM over all steps.
+// gradients of every step's attention and GRU layers, row chunk by row chunk, in blocks of steps
+// from the last; after each block, the weights' gradients over its steps as GEMMs.
 #include <torch/library.h>
 
 #include "cpu/decoder_step.h"
@@ -34,18 +34,24 @@ BackwardResult decoder_backward(
   const auto g_attn = contiguous_opt(grad_attention_in);
   auto opts = enc.options();
 
-  at::Tensor D = grad_states_in.has_value() ? cpu::empty({L, S + 1, B, H}, opts).copy_(*grad_states_in)
-                                            : cpu::zeros({L, S + 1, B, H}, opts);
+  // D: the states' gradients from outside the op. The dense layer adds to the top layer's, so
+  // then it is a copy; otherwise the incoming gradient is only read.
+  at::Tensor D = !grad_states_in.has_value()  ? cpu::zeros({L, S + 1, B, H}, opts)
+                 : grad_logits_in.has_value() ? cpu::empty({L, S + 1, B, H}, opts).copy_(*grad_states_in)
+                                              : grad_states_in->contiguous();
   at::Tensor d_enc = cpu::zeros({B, T_, H}, opts), d_kp = cpu::zeros({B, T_, H}, opts);
-  at::Tensor d_emb = cpu::zeros({w.embedding.size(0), E}, opts);
-  at::Tensor d_Wq = cpu::empty({H, H}, opts), d_wv = cpu::empty(w.w_v.sizes(), opts);
+  at::Tensor d_wv = cpu::empty(w.w_v.sizes(), opts);
   at::Tensor d_dense_w = cpu::zeros({V, H}, opts), d_dense_b = cpu::zeros({V}, opts);
+  // The weight gradients below, written by the first block of steps (zeros without steps).
+  const auto weight_grad = [&](at::IntArrayRef sizes) { return S > 0 ? cpu::empty(sizes, opts) : cpu::zeros(sizes, opts); };
+  at::Tensor d_emb = cpu::zeros({w.embedding.size(0), E}, opts);
+  at::Tensor d_Wq = weight_grad({H, H});
   GruWeights d;  // the GRU's gradients
   for (int64_t k = 0; k < L; ++k) {
-    d.w_ih.push_back(cpu::empty({3 * H, k == 0 ? H + E : H}, opts));
-    d.w_hh.push_back(cpu::empty({3 * H, H}, opts));
-    d.b_ih.push_back(cpu::empty({3 * H}, opts));
-    d.b_hh.push_back(cpu::empty({3 * H}, opts));
+    d.w_ih.push_back(weight_grad({3 * H, k == 0 ? H + E : H}));
+    d.w_hh.push_back(weight_grad({3 * H, H}));
+    d.b_ih.push_back(weight_grad({3 * H}));
+    d.b_hh.push_back(weight_grad({3 * H}));
   }
   at::Tensor dh = cpu::zeros({L, B, H}, opts);
 
@@ -72,120 +78,131 @@ BackwardResult decoder_backward(
       gemm<T>(true, false, V, H, S * B, T(1), gy, V, tops, H, T(0), d_dense_w.data_ptr<T>(), H);
       column_sums<T>(gy, S * B, V, V, d_dense_b.data_ptr<T>(), false);
     }
-    // The queries of every step, recomputed in one GEMM (the scores' tanh is recomputed too).
-    at::Tensor Q = cpu::empty({S, B, H}, opts);
-    gemm<T>(false, true, S * B, H, H, T(1), top_prev, H, ptr<T>(w.W_q), H, T(0), Q.data_ptr<T>(), H);
-    at::Tensor Ggi = cpu::empty({L, S, B, 3 * H}, opts);
-    at::Tensor Ggh = cpu::empty({std::max<int64_t>(L - 1, 0), S, B, 3 * H}, opts);
-    at::Tensor Gcat = cpu::empty({S, B, 4 * H}, opts);  // [d q | d gh of the top layer]
+    // Backward through time in blocks of steps, the last block first: each block's gate gradients
+    // go into its weights' gradients (GEMMs over the block's steps) before the next block reuses
+    // the buffers, so that they hold one block, not every step (a training step's peak memory).
+    const int64_t block = steps_per_block(S, B * 10 * H * static_cast<int64_t>(sizeof(T)));
+    // The block's queries (the scores' tanh is recomputed too) and gate gradients, rows
+    // [d gh_n | d r | d z | d gi_n] (rows.h GatesBwd); the top layer's rows start with the
+    // query's gradient, so that [d q | d gh] is one GEMM's operand against [W_q ; W_hn ; W_hr ; W_hz].
+    at::Tensor Q = cpu::empty({block, B, H}, opts);
+    at::Tensor G_low = cpu::empty({std::max<int64_t>(L - 1, 0), block, B, 4 * H}, opts);
+    at::Tensor G_top = cpu::empty({block, B, 5 * H}, opts);
+    at::Tensor d_x = cpu::empty({block, B, E}, opts);  // the embeddings' gradient
+    const auto grad_ld = [&](int64_t k) { return k == L - 1 ? 5 * H : 4 * H; };
+    // Layer k's gate-gradient row `row` of the block's (steps, B) rows: its d gh_n column.
+    const auto grad_row = [&](int64_t k, int64_t row) {
+      return k == L - 1 ? G_top.data_ptr<T>() + row * 5 * H + H
+                        : G_low.data_ptr<T>() + (k * block * B + row) * 4 * H;
+    };
     at::Tensor dwv_rows = cpu::zeros({B, H}, opts);
     T* dhp = dh.data_ptr<T>();
     const T* gt = ptr<T>(gates);
-    // Backward through time for rows [b0, b1): every per-step quantity is per row.
+    int64_t t0 = S, t1 = S;  // the block's steps [t0, t1)
+    // Backward through the block's steps for rows [b0, b1): every per-step quantity is per row.
     auto backward_rows = [&](int64_t b0, int64_t b1) {
       const int64_t n = b1 - b0;
       Slab<T> slab(2 * n * H, opts);
       T* dctx = slab.take(n * H);  // (n, H) gradient of the context
       T* dx = slab.take(n * H);    // (n, H) gradient of a dropped-out layer input, before the mask
       // Per-step GEMM weights, packed once: gradients of the layers' inputs and previous states.
+      // d(gh) comes in (n, r, z) order: W_hh's rows are stacked to match.
       std::vector<PackedWeight<T>> ih_b(L), hh_b(L);
       for (int64_t k = 0; k < L; ++k) {
         ih_b[k] = PackedWeight<T>(false, n, H, 3 * H, ptr<T>(w.w_ih[k]), k == 0 ? H + E : H);
         if (k < L - 1) {
-          hh_b[k] = PackedWeight<T>(false, n, H, 3 * H, ptr<T>(w.w_hh[k]), H);
+          const T* w_hh = ptr<T>(w.w_hh[k]);
+          hh_b[k] = PackedWeight<T>(false, n, H, 3 * H, {{w_hh + 2 * H * H, H, H}, {w_hh, 2 * H, H}});
         }
       }
-      const PackedWeight<T> cat_b(false, n, H, 4 * H, {{ptr<T>(w.W_q), H, H}, {ptr<T>(w.w_hh.back()), 3 * H, H}});
-      for (int64_t t = S - 1; t >= 0; --t) {
-        const int64_t row = t * B + b0;  // first row of the chunk in (S, B, ...) buffers
-        T* gcat_t = Gcat.data_ptr<T>() + row * 4 * H;
+      const T* w_hh_top = ptr<T>(w.w_hh.back());
+      const PackedWeight<T> cat_b(false, n, H, 4 * H,
+                                  {{ptr<T>(w.W_q), H, H}, {w_hh_top + 2 * H * H, H, H}, {w_hh_top, 2 * H, H}});
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        const int64_t row = t * B + b0;          // first row of the chunk in (S, B, ...) buffers
+        const int64_t brow = (t - t0) * B + b0;  // ... and in the block's buffers
+        T* gtop_t = G_top.data_ptr<T>() + brow * 5 * H;  // [d q | the top layer's gate gradients]
         for (int64_t k = L - 1; k >= 0; --k) {
           T* dhk = dhp + (k * B + b0) * H;
           const T* ext = Dp + k * state_ld + (row + B) * H;
           for (int64_t i = 0; i < n * H; ++i) {
             dhk[i] += ext[i];
           }
-          T* ggi = Ggi.data_ptr<T>() + (k * S * B + row) * 3 * H;
-          T* ggh;
-          int64_t ld_gh;
-          if (k == L - 1) {
-            ggh = gcat_t + H;
-            ld_gh = 4 * H;
-          } else {
-            ggh = Ggh.data_ptr<T>() + (k * S * B + row) * 3 * H;
-            ld_gh = 3 * H;
-          }
-          GatesBwd g{n, H, dhk, gt + ((t * L + k) * B + b0) * 4 * H, st + k * state_ld + row * H, ggi, 3 * H,
-                     ggh, ld_gh};
+          T* ggh = grad_row(k, brow);  // d gh in (n, r, z) order
+          T* ggi = ggh + H;             // d gi in (r, z, n) order
+          const int64_t ld = grad_ld(k);
+          GatesBwd g{n, H, dhk, gt + ((t * L + k) * B + b0) * 4 * H, st + k * state_ld + row * H, ggh, ld};
           gates_backward<T>(g);
           if (k > 0) {
             T* dh_below = dhp + ((k - 1) * B + b0) * H;
             if (layer_mask.has_value()) {
-              ih_b[k].gemm(ggi, 3 * H, T(0), dx, H);
+              ih_b[k].gemm(ggi, ld, T(0), dx, H);
               const T* m = ptr<T>(*layer_mask) + ((k - 1) * S * B + row) * H;
               for (int64_t i = 0; i < n * H; ++i) {
                 dh_below[i] += dx[i] * m[i];
               }
             } else {
-              ih_b[k].gemm(ggi, 3 * H, T(1), dh_below, H);
+              ih_b[k].gemm(ggi, ld, T(1), dh_below, H);
             }
           } else {
-            ih_b[0].gemm(ggi, 3 * H, T(0), dctx, H);
+            ih_b[0].gemm(ggi, ld, T(0), dctx, H);
           }
           if (k < L - 1) {
-            hh_b[k].gemm(ggh, 3 * H, T(1), dhk, H);
+            hh_b[k].gemm(ggh, ld, T(1), dhk, H);
           }
         }
-        AttnBwd a{n, T_, H, Q.data_ptr<T>() + row * H, H, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
+        AttnBwd a{n, T_, H, Q.data_ptr<T>() + brow * H, H, ptr<T>(kp) + b0 * T_ * H, ptr<T>(enc) + b0 * T_ * H,
                   ptr<T>(w.w_v), lens ? ptr<int64_t>(*lens) + b0 : nullptr,
                   attn_mask ? ptr<T>(*attn_mask) + row * T_ : nullptr, ptr<T>(attention) + row * T_,
                   g_attn ? ptr<T>(*g_attn) + row * T_ : nullptr, dctx, d_kp.data_ptr<T>() + b0 * T_ * H,
-                  d_enc.data_ptr<T>() + b0 * T_ * H, dwv_rows.data_ptr<T>() + b0 * H, gcat_t, 4 * H};
+                  d_enc.data_ptr<T>() + b0 * T_ * H, dwv_rows.data_ptr<T>() + b0 * H, gtop_t, 5 * H};
         attention_backward<T>(a);
-        cat_b.gemm(gcat_t, 4 * H, T(1), dhp + ((L - 1) * B + b0) * H, H);
+        cat_b.gemm(gtop_t, 5 * H, T(1), dhp + ((L - 1) * B + b0) * H, H);
       }
     };
-    for_row_chunks(B, 2 * S * step_flops_per_row(s), step_weight_values(s, 0), backward_rows);
+    T* de = d_emb.data_ptr<T>();
+    const int64_t* ids = ptr<int64_t>(X);
+    for (; t1 > 0; t1 = t0) {
+      t0 = std::max<int64_t>(0, t1 - block);
+      const int64_t rows = (t1 - t0) * B, first = t0 * B;  // the block's rows of (S * B, ...) buffers
+      const bool accumulate = t1 < S;                      // onto the later blocks' gradients
+      const T beta = accumulate ? T(1) : T(0);
+      gemm<T>(false, true, rows, H, H, T(1), top_prev + first * H, H, ptr<T>(w.W_q), H, T(0), Q.data_ptr<T>(), H);
+      for_row_chunks(B, 2 * (t1 - t0) * step_flops_per_row(s), step_weight_values(s, 0), backward_rows);
+      // The block's share of the weight gradients (W_hh's in two GEMMs: its gradient rows are
+      // stored in (n, r, z) order).
+      gemm<T>(true, false, H, H, rows, T(1), G_top.data_ptr<T>(), 5 * H, top_prev + first * H, H, beta,
+              d_Wq.data_ptr<T>(), H);
+      for (int64_t k = 0; k < L; ++k) {
+        const T* ggh = grad_row(k, 0);
+        const T* ggi = ggh + H;
+        const int64_t ld = grad_ld(k);
+        const int64_t in = k == 0 ? H + E : H;
+        const T* xin;
+        if (k == 0) {
+          xin = ptr<T>(inputs);
+        } else {
+          xin = layer_mask.has_value() ? ptr<T>(layer_inputs) + (k - 1) * S * B * H : st + (k - 1) * state_ld + B * H;
+        }
+        hidden_weight_grads<T>(rows, H, ggh, ld, st + k * state_ld + first * H, accumulate, d.w_hh[k].data_ptr<T>(),
+                               d.b_hh[k].data_ptr<T>());
+        gemm<T>(true, false, 3 * H, in, rows, T(1), ggi, ld, xin + first * in, in, beta, d.w_ih[k].data_ptr<T>(), in);
+        column_sums<T>(ggi, rows, 3 * H, ld, d.b_ih[k].data_ptr<T>(), accumulate);
+      }
+      // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
+      T* dxe = d_x.data_ptr<T>();
+      gemm<T>(false, false, rows, E, 3 * H, T(1), grad_row(0, 0) + H, grad_ld(0), ptr<T>(w.w_ih[0]) + H, H + E, T(0),
+              dxe, E);
+      for (int64_t t = t0; t < t1; ++t) {
+        scatter_add_rows<T>(de, E, ids + t, B, S, dxe + (t - t0) * B * E, E);
+      }
+    }
     for (int64_t k = 0; k < L; ++k) {
       T* dhk = dhp + k * B * H;
       const T* ext = Dp + k * state_ld;
       for (int64_t i = 0; i < B * H; ++i) {
         dhk[i] += ext[i];
       }
-    }
-    // Weight gradients, each one GEMM over all steps.
-    const T* gc = Gcat.data_ptr<T>();
-    gemm<T>(true, false, H, H, S * B, T(1), gc, 4 * H, top_prev, H, T(0), d_Wq.data_ptr<T>(), H);
-    gemm<T>(true, false, 3 * H, H, S * B, T(1), gc + H, 4 * H, top_prev, H, T(0), d.w_hh[L - 1].data_ptr<T>(), H);
-    column_sums<T>(gc + H, S * B, 3 * H, 4 * H, d.b_hh[L - 1].data_ptr<T>(), false);
-    for (int64_t k = 0; k < L; ++k) {
-      const T* ggi = Ggi.data_ptr<T>() + k * S * B * 3 * H;
-      if (k < L - 1) {
-        const T* ggh = Ggh.data_ptr<T>() + k * S * B * 3 * H;
-        gemm<T>(true, false, 3 * H, H, S * B, T(1), ggh, 3 * H, st + k * state_ld, H, T(0),
-                d.w_hh[k].data_ptr<T>(), H);
-        column_sums<T>(ggh, S * B, 3 * H, 3 * H, d.b_hh[k].data_ptr<T>(), false);
-      }
-      const T* xin;
-      int64_t in;
-      if (k == 0) {
-        xin = ptr<T>(inputs);
-        in = H + E;
-      } else {
-        xin = layer_mask.has_value() ? ptr<T>(layer_inputs) + (k - 1) * S * B * H : st + (k - 1) * state_ld + B * H;
-        in = H;
-      }
-      gemm<T>(true, false, 3 * H, in, S * B, T(1), ggi, 3 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
-      column_sums<T>(ggi, S * B, 3 * H, 3 * H, d.b_ih[k].data_ptr<T>(), false);
-    }
-    // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
-    at::Tensor d_x = cpu::empty({S, B, E}, opts);
-    T* dxe = d_x.data_ptr<T>();
-    gemm<T>(false, false, S * B, E, 3 * H, T(1), Ggi.data_ptr<T>(), 3 * H, ptr<T>(w.w_ih[0]) + H, H + E, T(0), dxe, E);
-    T* de = d_emb.data_ptr<T>();
-    const int64_t* ids = ptr<int64_t>(X);
-    for (int64_t t = 0; t < S; ++t) {
-      scatter_add_rows<T>(de, E, ids + t, B, S, dxe + t * B * E, E);
     }
     column_sums<T>(dwv_rows.data_ptr<T>(), B, H, H, d_wv.data_ptr<T>(), false);
   });

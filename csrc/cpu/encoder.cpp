@@ -145,7 +145,8 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
   }
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::encoder_backward", [&] {
     using T = scalar_t;
-    at::Tensor Ggi = cpu::empty({T_, B, 3 * H}, opts), Ggh = cpu::empty({T_, B, 3 * H}, opts);
+    // One layer's gate gradients, rows [d gh_n | d r | d z | d gi_n] (rows.h GatesBwd).
+    at::Tensor G = cpu::empty({T_, B, 4 * H}, opts);
     at::Tensor d_in = cpu::zeros({T_, B, std::max(E, H)}, opts);  // grad of the layer's input
     const T* st = states.data_ptr<T>();
     const T* Dp = D.data_ptr<T>();
@@ -157,7 +158,8 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
         const int64_t n = b1 - b0;
         at::Tensor dh = cpu::zeros({n, H}, opts);
         T* dhp = dh.data_ptr<T>();
-        const PackedWeight<T> hh(false, n, H, 3 * H, w_hh[k].data_ptr<T>(), H);
+        const T* w = w_hh[k].data_ptr<T>();  // stacked in d(gh)'s (n, r, z) order
+        const PackedWeight<T> hh(false, n, H, 3 * H, {{w + 2 * H * H, H, H}, {w, 2 * H, H}});
         for (int64_t t = T_ - 1; t >= 0; --t) {
           const int64_t row = t * B + b0;
           const T* ext = Dp + k * state_ld + (row + B) * H;
@@ -165,12 +167,11 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
           for (int64_t i = 0; i < n * H; ++i) {
             dhp[i] += ext[i] + (k < L - 1 ? from_above[i] : T(0));
           }
-          T* ggi = Ggi.data_ptr<T>() + row * 3 * H;
-          T* ggh = Ggh.data_ptr<T>() + row * 3 * H;
+          T* ggh = G.data_ptr<T>() + row * 4 * H;
           GatesBwd g{n, H, dhp, gates.data_ptr<T>() + ((k * T_ + t) * B + b0) * 4 * H, st + k * state_ld + row * H,
-                     ggi, 3 * H, ggh, 3 * H};
+                     ggh, 4 * H};
           gates_backward<T>(g);
-          hh.gemm(ggh, 3 * H, T(1), dhp, H);
+          hh.gemm(ggh, 4 * H, T(1), dhp, H);
         }
       });
       const T* xin;
@@ -188,15 +189,14 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
         embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
         xin = x_emb.data_ptr<T>();
       }
-      const T* gi_all = Ggi.data_ptr<T>();
-      const T* gh_all = Ggh.data_ptr<T>();
-      gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 3 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
-      gemm<T>(true, false, 3 * H, H, T_ * B, T(1), gh_all, 3 * H, st + k * state_ld, H, T(0),
-              d.w_hh[k].data_ptr<T>(), H);
-      column_sums<T>(gi_all, T_ * B, 3 * H, 3 * H, d.b_ih[k].data_ptr<T>(), false);
-      column_sums<T>(gh_all, T_ * B, 3 * H, 3 * H, d.b_hh[k].data_ptr<T>(), false);
+      const T* gh_all = G.data_ptr<T>();  // d(gh) in (n, r, z) order
+      const T* gi_all = gh_all + H;        // d(gi) in (r, z, n) order
+      gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 4 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
+      column_sums<T>(gi_all, T_ * B, 3 * H, 4 * H, d.b_ih[k].data_ptr<T>(), false);
+      hidden_weight_grads<T>(T_ * B, H, gh_all, 4 * H, st + k * state_ld, false, d.w_hh[k].data_ptr<T>(),
+                             d.b_hh[k].data_ptr<T>());
       // Gradient of this layer's input for all steps: (T*B, in).
-      gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 3 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
+      gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 4 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
       if (k > 0 && layer_mask.has_value()) {
         const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
         for (int64_t i = 0; i < T_ * B * H; ++i) {

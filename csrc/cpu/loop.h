@@ -118,6 +118,27 @@ class Slab {
   int64_t size_, used_ = 0;
 };
 
+// The gradients of W_hh (3H, H) and b_hh (3H) over `rows` rows of gate gradients g (row stride
+// ld) whose first 3H columns are d(gh) in (n, r, z) order (rows.h GatesBwd), h_prev (rows, H),
+// written or, with accumulate, added: two GEMMs, so that they come out in the weights' (r, z, n)
+// row order.
+template <typename T>
+void hidden_weight_grads(int64_t rows, int64_t H, const T* g, int64_t ld, const T* h_prev, bool accumulate,
+                         T* d_w_hh, T* d_b_hh) {
+  const T beta = accumulate ? T(1) : T(0);
+  gemm<T>(true, false, 2 * H, H, rows, T(1), g + H, ld, h_prev, H, beta, d_w_hh, H);
+  gemm<T>(true, false, H, H, rows, T(1), g, ld, h_prev, H, beta, d_w_hh + 2 * H * H, H);
+  column_sums<T>(g + H, rows, 2 * H, ld, d_b_hh, accumulate);
+  column_sums<T>(g, rows, H, ld, d_b_hh + 2 * H, accumulate);
+}
+
+// Steps per block of a backward through time whose buffers take `step_bytes` a step: as many as
+// keep them within kBlockBytes, at least one (all of them for d2l's small settings).
+constexpr int64_t kBlockBytes = int64_t(8) << 20;
+inline int64_t steps_per_block(int64_t steps, int64_t step_bytes) {
+  return std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(step_bytes, 1), 1, std::max<int64_t>(steps, 1));
+}
+
 template <typename T>
 const T* ptr(const at::Tensor& t) {
   return t.data_ptr<T>();

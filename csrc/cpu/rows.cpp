@@ -54,8 +54,7 @@ SEQ2SEQ_FAST_INLINE void gates_backward_rows(const GatesBwd& p, int64_t b0, int6
     T* dh = static_cast<T*>(p.dh) + b * H;
     const T* sv = static_cast<const T*>(p.save) + b * 4 * H;
     const T* hp = static_cast<const T*>(p.h_prev) + b * H;
-    T* gi = static_cast<T*>(p.g_gi) + b * p.ld_gi;
-    T* gh = static_cast<T*>(p.g_gh) + b * p.ld_gh;
+    T* g = static_cast<T*>(p.g) + b * p.ld_g;
 #pragma omp simd
     for (int64_t i = 0; i < H; ++i) {
       T r = sv[i], z = sv[H + i], n = sv[2 * H + i], ghn = sv[3 * H + i];
@@ -63,12 +62,10 @@ SEQ2SEQ_FAST_INLINE void gates_backward_rows(const GatesBwd& p, int64_t b0, int6
       T dn = d * (T(1) - z) * (T(1) - n * n);
       T dz = d * (hp[i] - n) * z * (T(1) - z);
       T dr = dn * ghn * r * (T(1) - r);
-      gi[i] = dr;
-      gi[H + i] = dz;
-      gi[2 * H + i] = dn;
-      gh[i] = dr;
-      gh[H + i] = dz;
-      gh[2 * H + i] = dn * r;
+      g[i] = dn * r;
+      g[H + i] = dr;
+      g[2 * H + i] = dz;
+      g[3 * H + i] = dn;
       dh[i] = d * z;
     }
   }

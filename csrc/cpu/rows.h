@@ -46,16 +46,18 @@ struct GatesFwd {
 };
 
 // Backward of the gates: from dh (B, H) (the gradient of h_out; overwritten with dh * z, the
-// direct part of the gradient of h_prev) writes g_gi = d(gi) (ld_gi) and g_gh = d(gh) (ld_gh).
+// direct part of the gradient of h_prev) writes each row of g (row stride ld_g) as
+// [d gh_n | d r | d z | d gi_n]: the pre-activation gradients of the hidden side's n (d gi_n * r)
+// and of r, z, n on the input side (d gh_r = d gi_r, d gh_z = d gi_z are stored once). g + H is
+// then d(gi) in the weights' (r, z, n) order, and g is d(gh) in (n, r, z) order: 4H per row
+// instead of 6H for separate d(gi) and d(gh).
 struct GatesBwd {
   int64_t B, H;
   void* dh;
   const void* save;
   const void* h_prev;
-  void* g_gi;
-  int64_t ld_gi;
-  void* g_gh;
-  int64_t ld_gh;
+  void* g;
+  int64_t ld_g;
 };
 
 // Additive attention of one query per row b in [0, B):

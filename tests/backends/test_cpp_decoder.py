@@ -20,6 +20,9 @@ SHAPES = [
     (8, 7, 5, 33, 3),
     (3, 1, 5, 33, 2),
     (8, 7, 1, 5, 1),
+    # Long enough that the backward runs through time in blocks of steps (2 blocks in float32,
+    # 3 in float64: csrc/cpu/loop.h steps_per_block), each block's weight gradients added up.
+    (16, 5, 70, 256, 2),
 ]
 
 
@@ -164,9 +167,11 @@ def keep_mask(shape, p, dtype, generator):
     return (torch.rand(shape, generator=generator, dtype=dtype) >= p).to(dtype) / (1 - p)
 
 
-def test_given_dropout_masks_match_explicit_loop_with_gradients():
+# The second shape's backward runs in two blocks of steps (csrc/cpu/loop.h steps_per_block).
+@pytest.mark.parametrize("shape", [(3, 7, 5, 5, 3), (8, 4, 80, 192, 3)], ids=shape_id)
+def test_given_dropout_masks_match_explicit_loop_with_gradients(shape):
     torch.manual_seed(0)
-    B, T, S, H, L, p = 3, 7, 5, 5, 3, 0.4
+    (B, T, S, H, L), p = shape, 0.4
     dtype = torch.float64
     dec = R.Seq2SeqAttentionDecoder(VOCAB, EMBED, H, L, p).to(dtype)
     X, enc, hidden, lens = inputs(B, T, S, H, L, dtype, "ragged")
