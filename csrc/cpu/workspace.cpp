@@ -1,5 +1,5 @@
 // The block cache of csrc/cpu/workspace.h: a c10::Allocator whose freed blocks wait, by size
-// class, for the next allocation of their class.
+// class, for the next allocation of their class (or of one up to half their size).
 #include "cpu/workspace.h"
 
 #include <ATen/EmptyTensor.h>
@@ -8,9 +8,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "cpu/weight_cache.h"
@@ -111,16 +111,20 @@ class BlockCache final : public c10::Allocator {
     delete block;
   }
 
+  // The smallest cached block of the class or up to twice its size: a block that one phase of a
+  // training step freed (the forward's scratch) serves the next phase's buffers of other sizes
+  // instead of waiting beside them for its own class.
   Block* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end() || it->second.empty()) {
-      return nullptr;
+    for (auto it = free_.lower_bound(bytes); it != free_.end() && it->first <= 2 * bytes; ++it) {
+      if (!it->second.empty()) {
+        Block* block = it->second.back();
+        it->second.pop_back();
+        cached_ -= block->bytes;
+        return block;
+      }
     }
-    Block* block = it->second.back();
-    it->second.pop_back();
-    cached_ -= bytes;
-    return block;
+    return nullptr;
   }
 
   void keep(Block* block) {
@@ -137,7 +141,7 @@ class BlockCache final : public c10::Allocator {
 
   const size_t capacity_;
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<Block*>> free_;
+  std::map<size_t, std::vector<Block*>> free_;  // by block size
   size_t cached_ = 0;
 };
 
