@@ -7,7 +7,7 @@ pipeline, ``train_seq2seq``, ``predict_seq2seq``, ``bleu``, ``show_heatmaps``, `
 ``Timer``, ``Accumulator``, ``try_gpu``) are here too, implemented by ``seq2seq_fast.tools``.
 """
 from seq2seq_fast.modules.attention import AdditiveAttention, masked_softmax
-from seq2seq_fast.backends.cpp_ops import cpu_cache_bytes, empty_cache
+from seq2seq_fast.backends.memory import cpu_cache_bytes, empty_cache
 from seq2seq_fast.ops.dispatch import available_backends, unavailable_reason
 from seq2seq_fast.decoding.beam import BeamResult, beam_search
 from seq2seq_fast.decoding.greedy import DecodeResult, greedy_decode

@@ -243,6 +243,20 @@ def _weight_with_bias(weight, bias):
     return packed
 
 
+def kept_weight_bytes(device_type):
+    """Bytes of the output layers' weights kept in bfloat16 on ``device_type``."""
+    return sum(kept[4].nbytes for kept in _WEIGHTS_WITH_BIAS.values() if kept[4].device.type == device_type)
+
+
+def release_kept_weights(device_type):
+    """Drops the output layers' weights kept on ``device_type`` (the next inference call makes its
+    layer's again); returns their bytes."""
+    held = kept_weight_bytes(device_type)
+    for key in [k for k, kept in _WEIGHTS_WITH_BIAS.items() if kept[4].device.type == device_type]:
+        del _WEIGHTS_WITH_BIAS[key]
+    return held
+
+
 def under_autocast(inner, device_type, param_dtype):
     """``inner`` for calls under the autocast now enabled on ``device_type``, parameters of
     ``param_dtype``: run in that dtype with autocast off, results in the reference's dtypes;

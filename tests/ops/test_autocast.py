@@ -326,6 +326,27 @@ def test_inference_output_layer_follows_its_weights():
 
 
 @CPP
+def test_kept_inference_weight_is_counted_and_freed_by_empty_cache():
+    sizes = BF16_GEMMS[1].values[0]
+    fast, _, _ = _three("cpp", "cpu", sizes=sizes)
+    src, tgt, src_lens, _, _ = _inputs("cpu", sizes=sizes)
+    fast.eval()
+
+    def logits():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return fast(src, tgt, src_lens)[0]
+
+    first = logits()
+    dense = fast.decoder.dense
+    kept = (dense.in_features + 1) * dense.out_features * 2  # [W^T ; b] in bfloat16
+    torch.ops.seq2seq_fast.release_cpu_cache()  # the extension's own cache: the kept weight stays
+    assert sf.cpu_cache_bytes() == kept
+    assert sf.empty_cache() == kept and sf.cpu_cache_bytes() == 0
+    torch.testing.assert_close(logits(), first, atol=0, rtol=0)  # made again, the same
+    assert sf.cpu_cache_bytes() >= kept
+
+
+@CPP
 @pytest.mark.parametrize("sizes", BF16_GEMMS)
 def test_bfloat16_model_with_bf16_gemms_matches_reference(sizes):
     assert_autocast_accuracy(*_bfloat16_run("cpp", sizes))
