@@ -19,6 +19,7 @@ CPU has bfloat16 units (``cpp_ops.set_bf16_gemm``); gates, softmax, scores, loss
 state stay float32, so the result is at least as accurate as the reference's under autocast.
 """
 import functools
+import os
 import warnings
 import weakref
 from typing import NamedTuple
@@ -266,7 +267,9 @@ def release_kept_weights(device_type):
 @functools.cache
 def _cpu_has_bf16_units():
     """Whether this CPU has bfloat16 units (AVX512-BF16 or AMX), which torch's bfloat16 GEMMs
-    (oneDNN) use."""
+    (oneDNN) use; SEQ2SEQ_FAST_BF16_GEMM=0 (every GEMM float32) says no."""
+    if os.environ.get("SEQ2SEQ_FAST_BF16_GEMM") == "0":
+        return False
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
