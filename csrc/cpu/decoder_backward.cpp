@@ -43,7 +43,9 @@ BackwardResult decoder_backward(
   at::Tensor d_wv = cpu::empty(w.w_v.sizes(), opts);
   at::Tensor d_dense_w = cpu::zeros({V, H}, opts), d_dense_b = cpu::zeros({V}, opts);
   // The weight gradients below, written by the first block of steps (zeros without steps).
-  const auto weight_grad = [&](at::IntArrayRef sizes) { return S > 0 ? cpu::empty(sizes, opts) : cpu::zeros(sizes, opts); };
+  const auto weight_grad = [&](at::IntArrayRef sizes) {
+    return S > 0 ? cpu::empty(sizes, opts) : cpu::zeros(sizes, opts);
+  };
   at::Tensor d_emb = cpu::zeros({w.embedding.size(0), E}, opts);
   at::Tensor d_Wq = weight_grad({H, H});
   GruWeights d;  // the GRU's gradients

@@ -172,7 +172,8 @@ class CastingBackend:
         faster than its sgemm (the op's GEMMs stay float32), it made the large decoder forward
         1.28x as fast as the op's float32 output layer."""
         weight = decoder._modules["dense"]._parameters["weight"]
-        return self._dense_in_bf16 and hasattr(self.inner, "decoder_top_states") and weight.numel() > _OP_DENSE_MAX_VALUES
+        return (self._dense_in_bf16 and hasattr(self.inner, "decoder_top_states")
+                and weight.numel() > _OP_DENSE_MAX_VALUES)
 
     def decoder_top_states(self, decoder, X, enc_outputs, hidden, valid_lens, key_proj):
         """The inner backend's ``decoder_top_states`` in the working dtype, for the fused output
