@@ -259,10 +259,8 @@ def kept_weight_bytes(device_type):
 def release_kept_weights(device_type):
     """Drops the output layers' weights kept on ``device_type`` (the next inference call makes its
     layer's again); returns their bytes."""
-    held = kept_weight_bytes(device_type)
-    for key in [k for k, kept in _WEIGHTS_WITH_BIAS.items() if kept[4].device.type == device_type]:
-        del _WEIGHTS_WITH_BIAS[key]
-    return held
+    dropped = [key for key, kept in _WEIGHTS_WITH_BIAS.items() if kept[4].device.type == device_type]
+    return sum(_WEIGHTS_WITH_BIAS.pop(key)[4].nbytes for key in dropped)
 
 
 @functools.cache
