@@ -24,12 +24,19 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // bfloat16 operands with float32 accumulation (csrc/gemm_precision.h; autocast's and bfloat16
   // models' calls do); returns the previous setting. A backward runs as its forward did.
   m.def("set_bf16_gemm(bool enabled) -> bool");
-  // The kernel the CPU ops' bfloat16 GEMMs run on here: "amx" (this extension's AMX tile kernel
-  // for a step loop's weights, MKL's for the rest), "mkl" (MKL's bfloat16 GEMM: AVX512-BF16, or
-  // AMX with SEQ2SEQ_FAST_AMX=0), or "none" where bfloat16 GEMMs are not faster than float32 ones
-  // (no bfloat16 units, no BLAS entry point; timed once per process): set_bf16_gemm then changes
-  // nothing.
+  // The kernel the CPU ops' bfloat16 GEMMs run on here (csrc/cpu/gemm_bf16.h): "amx" (this
+  // extension's AMX tile kernel for a step loop's weights, MKL's for the rest), "avx512bf16"
+  // (its AVX512-BF16 kernel for every GEMM: AMD Zen 4; SEQ2SEQ_FAST_AMX=0 on an AMX CPU),
+  // "mkl" (MKL's, with SEQ2SEQ_FAST_AMX=0 SEQ2SEQ_FAST_AVX512BF16=0), or "none" where bfloat16
+  // GEMMs are not faster than float32 ones (no bfloat16 units; timed once per process):
+  // set_bf16_gemm then changes nothing.
   m.def("cpu_bf16_gemm() -> str");
+  // a @ b as the CPU ops' bfloat16 GEMMs compute it: operands rounded to bfloat16, float32
+  // accumulation and output, on the kernel cpu_bf16_gemm() names. packed: b taken as a step
+  // loop's weight (packed first), else as any GEMM's operand. a (M, K) and b (K, N) float32 CPU,
+  // each row-major or the transpose of a row-major matrix. For tests of the kernels against a
+  // float64 product; ValueError where cpu_bf16_gemm() is "none".
+  m.def("cpu_bf16_matmul(Tensor a, Tensor b, bool packed) -> Tensor");
 
   // ---- the attention decoder (d2l's Seq2SeqAttentionDecoder) ----
   // Shared arguments:

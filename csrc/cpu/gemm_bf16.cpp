@@ -12,14 +12,7 @@
 #include <limits>
 #include <string>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
-#define SEQ2SEQ_FAST_HAS_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SEQ2SEQ_FAST_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
-#endif
-
+#include "cpu/bf16_tiles.h"
 #include "cpu/chunks.h"
 #include "cpu/gemm.h"
 #include "cpu/math.h"
@@ -88,8 +81,9 @@ double seconds(const F& f) {
 }
 
 // Whether MKL's bfloat16 GEMM beats sgemm by a margin here, on a decoder step's shape of the
-// large setting (64 x 1536 x 512): with AMX or AVX512-BF16 it runs 2.5-3x faster; without
-// them MKL emulates it, slower than sgemm. Timed once per process (about 20 ms), the two
+// large setting (64 x 1536 x 512): with AMX it runs 2.5-3x faster; on Zen 4 (AVX512-BF16) no
+// faster; without either MKL emulates it, slower than sgemm. Asked only where no tile kernel
+// runs (csrc/cpu/bf16_tiles.h). Timed once per process (about 20 ms), the two
 // interleaved and each at its fastest, so that a busy machine slows both alike.
 bool mkl_bf16_measured_faster() {
   constexpr int64_t M = 64, N = 1536, K = 512;
@@ -116,150 +110,134 @@ bool bf16_units() {
 #endif
 }
 
-// ---- the AMX tile kernel --------------------------------------------------------------------
-// C[M, N] = A[M, K] @ B[K, N] (+ beta C) in blocks of 32 x 32: two 16-row tiles of A (32
-// bfloat16 of K each) by two 16-column panels of B, four float32 accumulator tiles. B is packed
-// as panels of 16 columns, each K / 2 rows of (16 columns x 2 consecutive k) - the pair layout
-// TDPBF16PS reads -, K padded to 32 and the panels to an even count with zeros; A is rounded per
-// call into rows of K32 values, padded to 32 rows with zeros.
-constexpr int64_t kTile = 16, kBlock = 32;
-
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
-#ifdef SEQ2SEQ_FAST_HAS_AMX
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: C (rows r, panel q) at 2r + q; 4-5: A's two row tiles; 6-7: B's two panels.
-SEQ2SEQ_FAST_AMX_TARGET void amx_gemm(int64_t M, int64_t N, int64_t K32, const uint16_t* A, const uint16_t* panels,
-                                      bool accumulate, float* C, int64_t ldc) {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = kTile;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
-  alignas(64) float edge[4][kTile * kTile];
-  const int64_t panel_values = K32 * kTile;  // bfloat16 values of one packed panel
-  const int64_t rows_a = round_up(M, kBlock), panels_b = round_up(N, kBlock) / kTile;
-  // Panels outer: each pair of weight panels is read from memory once and stays in cache for
-  // every row block (a step loop's weights do not fit in L2; its A, a step's rows, does).
-  for (int64_t p = 0; p < panels_b; p += 2) {
-    for (int64_t m = 0; m < rows_a; m += kBlock) {
-      const bool inside = m + kBlock <= M && (p + 2) * kTile <= N;
-      float* c = C + m * ldc + p * kTile;
-      // Each accumulator tile's place: in C, or (a block over C's edge) in `edge`.
-      auto tile_rows = [&](int t) { return std::clamp<int64_t>(M - m - (t / 2) * kTile, 0, kTile); };
-      auto tile_cols = [&](int t) { return std::clamp<int64_t>(N - (p + t % 2) * kTile, 0, kTile); };
-      auto at = [&](int t) { return c + (t / 2) * kTile * ldc + (t % 2) * kTile; };
-      if (inside) {
-        if (accumulate) {
-          _tile_loadd(0, at(0), ldc * 4);
-          _tile_loadd(1, at(1), ldc * 4);
-          _tile_loadd(2, at(2), ldc * 4);
-          _tile_loadd(3, at(3), ldc * 4);
-        } else {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        }
-      } else {
-        for (int t = 0; t < 4; ++t) {
-          std::fill(edge[t], edge[t] + kTile * kTile, 0.0f);
-          for (int64_t r = 0; accumulate && r < tile_rows(t); ++r) {
-            std::copy(at(t) + r * ldc, at(t) + r * ldc + tile_cols(t), edge[t] + r * kTile);
-          }
-        }
-        _tile_loadd(0, edge[0], 64);
-        _tile_loadd(1, edge[1], 64);
-        _tile_loadd(2, edge[2], 64);
-        _tile_loadd(3, edge[3], 64);
-      }
-      const uint16_t* b0 = panels + p * panel_values;
-      const uint16_t* b1 = b0 + panel_values;
-      const uint16_t* a0 = A + m * K32;
-      const uint16_t* a1 = a0 + kTile * K32;
-      for (int64_t k = 0; k < K32; k += kBlock) {
-        _tile_loadd(4, a0 + k, K32 * 2);
-        _tile_loadd(5, a1 + k, K32 * 2);
-        _tile_loadd(6, b0 + k * kTile, 64);
-        _tile_loadd(7, b1 + k * kTile, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      if (inside) {
-        _tile_stored(0, at(0), ldc * 4);
-        _tile_stored(1, at(1), ldc * 4);
-        _tile_stored(2, at(2), ldc * 4);
-        _tile_stored(3, at(3), ldc * 4);
-      } else {
-        _tile_stored(0, edge[0], 64);
-        _tile_stored(1, edge[1], 64);
-        _tile_stored(2, edge[2], 64);
-        _tile_stored(3, edge[3], 64);
-        for (int t = 0; t < 4; ++t) {
-          for (int64_t r = 0; r < tile_rows(t); ++r) {
-            std::copy(edge[t] + r * kTile, edge[t] + r * kTile + tile_cols(t), at(t) + r * ldc);
-          }
-        }
-      }
-    }
-  }
-  _tile_release();
-}
-#endif
-
-// Whether the AMX kernel runs here: the CPU has AMX-BF16 and Linux lets this process use the
-// tile registers (SEQ2SEQ_FAST_AMX=0 sends every bfloat16 GEMM to MKL instead).
-bool amx_available() {
-  static const bool available = [] {
-    const char* flag = std::getenv("SEQ2SEQ_FAST_AMX");
-    if (flag != nullptr && std::string(flag) == "0") {
-      return false;
-    }
-#ifdef SEQ2SEQ_FAST_HAS_AMX
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-           syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-#else
-    return false;
-#endif
-  }();
-  return available;
-}
-
 }  // namespace
 
 bool bf16_gemm_available() {
-  // SEQ2SEQ_FAST_BF16_GEMM=0 keeps every GEMM float32; =1 uses bfloat16 GEMMs without timing them.
+  // SEQ2SEQ_FAST_BF16_GEMM=0 keeps every GEMM float32; =1 uses MKL's bfloat16 GEMMs without
+  // timing them where no tile kernel runs.
   static const bool available = [] {
     const char* flag = std::getenv("SEQ2SEQ_FAST_BF16_GEMM");
     const std::string setting = flag == nullptr ? "" : flag;
-    if (cblas_gemm_bf16bf16f32 == nullptr || setting == "0") {
+    if (setting == "0") {
       return false;
     }
-    return setting == "1" || (bf16_units() && mkl_bf16_measured_faster());
+    if (bf16::tile_kernel() != bf16::TileKernel::none) {
+      return true;
+    }
+    return cblas_gemm_bf16bf16f32 != nullptr && (setting == "1" || (bf16_units() && mkl_bf16_measured_faster()));
   }();
   return available;
 }
 
 namespace bf16 {
+namespace {
+
+// ---- the tile kernels (csrc/cpu/bf16_tiles.h): their operands and their split over threads ----
+
+// op(A) (M x K; A holds K x M when trans) rounded into rows of K32 values, zeros past K, and zero
+// rows up to padded_rows(M): the A operand of tile_gemm.
+void round_tile_rows(bool trans, const float* A, int64_t M, int64_t K, int64_t lda, uint16_t* dst) {
+  const int64_t K32 = padded_k(K);
+  if (trans) {
+    parallel_ranges(M, grain_rows(K, int64_t(1) << 18), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        std::fill(dst + m * K32 + K, dst + (m + 1) * K32, uint16_t(0));
+      }
+      for (int64_t k = 0; k < K; ++k) {  // reads along A's rows
+        for (int64_t m = m0; m < m1; ++m) {
+          dst[m * K32 + k] = round_bf16(A[k * lda + m]);
+        }
+      }
+    });
+  } else {
+    round_rows(A, M, K, lda, dst, K32);
+  }
+  std::fill(dst + M * K32, dst + padded_rows(M) * K32, uint16_t(0));
+}
+
+// op(W) (K x N) into tile_gemm's panels at `out` (packed_panels(N) * padded_k(K) * 16 values);
+// row(i) is row i of W: N rows of K values when trans, else K rows of N values.
+template <typename Row>
+void pack_panels(bool trans, int64_t N, int64_t K, const Row& row, uint16_t* out) {
+  const int64_t K32 = padded_k(K), panel_values = K32 * kPanelColumns;
+  parallel_ranges(packed_panels(N), grain_rows(panel_values, int64_t(1) << 18), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelColumns, n1 = std::min(N, n0 + kPanelColumns);
+      if (K != K32 || n1 - n0 < kPanelColumns) {  // zero columns or zero k to pad
+        std::fill(out + p * panel_values, out + (p + 1) * panel_values, uint16_t(0));
+      }
+      for (int64_t n = n0; trans && n < n1; ++n) {
+        const float* w = row(n);
+        for (int64_t k = 0; k < K; ++k) {
+          out[packed_index(K32, k, n)] = round_bf16(w[k]);
+        }
+      }
+      for (int64_t k = 0; !trans && k < K; ++k) {
+        const float* w = row(k);
+        for (int64_t n = n0; n < n1; ++n) {
+          out[packed_index(K32, k, n)] = round_bf16(w[n]);
+        }
+      }
+    }
+  });
+}
+
+// C[M, N] = A @ B (+ C) by tile_gemm over the threads: columns in the kernel's blocks, each
+// chunk streaming only its share of B - what bounds a step's GEMM, whose few rows reuse each
+// weight value M times at most -, two chunks per thread of at least kChunkFlops each; and rows
+// in pieces too when the column blocks are too few to share (a weight gradient's N = H).
+void run_tiles(TileKernel kernel, int64_t M, int64_t N, int64_t K32, const uint16_t* a, const uint16_t* panels,
+               bool accumulate, float* C, int64_t ldc) {
+  constexpr double kChunkFlops = 8e6;
+  constexpr int64_t kRowPiece = 96;  // a multiple of both kernels' row blocks (6 and 32)
+  const int64_t width = column_block(kernel), blocks = (N + width - 1) / width, threads = chunk_threads();
+  int64_t piece_rows = M;
+  if (blocks < 2 * threads && M > kRowPiece) {
+    const int64_t pieces = std::min((M + kRowPiece - 1) / kRowPiece, (2 * threads + blocks - 1) / blocks);
+    piece_rows = round_up((M + pieces - 1) / pieces, kRowPiece);
+  }
+  const int64_t pieces = (M + piece_rows - 1) / piece_rows;
+  const int64_t chunks_per_piece = std::max<int64_t>(1, (2 * threads + pieces - 1) / pieces);
+  const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / (2.0 * double(piece_rows) * width * K32)));
+  const int64_t grain = std::max(by_work, (blocks + chunks_per_piece - 1) / chunks_per_piece);
+  const int64_t column_chunks = (blocks + grain - 1) / grain;
+  run_chunks(pieces * column_chunks, [&](int64_t i) {
+    const int64_t m0 = (i / column_chunks) * piece_rows, rows = std::min(M - m0, piece_rows);
+    const int64_t n0 = (i % column_chunks) * grain * width, n1 = std::min(N, n0 + grain * width);
+    tile_gemm(kernel, rows, n1 - n0, K32, a + m0 * K32, panels + n0 * K32, accumulate, C + m0 * ldc + n0, ldc);
+  });
+}
+
+// Whether a GEMM with no packed operand runs on the tile kernel (packing B per call) rather than
+// MKL's bfloat16 GEMM: with AVX512-BF16 only, where MKL's is no faster than sgemm (on Zen 4; it
+// has no AVX512-BF16 path), or where torch exports no MKL. With AMX, MKL's GEMM uses AMX itself.
+bool general_on_tiles() {
+  const TileKernel kernel = tile_kernel();
+  return kernel == TileKernel::avx512 || (kernel != TileKernel::none && cblas_gemm_bf16bf16f32 == nullptr);
+}
+
+}  // namespace
 
 // bfloat16 operands pay for their rounding and win only on large products: K and N of 64 or
 // more and 4M multiply-adds (d2l's zh GEMMs, K = 32, stay float32; a large-setting step's
-// 64 x 1536 x 512 runs about 3x faster in bfloat16 on AMX).
+// 64 x 1536 x 512 runs about 3x faster in bfloat16 on AMX, 2.5x with AVX512-BF16 on Zen 4).
 bool use(int64_t M, int64_t N, int64_t K) {
   return bf16_gemm_enabled() && K >= 64 && N >= 64 && M * N * K >= (int64_t(1) << 22) && bf16_gemm_available();
 }
 
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (general_on_tiles()) {
+    TORCH_INTERNAL_ASSERT(alpha == 1.0f && (beta == 0.0f || beta == 1.0f),
+                          "seq2seq_fast: the bfloat16 tile GEMM takes alpha 1, beta 0 or 1");
+    const int64_t K32 = padded_k(K);
+    uint16_t* a = scratch(0, padded_rows(M) * K32);
+    uint16_t* b = scratch(1, packed_panels(N) * K32 * kPanelColumns);
+    round_tile_rows(ta, A, M, K, lda, a);
+    pack_panels(tb, N, K, [&](int64_t i) { return B + i * ldb; }, b);
+    run_tiles(tile_kernel(), M, N, K32, a, b, beta != 0.0f, C, ldc);
+    return;
+  }
   // op(A) is M x K: A holds M x K rows, or K x M when transposed; likewise B.
   const int64_t a_rows = ta ? K : M, a_cols = ta ? M : K, b_rows = tb ? N : K, b_cols = tb ? K : N;
   uint16_t* a = scratch(0, a_rows * a_cols);
@@ -270,21 +248,14 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
 }
 
 at::Tensor pack_weight(bool trans, int64_t N, int64_t K, const std::vector<const float*>& rows) {
-  // op(W)[k][n]: row n of W when trans, else row k.
-  auto value = [&](int64_t k, int64_t n) { return trans ? rows[n][k] : rows[k][n]; };
   const auto options = at::TensorOptions().dtype(at::kBFloat16);
-  if (amx_available()) {
-    const int64_t K32 = round_up(K, kBlock), panels = round_up(N, kBlock) / kTile;
-    at::Tensor packed = cpu::zeros({panels, K32 / 2, kTile * 2}, options);
-    uint16_t* out = reinterpret_cast<uint16_t*>(packed.data_ptr());
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t k = 0; k < K; ++k) {
-        out[((n / kTile) * (K32 / 2) + k / 2) * kTile * 2 + (n % kTile) * 2 + k % 2] = round_bf16(value(k, n));
-      }
-    }
+  if (tile_kernel() != TileKernel::none) {
+    at::Tensor packed = cpu::empty({packed_panels(N), padded_k(K) / 2, 2 * kPanelColumns}, options);
+    pack_panels(trans, N, K, [&](int64_t i) { return rows[i]; }, reinterpret_cast<uint16_t*>(packed.data_ptr()));
     return packed;
   }
   // For MKL: op(W)^T (N x K), which it runs as A @ B^T, 10-20 % faster than A @ B at a step's rows.
+  auto value = [&](int64_t k, int64_t n) { return trans ? rows[n][k] : rows[k][n]; };  // op(W)[k][n]
   at::Tensor packed = cpu::empty({N, K}, options);
   uint16_t* out = reinterpret_cast<uint16_t*>(packed.data_ptr());
   for (int64_t n = 0; n < N; ++n) {
@@ -298,27 +269,14 @@ at::Tensor pack_weight(bool trans, int64_t N, int64_t K, const std::vector<const
 void weight_gemm(const at::Tensor& packed, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, float beta,
                  float* C, int64_t ldc) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-#ifdef SEQ2SEQ_FAST_HAS_AMX
-  if (amx_available()) {
-    TORCH_INTERNAL_ASSERT(beta == 0.0f || beta == 1.0f, "seq2seq_fast: the AMX GEMM takes beta 0 or 1");
-    const int64_t K32 = round_up(K, kBlock), rows = round_up(M, kBlock);
-    uint16_t* a = scratch(0, rows * K32);
-    round_rows(A, M, K, lda, a, K32);
-    std::fill(a + M * K32, a + rows * K32, uint16_t(0));
-    // Column blocks over the threads: each streams only its share of the weight, which is what
-    // bounds a step's GEMM (its few rows reuse each weight value M times at most). Two chunks
-    // per thread, claimed as threads come free, of at least kChunkFlops each.
-    constexpr double kChunkFlops = 8e6;
-    const int64_t blocks = round_up(N, kBlock) / kBlock;
-    const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / (2.0 * double(M) * kBlock * K)));
-    const int64_t grain = std::max(by_work, (blocks + 2 * chunk_threads() - 1) / (2 * chunk_threads()));
-    parallel_ranges(blocks, grain, [&](int64_t b0, int64_t b1) {
-      const int64_t n0 = b0 * kBlock, n1 = std::min(N, b1 * kBlock);
-      amx_gemm(M, n1 - n0, K32, a, w + n0 * K32, beta != 0.0f, C + n0, ldc);
-    });
+  if (tile_kernel() != TileKernel::none) {
+    TORCH_INTERNAL_ASSERT(beta == 0.0f || beta == 1.0f, "seq2seq_fast: the bfloat16 tile GEMM takes beta 0 or 1");
+    const int64_t K32 = padded_k(K);
+    uint16_t* a = scratch(0, padded_rows(M) * K32);
+    round_tile_rows(false, A, M, K, lda, a);
+    run_tiles(tile_kernel(), M, N, K32, a, w, beta != 0.0f, C, ldc);
     return;
   }
-#endif
   uint16_t* a = scratch(0, M * K);
   round_rows(A, M, K, lda, a, K);
   mkl_gemm(false, true, M, N, K, 1.0f, a, K, w, K, beta, C, ldc);
@@ -327,8 +285,60 @@ void weight_gemm(const at::Tensor& packed, int64_t M, int64_t N, int64_t K, cons
 }  // namespace bf16
 
 namespace {
+
+// A matrix argument of cpu_bf16_matmul: row-major, or the transpose of a row-major matrix.
+struct Operand {
+  const float* data;
+  bool trans;
+  int64_t ld;
+};
+
+Operand operand_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "seq2seq_fast: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "seq2seq_fast: ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2, "seq2seq_fast: ", name, " must be 2-D, got shape ", t.sizes());
+  const float* data = t.data_ptr<float>();
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1))) {
+    return {data, false, t.stride(0)};
+  }
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0))) {
+    return {data, true, t.stride(1)};
+  }
+  TORCH_CHECK_VALUE(false, "seq2seq_fast: ", name, " must be row-major or the transpose of a row-major matrix, got ",
+                    "strides ", t.strides(), " for shape ", t.sizes());
+}
+
+at::Tensor bf16_matmul(const at::Tensor& a, const at::Tensor& b, bool packed) {
+  TORCH_CHECK_VALUE(bf16_gemm_available(), "seq2seq_fast: cpu_bf16_matmul needs a bfloat16 GEMM kernel, and ",
+                    "cpu_bf16_gemm() is \"none\" on this machine");
+  const Operand A = operand_of(a, "a"), B = operand_of(b, "b");
+  TORCH_CHECK_VALUE(a.size(1) == b.size(0), "seq2seq_fast: b must have a.size(1) = ", a.size(1), " rows, got shape ",
+                    b.sizes());
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor out = at::zeros({M, N}, a.options());
+  if (M == 0 || N == 0 || K == 0) {
+    return out;
+  }
+  if (!packed) {
+    bf16::gemm(A.trans, B.trans, M, N, K, 1.0f, A.data, A.ld, B.data, B.ld, 0.0f, out.data_ptr<float>(), N);
+    return out;
+  }
+  std::vector<const float*> rows(B.trans ? N : K);  // B = op(W): W is N x K when transposed
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i] = B.data + static_cast<int64_t>(i) * B.ld;
+  }
+  const at::Tensor w = bf16::pack_weight(B.trans, N, K, rows);
+  const at::Tensor a_rows = a.contiguous();  // a step's A is row-major
+  bf16::weight_gemm(w, M, N, K, a_rows.data_ptr<float>(), K, 0.0f, out.data_ptr<float>(), N);
+  return out;
+}
+
 std::string bf16_gemm_kernel() {
-  return !bf16_gemm_available() ? "none" : amx_available() ? "amx" : "mkl";
+  if (!bf16_gemm_available()) {
+    return "none";
+  }
+  const bf16::TileKernel kernel = bf16::tile_kernel();
+  return kernel != bf16::TileKernel::none ? bf16::kernel_name(kernel) : "mkl";
 }
 }  // namespace
 
@@ -336,4 +346,8 @@ std::string bf16_gemm_kernel() {
 
 TORCH_LIBRARY_IMPL(seq2seq_fast, CompositeExplicitAutograd, m) {
   m.impl("cpu_bf16_gemm", &seq2seq_fast::cpu::bf16_gemm_kernel);
+}
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CPU, m) {
+  m.impl("cpu_bf16_matmul", &seq2seq_fast::cpu::bf16_matmul);
 }

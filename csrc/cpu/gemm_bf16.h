@@ -1,9 +1,12 @@
 // bfloat16 GEMMs with float32 accumulation and output, for the CPU ops' float32 GEMMs while the
 // calling thread's bf16_gemm_enabled() (csrc/gemm_precision.h): operands rounded to bfloat16 on
-// the way in. Two kernels: MKL's cblas_gemm_bf16bf16f32 (any GEMM), and for a weight used by
-// many GEMMs (a step loop's) this file's AMX tile kernel on the weight packed once, where the
-// CPU has AMX: at a step's 32-64 rows MKL spends a third of its time re-packing the weight on
-// every call (64 x 1536 x 512: 490 us against 370 with the weight packed; 32 rows: 330 vs 180).
+// the way in. Two kinds of kernel: MKL's cblas_gemm_bf16bf16f32, and this package's tile
+// kernels (csrc/cpu/bf16_tiles.h: AMX, else AVX512-BF16) where the CPU has one.
+// - A weight used by many GEMMs (a step loop's) is packed once for the tile kernel: at a step's
+//   32-64 rows MKL spends a third of its time re-packing the weight on every call (AMX,
+//   64 x 1536 x 512: 490 us against 370 with the weight packed; 32 rows: 330 vs 180).
+// - Other GEMMs go to MKL, except with AVX512-BF16 only (AMD Zen 4), where MKL's bfloat16 GEMM
+//   is no faster than its sgemm: there the tile kernel runs them, packing B per call.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,7 +16,8 @@
 
 namespace seq2seq_fast::cpu {
 
-// Whether this CPU runs MKL's bfloat16 GEMM faster than sgemm (timed once per process).
+// Whether large float32 GEMMs can run on bfloat16 operands here: a tile kernel runs on this CPU,
+// or MKL's bfloat16 GEMM is faster than its sgemm (timed once per process).
 bool bf16_gemm_available();
 
 namespace bf16 {
