@@ -17,6 +17,7 @@ from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
 from seq2seq_fast.modules.seq2seq import EncoderDecoder
 from seq2seq_fast.ops import functional, validation
 from seq2seq_fast.tools.checkpoints import load_checkpoint, save_checkpoint
+from seq2seq_fast.tools.data import tensor_loader_batches
 from seq2seq_fast.tools.extras import optional_import
 from seq2seq_fast.tools.optim import Adam
 from seq2seq_fast.tools.plots import Animator
@@ -183,7 +184,8 @@ class Seq2SeqTrainer:
             return self._update(X, X_valid_len, Y, Y_valid_len)
 
     def _update(self, X, X_valid_len, Y, Y_valid_len):
-        self.net.train()
+        if not self.net.training:  # d2l sets train mode once; a callback may have set eval (predict_seq2seq)
+            self.net.train()
         self.optimizer.zero_grad()
         bos = torch.full((Y.shape[0], 1), self.bos, dtype=Y.dtype, device=self.device)
         dec_input = torch.cat([bos, Y[:, :-1]], 1)
@@ -201,10 +203,12 @@ class Seq2SeqTrainer:
         return l.detach().sum(), Y_valid_len.sum()
 
     def _batches(self, data):
-        """Batches from the current position on; a ``BatchIterator`` resumes mid-epoch."""
+        """Batches from the current position on; a ``BatchIterator`` resumes mid-epoch, and d2l's
+        ``DataLoader`` over tensors gives its batches gathered whole (``tensor_loader_batches``)."""
         if hasattr(data, "batches"):
             return data.batches(self.epoch, self.batch_in_epoch)
-        return iter(data)
+        fast = tensor_loader_batches(data)
+        return iter(data) if fast is None else fast
 
     def fit(self, data, *, num_epochs=None, max_steps=None, checkpoint_path=None, checkpoint_every=None,
             progress=True, log_every=50, callback=None, epoch_callback=None):

@@ -6,7 +6,8 @@ import torch
 
 from seq2seq_fast import reference as R
 from seq2seq_fast.tools.data import (NMT_DATA_ENV, NMT_DATA_URL, BatchIterator, Vocab, build_array_nmt,
-                                     load_data_nmt, preprocess_nmt, read_data_nmt, tokenize_nmt, truncate_pad)
+                                     load_data_nmt, preprocess_nmt, read_data_nmt, tensor_loader_batches,
+                                     tokenize_nmt, truncate_pad)
 from seq2seq_fast.tools.tasks import (date_pairs, date_to_words, day_words, encode_sources, load_date_task,
                                 year_words)
 
@@ -155,6 +156,48 @@ def test_batch_iterator_resumes_mid_epoch_and_reshuffles():
     passes = [[b[0].tolist() for b in it] for _ in range(3)]  # iterating reshuffles, as a DataLoader
     assert passes == [[b[0].tolist() for b in it.batches(e)] for e in range(3)]
     assert [b[0].tolist() for b in BatchIterator(arrays, 4, shuffle=False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def _tensor_loader(n=23, **kwargs):
+    g = torch.Generator().manual_seed(n)
+    arrays = (torch.randint(0, 9, (n, 4), generator=g), torch.arange(n), torch.randn(n, generator=g).double())
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*arrays), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=5, shuffle=True), dict(batch_size=4, shuffle=False),
+                                    dict(batch_size=6, shuffle=True, drop_last=True),
+                                    dict(batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3))],
+                         ids=["shuffle", "in-order", "drop-last", "own-generator"])
+def test_tensor_loader_batches_are_the_loaders_and_draw_what_it_draws(kwargs):
+    loader = _tensor_loader(**kwargs)
+    states = []
+    passes = []
+    for fast in (False, True):
+        torch.manual_seed(11)
+        if "generator" in kwargs:
+            loader.generator.manual_seed(3)
+        passes.append([list(b) for _ in range(3) for b in (tensor_loader_batches(loader) if fast else loader)])
+        states.append((torch.get_rng_state(), loader.generator.get_state() if loader.generator else None))
+        states[-1] += (torch.rand(3),)  # the next random numbers too
+    (slow, fast) = passes
+    assert len(slow) == len(fast) == 3 * len(loader)
+    for a, b in zip(slow, fast):
+        assert len(a) == len(b) == 3
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][2], states[1][2])
+    if "generator" in kwargs:
+        assert torch.equal(states[0][1], states[1][1])
+
+
+def test_tensor_loader_batches_leaves_other_loaders_alone():
+    dataset = _tensor_loader().dataset
+    DataLoader = torch.utils.data.DataLoader
+    assert tensor_loader_batches(DataLoader(dataset, 4, collate_fn=lambda b: b)) is None
+    assert tensor_loader_batches(DataLoader(list(range(5)), 2)) is None  # not a TensorDataset
+    assert tensor_loader_batches(DataLoader(dataset, batch_size=None)) is None  # no batching
+    assert tensor_loader_batches(BatchIterator((torch.arange(4),), 2)) is None
+    assert tensor_loader_batches([(torch.zeros(2),)]) is None
 
 
 def test_date_words():
