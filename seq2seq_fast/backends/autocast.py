@@ -168,9 +168,10 @@ class CastingBackend:
         """Whether the output layer runs as torch's own bfloat16 linear after the op: in
         bfloat16 compute on a CPU with bfloat16 units, for a weight too large for the op's
         per-step dense. oneDNN's bfloat16 GEMM runs (S * B) x V x H about twice as fast as MKL's
-        bfloat16 GEMM the op would call on AMX; on AMD Zen 4, where MKL's bfloat16 GEMM is no
-        faster than its sgemm (the op's GEMMs stay float32), it made the large decoder forward
-        1.28x as fast as the op's float32 output layer."""
+        bfloat16 GEMM the op would call on AMX; on AMD Zen 4 it made the large decoder forward
+        1.28x as fast as the op's float32 output layer, and it still runs the large encoder +
+        decoder inference forward 5 % faster than the op's own AVX512-BF16 kernel does (135
+        against 142 ms, interleaved)."""
         weight = decoder._modules["dense"]._parameters["weight"]
         return (self._dense_in_bf16 and hasattr(self.inner, "decoder_top_states")
                 and weight.numel() > _OP_DENSE_MAX_VALUES)

@@ -274,9 +274,10 @@ def torch_threads_on_caller():
 
 def bf16_gemm_kernel():
     """What the CPU ops' bfloat16 GEMMs run on here: "amx" (the extension's AMX tile kernel for
-    the step loops' weights, MKL's bfloat16 GEMM for the rest), "mkl" (MKL's: AVX512-BF16, or AMX
-    with ``SEQ2SEQ_FAST_AMX=0``), or "none" (bfloat16 no faster than float32 here; timed once per
-    process by the extension)."""
+    the step loops' weights, MKL's bfloat16 GEMM for the rest), "avx512bf16" (the extension's
+    AVX512-BF16 kernel for every GEMM: AMD Zen 4), "mkl" (MKL's, with both kernels ruled out by
+    ``SEQ2SEQ_FAST_AMX=0`` and ``SEQ2SEQ_FAST_AVX512BF16=0``), or "none" (bfloat16 no faster than
+    float32 here)."""
     return "none" if _EXTENSION_ERROR is not None else _ops().cpu_bf16_gemm()
 
 
