@@ -113,13 +113,12 @@ BackwardResult decoder_backward(
       for (int64_t k = 0; k < L; ++k) {
         ih_b[k] = PackedWeight<T>(false, n, H, 3 * H, ptr<T>(w.w_ih[k]), k == 0 ? H + E : H);
         if (k < L - 1) {
-          const T* w_hh = ptr<T>(w.w_hh[k]);
-          hh_b[k] = PackedWeight<T>(false, n, H, 3 * H, {{w_hh + 2 * H * H, H, H}, {w_hh, 2 * H, H}});
+          const HiddenRowsNrz<T> hh = hidden_rows_nrz(ptr<T>(w.w_hh[k]), H);
+          hh_b[k] = PackedWeight<T>(false, n, H, 3 * H, {hh.n, hh.rz});
         }
       }
-      const T* w_hh_top = ptr<T>(w.w_hh.back());
-      const PackedWeight<T> cat_b(false, n, H, 4 * H,
-                                  {{ptr<T>(w.W_q), H, H}, {w_hh_top + 2 * H * H, H, H}, {w_hh_top, 2 * H, H}});
+      const HiddenRowsNrz<T> hh_top = hidden_rows_nrz(ptr<T>(w.w_hh.back()), H);
+      const PackedWeight<T> cat_b(false, n, H, 4 * H, {{ptr<T>(w.W_q), H, H}, hh_top.n, hh_top.rz});
       for (int64_t t = t1 - 1; t >= t0; --t) {
         const int64_t row = t * B + b0;          // first row of the chunk in (S, B, ...) buffers
         const int64_t brow = (t - t0) * B + b0;  // ... and in the block's buffers

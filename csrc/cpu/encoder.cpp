@@ -158,8 +158,8 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
         const int64_t n = b1 - b0;
         at::Tensor dh = cpu::zeros({n, H}, opts);
         T* dhp = dh.data_ptr<T>();
-        const T* w = w_hh[k].data_ptr<T>();  // stacked in d(gh)'s (n, r, z) order
-        const PackedWeight<T> hh(false, n, H, 3 * H, {{w + 2 * H * H, H, H}, {w, 2 * H, H}});
+        const HiddenRowsNrz<T> w_nrz = hidden_rows_nrz(w_hh[k].data_ptr<T>(), H);
+        const PackedWeight<T> hh(false, n, H, 3 * H, {w_nrz.n, w_nrz.rz});
         for (int64_t t = T_ - 1; t >= 0; --t) {
           const int64_t row = t * B + b0;
           const T* ext = Dp + k * state_ld + (row + B) * H;

@@ -118,6 +118,18 @@ class Slab {
   int64_t size_, used_ = 0;
 };
 
+// W_hh (3H, H, gate rows r, z, n) as row blocks in d(gh)'s (n, r, z) order (rows.h GatesBwd):
+// the weight operand of a step's d(h_prev) = d(gh) @ W_hh, stacked without a copy.
+template <typename T>
+struct HiddenRowsNrz {
+  RowBlock<T> n, rz;
+};
+
+template <typename T>
+HiddenRowsNrz<T> hidden_rows_nrz(const T* w_hh, int64_t H) {
+  return {{w_hh + 2 * H * H, H, H}, {w_hh, 2 * H, H}};
+}
+
 // The gradients of W_hh (3H, H) and b_hh (3H) over `rows` rows of gate gradients g (row stride
 // ld) whose first 3H columns are d(gh) in (n, r, z) order (rows.h GatesBwd), h_prev (rows, H),
 // written or, with accumulate, added: two GEMMs, so that they come out in the weights' (r, z, n)
