@@ -216,6 +216,17 @@ bool general_on_tiles() {
   return kernel == TileKernel::avx512 || (kernel != TileKernel::none && cblas_gemm_bf16bf16f32 == nullptr);
 }
 
+// C[M, N] = op(A) @ B (+ C when beta is 1) on the tile kernel, B already in its panels: op(A)
+// rounded into the thread's scratch, then run_tiles.
+void tiles_gemm(bool ta, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* panels,
+                float beta, float* C, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(beta == 0.0f || beta == 1.0f, "seq2seq_fast: the bfloat16 tile GEMM takes beta 0 or 1");
+  const int64_t K32 = padded_k(K);
+  uint16_t* a = scratch(0, padded_rows(M) * K32);
+  round_tile_rows(ta, A, M, K, lda, a);
+  run_tiles(tile_kernel(), M, N, K32, a, panels, beta != 0.0f, C, ldc);
+}
+
 }  // namespace
 
 // bfloat16 operands pay for their rounding and win only on large products: K and N of 64 or
@@ -228,14 +239,10 @@ bool use(int64_t M, int64_t N, int64_t K) {
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (general_on_tiles()) {
-    TORCH_INTERNAL_ASSERT(alpha == 1.0f && (beta == 0.0f || beta == 1.0f),
-                          "seq2seq_fast: the bfloat16 tile GEMM takes alpha 1, beta 0 or 1");
-    const int64_t K32 = padded_k(K);
-    uint16_t* a = scratch(0, padded_rows(M) * K32);
-    uint16_t* b = scratch(1, packed_panels(N) * K32 * kPanelColumns);
-    round_tile_rows(ta, A, M, K, lda, a);
+    TORCH_INTERNAL_ASSERT(alpha == 1.0f, "seq2seq_fast: the bfloat16 tile GEMM takes alpha 1");
+    uint16_t* b = scratch(1, packed_panels(N) * padded_k(K) * kPanelColumns);
     pack_panels(tb, N, K, [&](int64_t i) { return B + i * ldb; }, b);
-    run_tiles(tile_kernel(), M, N, K32, a, b, beta != 0.0f, C, ldc);
+    tiles_gemm(ta, M, N, K, A, lda, b, beta, C, ldc);
     return;
   }
   // op(A) is M x K: A holds M x K rows, or K x M when transposed; likewise B.
@@ -270,11 +277,7 @@ void weight_gemm(const at::Tensor& packed, int64_t M, int64_t N, int64_t K, cons
                  float* C, int64_t ldc) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   if (tile_kernel() != TileKernel::none) {
-    TORCH_INTERNAL_ASSERT(beta == 0.0f || beta == 1.0f, "seq2seq_fast: the bfloat16 tile GEMM takes beta 0 or 1");
-    const int64_t K32 = padded_k(K);
-    uint16_t* a = scratch(0, padded_rows(M) * K32);
-    round_tile_rows(false, A, M, K, lda, a);
-    run_tiles(tile_kernel(), M, N, K32, a, w, beta != 0.0f, C, ldc);
+    tiles_gemm(false, M, N, K, A, lda, w, beta, C, ldc);
     return;
   }
   uint16_t* a = scratch(0, M * K);
