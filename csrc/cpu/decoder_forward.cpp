@@ -19,7 +19,6 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   const CallerOnly caller_only(small_step_weights(step_weight_values(s, s.V * s.H)));
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
-  const at::Tensor hidden = hidden_in.contiguous();
   const auto lens = contiguous_opt(lens_in);
   const auto attn_mask = contiguous_opt(attn_mask_in);
   const auto layer_mask = contiguous_opt(layer_mask_in);
@@ -32,7 +31,9 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   at::Tensor inputs = cpu::empty({S, B, H + E}, opts);
   at::Tensor layer_inputs = layer_mask.has_value() ? cpu::empty({L - 1, S, B, H}, opts) : cpu::empty({0}, opts);
   at::Tensor gates = keep_activations ? cpu::empty({S, L, B, 4 * H}, opts) : cpu::empty({L, B, 4 * H}, opts);
-  states.select(1, 0).copy_(hidden);
+  // Read strided as it comes (the previous call's final state is a view of its states): no
+  // contiguous copy first.
+  states.select(1, 0).copy_(hidden_in);
 
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::decoder_forward", [&] {
     using T = scalar_t;
