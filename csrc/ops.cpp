@@ -20,6 +20,9 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // The threads the CPU ops split a call over (csrc/cpu/chunks.h), whatever torch's own count:
   // 0 (the default) follows torch.get_num_threads(). Returns the previous setting.
   m.def("set_cpu_threads(int threads) -> int");
+  // Whether the CPU step loops split a batch's rows over those threads (for_row_chunks in
+  // csrc/cpu/loop.h); off by default (a busy machine: see there). Returns the previous setting.
+  m.def("set_cpu_row_split(bool enabled) -> bool");
   // Whether the calling thread's CPU op calls from now on may run their large float32 GEMMs on
   // bfloat16 operands with float32 accumulation (csrc/gemm_precision.h; autocast's and bfloat16
   // models' calls do); returns the previous setting. A backward runs as its forward did.

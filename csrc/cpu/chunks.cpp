@@ -31,6 +31,7 @@ namespace {
 thread_local bool in_task = false;
 thread_local int pool_threads = 0;  // set by CallerOnly: the thread count its call splits over
 std::atomic<int> set_threads{0};   // set_cpu_threads's count; 0: torch's
+std::atomic<bool> row_split{false};  // set_cpu_row_split's setting
 
 // The calling thread's OpenMP and MKL thread counts set to 1 (returning the previous ones) and
 // restored.
@@ -194,6 +195,10 @@ CallerOnly::~CallerOnly() {
 
 int64_t chunk_threads() { return call_threads(); }
 
+bool row_split_enabled() { return row_split.load(std::memory_order_relaxed); }
+
+bool set_row_split(bool enabled) { return row_split.exchange(enabled); }
+
 int64_t set_cpu_threads(int64_t threads) {
   TORCH_CHECK_VALUE(threads >= 0 && threads <= 4096, "seq2seq_fast: threads must be in [0, 4096] (0: torch's count), got ",
                     threads);
@@ -216,4 +221,5 @@ void run_chunks(int64_t count, c10::function_ref<void(int64_t)> task) {
 
 TORCH_LIBRARY_IMPL(seq2seq_fast, CompositeExplicitAutograd, m) {
   m.impl("set_cpu_threads", &seq2seq_fast::cpu::set_cpu_threads);
+  m.impl("set_cpu_row_split", &seq2seq_fast::cpu::set_row_split);
 }

@@ -30,6 +30,12 @@ int64_t chunk_threads();
 // at::get_num_threads()); returns the previous setting. The op set_cpu_threads (csrc/ops.cpp).
 int64_t set_cpu_threads(int64_t threads);
 
+// Whether the step loops split their rows over the threads (for_row_chunks, csrc/cpu/loop.h),
+// and setting it (the op set_cpu_row_split): returns the previous setting. Process-wide, off by
+// default.
+bool row_split_enabled();
+bool set_row_split(bool enabled);
+
 // For the lifetime of a call on a small model (when `enabled`): the BLAS calls and the ATen
 // work (copies, fills) the calling thread starts run on it alone, and only run_chunks spreads
 // work over threads. Their OpenMP teams would make the call wait at each region for threads

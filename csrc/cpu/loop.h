@@ -64,32 +64,38 @@ class EmbeddingGates {
 };
 
 // Runs f(b0, b1) over contiguous chunks of the rows [0, B), each a whole step loop whose BLAS
-// calls run single-threaded, on this package's threads (csrc/cpu/chunks.h). Rows of a
-// recurrence never meet, so this split needs no synchronization per step, where threading each
-// step's small GEMMs forks and joins at every call. Splits only when each chunk gets at least
-// `kChunkFlops` of work and 8 rows, and when the weights a step reads (`step_weight_values`)
-// are small: each chunk streams them at every step, where a threaded GEMM splits them between
-// the threads (the large benchmark's forward, 13 MB of step weights and a 16 MB dense layer:
-// 323 ms split by rows, 211 ms unsplit). Otherwise f(0, B) runs on the calling thread and the
-// BLAS threads each GEMM.
+// calls run single-threaded, on this package's threads (csrc/cpu/chunks.h), when the row split
+// is on (set_cpu_row_split); otherwise f(0, B) on the calling thread. Rows of a recurrence never
+// meet, so this split needs no synchronization per step, where threading each step's small
+// GEMMs forks and joins at every call. It splits only when each chunk gets at least
+// `kChunkFlops` of work and 8 rows, and when the weights a step reads (`step_weight_values`) are
+// small: each chunk streams them at every step, where a threaded GEMM splits them between the
+// threads (the large benchmark's forward, 13 MB of step weights and a 16 MB dense layer: 323 ms
+// split by rows, 211 ms unsplit).
+//
+// Why off by default: a chunk is a whole recurrence, so nobody can take over the rest of a
+// worker's chunk, and a worker that shares its core with another process holds the call up for
+// its time slices. On the 2-core VM with one competing process, the zh training step on 2
+// threads took 34.6 ms split against 3.3 ms on 1 thread (8.2 ms unsplit); quiet, the split made
+// the zh 10-step decoder op 1.3-1.6x as fast (485 -> 307-376 us), the training step no faster
+// (benchmarks/contention.py, benchmarks/call_overhead.py; benchmarks/RESULTS.md).
 template <typename F>
 void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values, const F& f) {
   // A chunk must pay for waking a pool thread, which sleeps between calls separated by the
   // caller's Python: one decoding step of d2l's zh setting (2.6 MFLOP for 64 rows) decodes
-  // faster unsplit (3.2-3.4x the reference step by step against 2.6-3.3x split 32 + 32, five
-  // rounds of benchmarks/call_overhead.py on 2 threads).
+  // faster unsplit.
   constexpr double kChunkFlops = 4e6;
   // One chunk per thread, claimed as threads come free: a thread that starts late (a busy core)
   // finds its chunk taken by one that finished. Two per thread, 16 rows each on d2l's zh step,
   // made a quiet 2-core VM's 2-thread step 1.8-2.0x its 1-thread step (the chunk's GEMMs
-  // slower, each worker wake-up paid twice), one per thread 1.04-1.06x
-  // (benchmarks/contention.py, nine rounds each).
+  // slower, each worker wake-up paid twice).
   constexpr int64_t kChunksPerThread = 1;
-  if (step_weight_values > kSmallWeightValues) {
+  if (!row_split_enabled() || step_weight_values > kSmallWeightValues) {
     f(int64_t(0), B);
     return;
   }
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // The pool's count (inside a CallerOnly scope torch's own is 1).
+  const int64_t threads = std::max<int64_t>(1, chunk_threads());
   const auto by_work = static_cast<int64_t>(std::ceil(kChunkFlops / std::max(flops_per_row, 1.0)));
   const int64_t even = (B + kChunksPerThread * threads - 1) / (kChunksPerThread * threads);
   // As many chunks as the smallest chunk allows, of equal size: B = 64 rows at 49 rows each

@@ -1,8 +1,9 @@
-"""The compiled CPU loops split the batch into chunks of rows, one per thread, claimed by the
-threads as they come free (``for_row_chunks`` in csrc/cpu/loop.h, csrc/cpu/chunks.h): with
-two threads and batches big enough to split (each chunk gets at least 8 rows and 4 MFLOP; the
-sizes below give two chunks of 45 rows in every op), outputs, every gradient, dropout and greedy
-tokens still equal the reference row for row."""
+"""With the row split on (``set_cpu_row_split``; off by default), the compiled CPU loops split
+the batch into chunks of rows, one per thread, claimed by the threads as they come free
+(``for_row_chunks`` in csrc/cpu/loop.h, csrc/cpu/chunks.h): with two threads and batches big
+enough to split (each chunk gets at least 8 rows and 4 MFLOP; the sizes below give two chunks of
+45 rows in every op), outputs, every gradient, dropout and greedy tokens still equal the
+reference row for row."""
 import pytest
 import torch
 
@@ -18,10 +19,12 @@ B, T, S, H, VOCAB, EMBED = 90, 7, 5, 40, 13, 6
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
+def two_threads_split_by_rows():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    split_before = torch.ops.seq2seq_fast.set_cpu_row_split(True)
     yield
+    torch.ops.seq2seq_fast.set_cpu_row_split(split_before)
     torch.set_num_threads(before)
 
 

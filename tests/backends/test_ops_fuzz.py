@@ -320,6 +320,11 @@ def set_cpu_threads_cases():
     return [("valid", [0], "work"), ("two", [2], "work"), ("negative", [-1], "raise"), ("huge", [10**6], "raise"),
             ("float", [1.5], "raise"), ("tensor", [torch.zeros(2)], "raise"), ("none", [], "raise"),
             ("reset", [0], "work")]
+def set_cpu_row_split_cases():
+    return [("on", [True], "work"), ("off", [False], "work"), ("string", ["yes"], "raise"),
+            ("tensor", [torch.zeros(2)], "raise"), ("none", [], "raise")]
+
+
 def linear_loss_input_cases(args, offset):
     """Malformed hidden, weight, bias, label, valid_len, chunk_rows at args[offset:offset + 6]."""
     hidden, weight, bias, label, valid_len = args[offset:offset + 5]
@@ -370,6 +375,7 @@ CASES = {
     "masked_ce_loss_backward": masked_ce_loss_backward_cases,
     "clip_grad_norm_": clip_grad_norm_cases,
     "set_cpu_threads": set_cpu_threads_cases,
+    "set_cpu_row_split": set_cpu_row_split_cases,
     "linear_masked_ce": linear_masked_ce_cases,
     "linear_masked_ce_backward": linear_masked_ce_backward_cases,
     "cpu_cache_bytes": cache_cases,
