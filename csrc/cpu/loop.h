@@ -77,13 +77,14 @@ class EmbeddingGates {
 // worker's chunk, and a worker that shares its core with another process holds the call up for
 // its time slices. On the 2-core VM with one competing process, the zh training step on 2
 // threads took 34.6 ms split against 3.3 ms on 1 thread (8.2 ms unsplit); quiet, the split made
-// the zh 10-step decoder op 1.3-1.6x as fast (485 -> 307-376 us), the training step no faster
+// the zh 10-step decoder op 1.2-1.4x as fast (490 -> 355-407 us), the training step no faster
 // (benchmarks/contention.py, benchmarks/call_overhead.py; benchmarks/RESULTS.md).
 template <typename F>
 void for_row_chunks(int64_t B, double flops_per_row, int64_t step_weight_values, const F& f) {
   // A chunk must pay for waking a pool thread, which sleeps between calls separated by the
   // caller's Python: one decoding step of d2l's zh setting (2.6 MFLOP for 64 rows) decodes
-  // faster unsplit.
+  // faster unsplit (3.2-3.4x the reference step by step against 2.6-3.3x split 32 + 32, five
+  // rounds of benchmarks/call_overhead.py on 2 threads).
   constexpr double kChunkFlops = 4e6;
   // One chunk per thread, claimed as threads come free: a thread that starts late (a busy core)
   // finds its chunk taken by one that finished. Two per thread, 16 rows each on d2l's zh step,
