@@ -12,6 +12,7 @@ modules to the ops.
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from seq2seq_fast.backends.extension import extension_error, has_kernel
 from seq2seq_fast.backends.verified import gpu_verified
@@ -170,17 +171,35 @@ def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *,
     ``decoder.dense`` reads, a view of step-major memory; final hidden (L, B, H); attention
     (B, S, T)). The op gets a dense of 0 rows, so it makes no logits; the dense layer's gradient
     comes from what consumes the states (``linear_masked_ce``, or ``decoder.dense`` itself)."""
-    params = _cast(decoder_params(decoder), params_dtype)
-    weight, bias = params[-2], params[-1]
-    params[-2:] = [weight.new_empty((0, weight.shape[1])), bias.new_empty((0,))]
+    params = _without_dense(_cast(decoder_params(decoder), params_dtype))
     _, attention, states = _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params,
                                        **_dropout_rates(decoder))
-    return states[-1, 1:].transpose(0, 1), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
+    return _top_states(states), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
+
+
+def _without_dense(params):
+    """The decoder ops' ``params`` with a dense layer of 0 rows: the op makes no logits."""
+    weight, bias = params[-2], params[-1]
+    return [*params[:-2], weight.new_empty((0, weight.shape[1])), bias.new_empty((0,))]
+
+
+def _top_states(states):
+    """The top layer's states after each step (B, S, H), a view of the op's (L, S + 1, B, H)."""
+    return states[-1, 1:].transpose(0, 1)
 
 
 def _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params, attention_dropout, layer_dropout):
     """The decoder_forward op with dropout masks drawn for the rates: (logits (S, B, V),
     attention (S, B, T), states (L, S + 1, B, H))."""
+    keep = torch.is_grad_enabled() and _needs_grad([enc_outputs, hidden, key_proj, *params])
+    masks = _decoder_masks(X, enc_outputs, params, attention_dropout, layer_dropout)
+    logits, attention, states, _, _, _ = _ops().decoder_forward(
+        X, enc_outputs, hidden, valid_lens, key_proj, params, *masks, keep)
+    return logits, attention, states
+
+
+def _decoder_masks(X, enc_outputs, params, attention_dropout, layer_dropout):
+    """The decoder op's (attn_mask, layer_mask) for the dropout rates (None where a rate is 0)."""
     # The op checks every argument; the masks only need the sizes the op will check them against.
     S = X.shape[-1] if X.dim() else 0
     attn_mask = layer_mask = None
@@ -191,10 +210,7 @@ def _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params, attention_
             attn_mask = _keep_mask((S, B, T), attention_dropout, enc_outputs)
         if layer_dropout > 0 and L > 1:
             layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, enc_outputs)
-    keep = torch.is_grad_enabled() and _needs_grad([enc_outputs, hidden, key_proj, *params])
-    logits, attention, states, _, _, _ = _ops().decoder_forward(
-        X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask, keep)
-    return logits, attention, states
+    return attn_mask, layer_mask
 
 
 def greedy_loop(decoder, enc_outputs, hidden, valid_lens, key_proj, *, bos, eos, max_len, return_attention,
@@ -223,13 +239,16 @@ def encoder_forward(encoder, X, *, params_dtype=None):
     X int64 (B, T). Inter-layer dropout in training mode; differentiable w.r.t. the embedding and
     every GRU parameter. ``params_dtype`` as in ``decoder_forward``.
     """
-    rnn = encoder._modules["rnn"]
     params = _cast(encoder_params(encoder), params_dtype)
-    layer_mask = _layer_mask(rnn, X.shape[-1], X.shape[0], params[0]) if X.dim() else None
-    keep = _needs_grad(params)
-    states, _, _ = _ops().encoder_forward(X, params, layer_mask, keep)
+    states, _, _, _ = _encoder_op(encoder, X, params, keep=_needs_grad(params))
     L, T = states.shape[0], states.shape[1] - 1
     return states[L - 1, 1:], states[:, T].contiguous()
+
+
+def _encoder_op(encoder, X, params, keep):
+    """The encoder_forward op with its dropout mask drawn: (states, layer_inputs, gates, layer_mask)."""
+    layer_mask = _layer_mask(encoder._modules["rnn"], X.shape[-1], X.shape[0], params[0]) if X.dim() else None
+    return (*_ops().encoder_forward(X, params, layer_mask, keep), layer_mask)
 
 
 def loss_unsupported_reason(pred, loss_module):
@@ -349,9 +368,61 @@ def linear_masked_ce(hidden, weight, bias, label, valid_len, chunk_rows=None):
     int64 (B,). Differentiable w.r.t. hidden, weight and bias; the gradients are computed in the
     forward when one is needed (see csrc/ops.cpp)."""
     if chunk_rows is None:
-        chunk_rows = max(1, LINEAR_LOSS_CHUNK_VALUES // max(1, weight.shape[0]))
+        chunk_rows = _loss_chunk_rows(weight)
     with_grads = _needs_grad([hidden, weight, bias])
     return _ops().linear_masked_ce(hidden, weight, bias, label, valid_len, chunk_rows, with_grads)[0]
+
+
+def _loss_chunk_rows(weight):
+    return max(1, LINEAR_LOSS_CHUNK_VALUES // max(1, weight.shape[0]))
+
+
+def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, valid_len):
+    """A training step's loss and gradients without autograd: d2l's ``MaskedSoftmaxCELoss`` (B,)
+    of ``EncoderDecoder(encoder, decoder)(X, dec_X, enc_valid_lens)``'s logits, and the gradient
+    of its sum w.r.t. every tensor the ops read, as ``[(tensor, gradient), ...]`` (the decoder's
+    key projection W_k included; a GRU built without biases adds zero tensors that are no
+    parameters). The same ops in the same order as the modules' forward and ``backward()``, so
+    the same dropout draws and the same numbers; what it leaves out is the graph: its nodes,
+    saved tensors, the gradient of each view the modules hand on (zero-filled (L, T + 1, B, H)
+    tensors per view) and their sums, about a fifth of a d2l zh training step.
+
+    X, dec_X int64 (B, T), (B, S); enc_valid_lens None or int64 (B,); label int64 (B, S);
+    valid_len int64 (B,). W_k has no bias (``AdditiveAttention``'s)."""
+    enc_params, dec_params = encoder_params(encoder), decoder_params(decoder)
+    W_k = decoder._modules["attention"]._modules["W_k"]._parameters["weight"]
+    weight, bias = dec_params[-2:]
+    params = _without_dense(dec_params)
+    ops = _ops()
+    with torch.no_grad():
+        enc_states, enc_layer_inputs, enc_gates, enc_mask = _encoder_op(encoder, X, enc_params, keep=True)
+        L, T = enc_states.shape[0], enc_states.shape[1] - 1
+        # d2l's init_state: enc_outputs.permute(1, 0, 2), laid out as the decoder reads it
+        values = enc_states[L - 1, 1:].transpose(0, 1).contiguous()
+        key_proj = F.linear(values, W_k)
+        masks = _decoder_masks(dec_X, values, params, **_dropout_rates(decoder))
+        _, attention, states, inputs, layer_inputs, gates = ops.decoder_forward(
+            dec_X, values, enc_states[:, T], enc_valid_lens, key_proj, params, *masks, True)
+        loss, _, grad_top, grad_weight, grad_bias = ops.linear_masked_ce(
+            _top_states(states), weight, bias, label, valid_len, _loss_chunk_rows(weight), True)
+
+        grad_states = torch.zeros_like(states)
+        _top_states(grad_states).copy_(grad_top)
+        grad_values, grad_hidden, grad_key_proj, dec_grads = ops.decoder_backward(
+            None, None, grad_states, dec_X, values, enc_valid_lens, key_proj, params, *masks, attention, states,
+            inputs, layer_inputs, gates)
+        # key_proj = values @ W_k^T
+        H = values.shape[2]
+        grad_W_k = grad_key_proj.reshape(-1, H).t().mm(values.reshape(-1, H))
+        grad_values = grad_values.add_(grad_key_proj.matmul(W_k))
+        enc_grad_states = torch.zeros_like(enc_states)
+        enc_grad_states[L - 1, 1:] = grad_values.transpose(0, 1)
+        enc_grad_states[:, T] += grad_hidden
+        enc_grads = ops.encoder_backward(enc_grad_states, X, enc_params, enc_mask, enc_states, enc_layer_inputs,
+                                         enc_gates)
+    grads = [*zip(enc_params, enc_grads), *zip(dec_params[:-2], dec_grads[:-2]), (weight, grad_weight),
+             (bias, grad_bias), (W_k, grad_W_k)]
+    return loss, grads
 
 
 # ---- torch.library registrations ---------------------------------------------------------------------

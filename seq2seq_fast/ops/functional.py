@@ -6,6 +6,7 @@ compiled ``cpp`` ops, in C++) gets the call after only the normalisation of d2l'
 inputs (float or (B, 1) lengths); the others get it after ``validation``'s shared checks.
 """
 import torch
+from torch.nn.modules import module as _module_hooks
 
 from seq2seq_fast.backends import cpp_ops, torch_ops
 from seq2seq_fast.backends.autocast import CastingBackend, loss_dtype
@@ -252,3 +253,42 @@ def decoder_masked_ce_loss(decoder, X, state, label, valid_len, loss):
         label, lens = _loss_targets(label, valid_len)
         return backend.linear_masked_ce(top, dense["weight"], dense["bias"], label, lens)
     return masked_ce_loss(loss, decoder_forward(decoder, X, state)[0], label, valid_len)
+
+
+def masked_ce_loss_grads(model, encoder, decoder, enc_X, dec_X, label, valid_len, enc_valid_len):
+    """The loss (B,) of ``decoder_masked_ce_loss`` after ``encoder`` and ``init_state``, and the
+    gradient of its sum for every parameter of ``model`` (the module holding both), computed by
+    the compiled ops without autograd's graph: ``(loss, [(parameter, gradient), ...])``, or None
+    where that path does not apply and autograd's must run: not both on the plain ``cpp``
+    backend (autocast and half-precision models take a ``CastingBackend``), a parameter that
+    needs no gradient, grad mode off, a module or parameter hook (autograd's path would call
+    it), or while torch.compile traces. The caller checked that ``encoder`` and ``decoder``
+    are this package's modules with their own ``forward`` and ``init_state``."""
+    embedding = encoder._modules["embedding"]._parameters["weight"]
+    W_k = decoder._modules["attention"]._modules["W_k"]
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or W_k._parameters.get("bias") is not None
+            or backend_for(encoder.backend, "encoder_forward", embedding) is not cpp_ops
+            or backend_for(decoder.backend, "decoder_forward", embedding, W_k._parameters["weight"]) is not cpp_ops
+            or cpp_ops.linear_loss_unsupported_reason(embedding) is not None or _hooked(model)):
+        return None
+    validation.check_tensor(enc_X, "X")
+    validation.check_tensor(dec_X, "X")
+    validation.check_tensor(label, "label")
+    lens = validation.normalize_lengths(enc_valid_len, "enc_valid_lens (state[2])")
+    label, label_lens = _loss_targets(label, valid_len)
+    loss, grads = cpp_ops.masked_ce_loss_grads(encoder, decoder, enc_X, dec_X, lens, label, label_lens)
+    parameters = {id(p) for p in model.parameters()}
+    return loss, [(tensor, grad) for tensor, grad in grads if id(tensor) in parameters]
+
+
+def _hooked(model):
+    """Whether autograd's path through ``model`` would run a hook, or a parameter of it needs no
+    gradient (its gradient must stay None)."""
+    if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
+        return True
+    for module in model.modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+            return True
+    return any(not p.requires_grad or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+               for p in model.parameters())

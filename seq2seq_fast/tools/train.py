@@ -191,12 +191,13 @@ class Seq2SeqTrainer:
         dec_input = torch.cat([bos, Y[:, :-1]], 1)
         fusable = isinstance(self.module, EncoderDecoder) and type(self.module).forward is EncoderDecoder.forward
         if fusable and not self.ddp:
-            # The output layer and the loss fused (on the cpp backend): no (B, S, V) logits.
-            l = self.module.masked_ce_loss(X, dec_input, Y, Y_valid_len, X_valid_len)
+            # On the cpp backend the output layer and the loss fused (no (B, S, V) logits), and
+            # the whole step run by the compiled ops without autograd's graph.
+            l = self.module.masked_ce_loss_backward(X, dec_input, Y, Y_valid_len, X_valid_len)
         else:
             Y_hat, _ = self.net(X, dec_input, X_valid_len)
             l = self.loss(Y_hat, Y, Y_valid_len)
-        (l.sum() * self.world_size if self.world_size > 1 else l.sum()).backward()
+            (l.sum() * self.world_size if self.world_size > 1 else l.sum()).backward()
         grad_clipping(self.module, self.clip_theta)
         self.optimizer.step()
         self.step += 1

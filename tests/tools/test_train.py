@@ -185,9 +185,10 @@ def test_fit_needs_a_stopping_rule():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_output_layer_and_loss_step_equals_the_logits_step(dropout, monkeypatch):
-    """On the cpp backend the trainer runs the output layer and the loss fused (no logits); its
-    loss and update equal those of the model's forward + MaskedSoftmaxCELoss (the same dropout
-    draws: the fused path draws its masks as the forward does)."""
+    """On the cpp backend the trainer runs the whole step in the compiled ops (the output layer
+    and the loss fused, no logits, no autograd graph); its loss and update equal those of the
+    model's forward + MaskedSoftmaxCELoss (the same dropout draws: the compiled path draws its
+    masks as the forward does)."""
     task = _task(num_train=16)
     torch.manual_seed(0)
     fused = _model(task, dropout=dropout, backend="cpp")
@@ -199,8 +200,8 @@ def test_fused_output_layer_and_loss_step_equals_the_logits_step(dropout, monkey
     from seq2seq_fast.backends import cpp_ops
 
     calls = []
-    fused_op = cpp_ops.linear_masked_ce
-    monkeypatch.setattr(cpp_ops, "linear_masked_ce", lambda *args, **kw: calls.append(1) or fused_op(*args, **kw))
+    fused_step = cpp_ops.masked_ce_loss_grads
+    monkeypatch.setattr(cpp_ops, "masked_ce_loss_grads", lambda *args: calls.append(1) or fused_step(*args))
     torch.manual_seed(4)
     loss, _ = trainer.train_step(batch)
     assert calls, "the trainer took the fused path"
