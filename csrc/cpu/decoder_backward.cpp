@@ -170,14 +170,34 @@ BackwardResult decoder_backward(
       const T beta = accumulate ? T(1) : T(0);
       gemm<T>(false, true, rows, H, H, T(1), top_prev + first * H, H, ptr<T>(w.W_q), H, T(0), Q.data_ptr<T>(), H);
       for_row_chunks(B, 2 * (t1 - t0) * step_flops_per_row(s), step_weight_values(s, 0), backward_rows);
-      // The block's share of the weight gradients (W_hh's in two GEMMs: its gradient rows are
-      // stored in (n, r, z) order).
-      gemm<T>(true, false, H, H, rows, T(1), G_top.data_ptr<T>(), 5 * H, top_prev + first * H, H, beta,
-              d_Wq.data_ptr<T>(), H);
-      for (int64_t k = 0; k < L; ++k) {
+      // The block's share of the weight gradients: 2 + 2L independent pieces of work, each on
+      // whichever thread claims it (chunks.h; each writes its own gradients, so the result does
+      // not depend on who ran it). W_hh's in two GEMMs: its gradient rows are stored in (n, r, z) order.
+      run_chunks(2 + 2 * L, [&](int64_t task) {
+        if (task == 0) {
+          // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
+          T* dxe = d_x.data_ptr<T>();
+          gemm<T>(false, false, rows, E, 3 * H, T(1), grad_row(0, 0) + H, grad_ld(0), ptr<T>(w.w_ih[0]) + H, H + E,
+                  T(0), dxe, E);
+          for (int64_t t = t0; t < t1; ++t) {
+            scatter_add_rows<T>(de, E, ids + t, B, S, dxe + (t - t0) * B * E, E);
+          }
+          return;
+        }
+        if (task == 1) {
+          gemm<T>(true, false, H, H, rows, T(1), G_top.data_ptr<T>(), 5 * H, top_prev + first * H, H, beta,
+                  d_Wq.data_ptr<T>(), H);
+          return;
+        }
+        const int64_t k = (task - 2) / 2;
         const T* ggh = grad_row(k, 0);
         const T* ggi = ggh + H;
         const int64_t ld = grad_ld(k);
+        if (task % 2 == 1) {
+          hidden_weight_grads<T>(rows, H, ggh, ld, st + k * state_ld + first * H, accumulate,
+                                 d.w_hh[k].data_ptr<T>(), d.b_hh[k].data_ptr<T>());
+          return;
+        }
         const int64_t in = k == 0 ? H + E : H;
         const T* xin;
         if (k == 0) {
@@ -185,18 +205,9 @@ BackwardResult decoder_backward(
         } else {
           xin = layer_mask.has_value() ? ptr<T>(layer_inputs) + (k - 1) * S * B * H : st + (k - 1) * state_ld + B * H;
         }
-        hidden_weight_grads<T>(rows, H, ggh, ld, st + k * state_ld + first * H, accumulate, d.w_hh[k].data_ptr<T>(),
-                               d.b_hh[k].data_ptr<T>());
         gemm<T>(true, false, 3 * H, in, rows, T(1), ggi, ld, xin + first * in, in, beta, d.w_ih[k].data_ptr<T>(), in);
         column_sums<T>(ggi, rows, 3 * H, ld, d.b_ih[k].data_ptr<T>(), accumulate);
-      }
-      // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
-      T* dxe = d_x.data_ptr<T>();
-      gemm<T>(false, false, rows, E, 3 * H, T(1), grad_row(0, 0) + H, grad_ld(0), ptr<T>(w.w_ih[0]) + H, H + E, T(0),
-              dxe, E);
-      for (int64_t t = t0; t < t1; ++t) {
-        scatter_add_rows<T>(de, E, ids + t, B, S, dxe + (t - t0) * B * E, E);
-      }
+      });
     }
     for (int64_t k = 0; k < L; ++k) {
       T* dhk = dhp + k * B * H;

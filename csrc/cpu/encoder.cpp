@@ -191,18 +191,25 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
       }
       const T* gh_all = G.data_ptr<T>();  // d(gh) in (n, r, z) order
       const T* gi_all = gh_all + H;        // d(gi) in (r, z, n) order
-      gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 4 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
-      column_sums<T>(gi_all, T_ * B, 3 * H, 4 * H, d.b_ih[k].data_ptr<T>(), false);
-      hidden_weight_grads<T>(T_ * B, H, gh_all, 4 * H, st + k * state_ld, false, d.w_hh[k].data_ptr<T>(),
-                             d.b_hh[k].data_ptr<T>());
-      // Gradient of this layer's input for all steps: (T*B, in).
-      gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 4 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
-      if (k > 0 && layer_mask.has_value()) {
-        const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
-        for (int64_t i = 0; i < T_ * B * H; ++i) {
-          dinp[i] *= m[i];
+      // Three independent pieces of work, each on whichever thread claims it (chunks.h).
+      run_chunks(3, [&](int64_t task) {
+        if (task == 0) {
+          // Gradient of this layer's input for all steps: (T*B, in).
+          gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 4 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
+          if (k > 0 && layer_mask.has_value()) {
+            const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
+            for (int64_t i = 0; i < T_ * B * H; ++i) {
+              dinp[i] *= m[i];
+            }
+          }
+        } else if (task == 1) {
+          gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 4 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
+          column_sums<T>(gi_all, T_ * B, 3 * H, 4 * H, d.b_ih[k].data_ptr<T>(), false);
+        } else {
+          hidden_weight_grads<T>(T_ * B, H, gh_all, 4 * H, st + k * state_ld, false, d.w_hh[k].data_ptr<T>(),
+                                 d.b_hh[k].data_ptr<T>());
         }
-      }
+      });
     }
     // dinp now holds the gradient of the embedded input (T, B, E): scatter by token.
     T* de = d_emb.data_ptr<T>();

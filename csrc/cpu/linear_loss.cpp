@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/chunks.h"
 #include "cpu/gemm.h"
+#include "cpu/loop.h"
 #include "cpu/rows.h"
 #include "cpu/workspace.h"
 
@@ -34,29 +36,57 @@ struct Pass {
   T* gb;
 };
 
+// A chunk's rows [a, b) (rows of y, r0 + a.. of the pass): their logits into y, their loss terms
+// and, with grads, their softmax gradient (in place) and gh rows. Rows never meet here.
 template <typename T>
-void run_chunks(const Pass<T>& p, const at::TensorOptions& opts) {
+void chunk_rows(const Pass<T>& p, int64_t r0, int64_t a, int64_t b, T* y) {
+  const int64_t V = p.V, H = p.H, n = b - a, r = r0 + a;
+  T* ya = y + a * V;
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(p.bias, p.bias + V, ya + i * V);
+  }
+  gemm<T>(false, true, n, V, H, T(1), p.hidden + r * H, H, p.W, H, T(1), ya, V);
+  // The rows as one sequence of n steps: row i at ya + i * V.
+  if (p.forward) {
+    cross_entropy_forward<T>(CeFwd{1, n, V, 0, V, ya, p.label + r, p.lse + r, p.nll + r});
+  }
+  if (p.grads) {
+    cross_entropy_backward<T>(CeBwd{1, n, V, 0, V, ya, p.label + r, p.lse + r, p.scale + r, ya});
+    gemm<T>(false, false, n, H, V, T(1), ya, V, p.W, H, T(0), p.gh + r * H, H);
+  }
+}
+
+// Rows of a chunk per piece of work: for a small layer (d2l's zh: V = 201, H = 32, a 640-row
+// call) pieces of at least 64 rows, about four per thread, claimed by this package's threads
+// (csrc/cpu/chunks.h), and the weight's gradient split by its rows likewise; a large one's GEMMs
+// run whole, on the BLAS's own threads.
+template <typename T>
+int64_t piece_rows(const Pass<T>& p, int64_t n) {
+  if (!small_step_weights(p.V * p.H)) {
+    return n;
+  }
+  const int64_t pieces = 4 * chunk_threads();
+  return std::max<int64_t>(64, (n + pieces - 1) / pieces);
+}
+
+template <typename T>
+void run_pass(const Pass<T>& p, const at::TensorOptions& opts) {
   const int64_t V = p.V, H = p.H;
   at::Tensor buf = cpu::empty({std::min(p.chunk, p.R), V}, opts);
   T* y = buf.data_ptr<T>();
   for (int64_t r0 = 0; r0 < p.R; r0 += p.chunk) {
     const int64_t n = std::min(p.chunk, p.R - r0);
-    const T* h = p.hidden + r0 * H;
-    for (int64_t r = 0; r < n; ++r) {
-      std::copy(p.bias, p.bias + V, y + r * V);
-    }
-    gemm<T>(false, true, n, V, H, T(1), h, H, p.W, H, T(1), y, V);
-    // The chunk's rows as one sequence of n steps: row r at y + r * V.
-    if (p.forward) {
-      cross_entropy_forward<T>(CeFwd{1, n, V, 0, V, y, p.label + r0, p.lse + r0, p.nll + r0});
-    }
+    const int64_t rows = piece_rows(p, n);
+    parallel_ranges(n, rows, [&](int64_t a, int64_t b) { chunk_rows(p, r0, a, b, y); });
     if (!p.grads) {
       continue;
     }
-    cross_entropy_backward<T>(CeBwd{1, n, V, 0, V, y, p.label + r0, p.lse + r0, p.scale + r0, y});
-    gemm<T>(false, false, n, H, V, T(1), y, V, p.W, H, T(0), p.gh + r0 * H, H);
-    gemm<T>(true, false, V, H, n, T(1), y, V, h, H, r0 == 0 ? T(0) : T(1), p.gW, H);
-    column_sums<T>(y, n, V, V, p.gb, r0 != 0);
+    const T* h = p.hidden + r0 * H;
+    // gW (V, H) and gb by ranges of the vocabulary: y's columns [v0, v1).
+    parallel_ranges(V, rows == n ? V : std::max<int64_t>(16, V / (4 * chunk_threads())), [&](int64_t v0, int64_t v1) {
+      gemm<T>(true, false, v1 - v0, H, n, T(1), y + v0, V, h, H, r0 == 0 ? T(0) : T(1), p.gW + v0 * H, H);
+      column_sums<T>(y + v0, n, v1 - v0, V, p.gb + v0, r0 != 0);
+    });
   }
   if (p.grads && p.R == 0) {
     std::fill(p.gW, p.gW + V * H, T(0));
@@ -109,7 +139,7 @@ ForwardResult linear_masked_ce(const at::Tensor& hidden_in, const at::Tensor& we
     using T = scalar_t;
     const int64_t* len = lens.data_ptr<int64_t>();
     const at::Tensor scale = with_grads ? row_scales<T>(s, len, nullptr, rows.step_major, opts) : at::Tensor();
-    run_chunks<T>(Pass<T>{true, with_grads, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
+    run_pass<T>(Pass<T>{true, with_grads, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
                           W.data_ptr<T>(), bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
                           nll.data_ptr<T>(),
                           with_grads ? scale.data_ptr<T>() : nullptr,
@@ -142,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_masked_ce_backward(
   AT_DISPATCH_FLOATING_TYPES(on.dtype, "seq2seq_fast::linear_masked_ce_backward", [&] {
     using T = scalar_t;
     const at::Tensor scale = row_scales<T>(s, lens.data_ptr<int64_t>(), g.data_ptr<T>(), rows.step_major, opts);
-    run_chunks<T>(Pass<T>{false, true, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
+    run_pass<T>(Pass<T>{false, true, s.B * s.S, s.H, s.V, chunk_rows, rows.hidden.data_ptr<T>(),
                           W.data_ptr<T>(), bias.data_ptr<T>(), rows.label.data_ptr<int64_t>(), lse.data_ptr<T>(),
                           nullptr, scale.data_ptr<T>(), grads.hidden.data_ptr<T>(), grads.weight.data_ptr<T>(),
                           grads.bias.data_ptr<T>()},

@@ -54,8 +54,9 @@ def check(actual, expected, inputs, grad_loss, dtype):
 
 
 # (B, S, H, V, chunk_rows): V not a multiple of anything, chunk > rows, chunk = 1, rows not a
-# multiple of the chunk.
-SHAPES = [(1, 1, 1, 1, 1), (3, 7, 5, 13, 4), (8, 5, 33, 201, 1), (5, 3, 16, 1000, 64), (4, 9, 8, 30, 11)]
+# multiple of the chunk; chunks of 150 and 58 rows, the first split into pieces over the threads.
+SHAPES = [(1, 1, 1, 1, 1), (3, 7, 5, 13, 4), (8, 5, 33, 201, 1), (5, 3, 16, 1000, 64), (4, 9, 8, 30, 11),
+          (16, 13, 8, 37, 150)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "step-major"])
@@ -72,6 +73,19 @@ def test_loss_and_gradients_match_dense_then_d2l_loss(shape, layout, dtype):
     for scale in (1.0, 2.5):
         check(cpp().linear_masked_ce(*inputs, chunk_rows=chunk), expected, (hidden, weight, bias),
               torch.tensor(scale, dtype=dtype).expand(B), dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pieces_over_threads_match(threads):
+    """A small layer's chunk is split into pieces of rows, and its weight's gradient into ranges
+    of the vocabulary, claimed by the package's threads: the same result for any thread count."""
+    previous = torch.ops.seq2seq_fast.set_cpu_threads(threads)
+    try:
+        hidden, weight, bias, label, valid_len = inputs = case(32, 9, 8, 70, torch.float64, "step-major", seed=2)
+        check(cpp().linear_masked_ce(*inputs), reference(*inputs), (hidden, weight, bias),
+              torch.ones(32, dtype=torch.float64).expand(32), torch.float64)
+    finally:
+        torch.ops.seq2seq_fast.set_cpu_threads(previous)
 
 
 def test_default_chunk_and_uniform_sum_backward():
