@@ -193,6 +193,14 @@ class CastingBackend:
             loss = self.inner.linear_masked_ce(top, weight.to(dtype), bias.to(dtype), label, valid_len)
         return loss.to(loss_dtype(self.device_type, self.out.linear))
 
+    def masked_ce_loss_grads(self, encoder, decoder, *args):
+        """The inner backend's training step without autograd's graph (``cpp_ops``), for a model
+        run in its own dtype (under autocast), in the GEMM precision chosen; the loss returned as
+        ``linear_masked_ce``'s."""
+        with self._running():
+            loss, grads = self.inner.masked_ce_loss_grads(encoder, decoder, *args)
+        return loss.to(loss_dtype(self.device_type, self.out.linear)), grads
+
     def _dense(self, decoder, top):
         """``decoder.dense`` of the top states in bfloat16 (float32 accumulation), as the reference's
         ``nn.Linear`` runs under autocast: the logits in bfloat16."""

@@ -259,26 +259,42 @@ def masked_ce_loss_grads(model, encoder, decoder, enc_X, dec_X, label, valid_len
     """The loss (B,) of ``decoder_masked_ce_loss`` after ``encoder`` and ``init_state``, and the
     gradient of its sum for every parameter of ``model`` (the module holding both), computed by
     the compiled ops without autograd's graph: ``(loss, [(parameter, gradient), ...])``, or None
-    where that path does not apply and autograd's must run: not both on the plain ``cpp``
-    backend (autocast and half-precision models take a ``CastingBackend``), a parameter that
-    needs no gradient, grad mode off, a module or parameter hook (autograd's path would call
-    it), or while torch.compile traces. The caller checked that ``encoder`` and ``decoder``
-    are this package's modules with their own ``forward`` and ``init_state``."""
+    where that path does not apply and autograd's must run: not both on the ``cpp`` backend
+    (under autocast too, but not for a half-precision model, which runs cast to float32, nor with
+    an output layer that autocast runs as torch's bfloat16 linear), a parameter that needs no
+    gradient, grad mode off, a module or parameter hook (autograd's path would call it), or while
+    torch.compile traces. The caller checked that ``encoder`` and ``decoder`` are this package's
+    modules with their own ``forward`` and ``init_state``."""
     embedding = encoder._modules["embedding"]._parameters["weight"]
     W_k = decoder._modules["attention"]._modules["W_k"]
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or W_k._parameters.get("bias") is not None
-            or backend_for(encoder.backend, "encoder_forward", embedding) is not cpp_ops
-            or backend_for(decoder.backend, "decoder_forward", embedding, W_k._parameters["weight"]) is not cpp_ops
-            or cpp_ops.linear_loss_unsupported_reason(embedding) is not None or _hooked(model)):
+            or cpp_ops.linear_loss_unsupported_reason(embedding) is not None):
+        return None
+    backend = _own_step_backend(encoder, decoder, embedding, W_k._parameters["weight"])
+    if backend is None or _hooked(model):
         return None
     validation.check_tensor(enc_X, "X")
     validation.check_tensor(dec_X, "X")
     validation.check_tensor(label, "label")
     lens = validation.normalize_lengths(enc_valid_len, "enc_valid_lens (state[2])")
     label, label_lens = _loss_targets(label, valid_len)
-    loss, grads = cpp_ops.masked_ce_loss_grads(encoder, decoder, enc_X, dec_X, lens, label, label_lens)
+    loss, grads = backend.masked_ce_loss_grads(encoder, decoder, enc_X, dec_X, lens, label, label_lens)
     parameters = {id(p) for p in model.parameters()}
     return loss, [(tensor, grad) for tensor, grad in grads if id(tensor) in parameters]
+
+
+def _own_step_backend(encoder, decoder, embedding, W_k):
+    """``cpp_ops``, or under autocast its ``CastingBackend`` (a model in its own dtype, the output
+    layer inside the op), when both modules' calls go there; else None."""
+    backend = backend_for(decoder.backend, "decoder_forward", embedding, W_k)
+    encoder_backend = backend_for(encoder.backend, "encoder_forward", embedding)
+    if backend is cpp_ops:
+        return backend if encoder_backend is cpp_ops else None
+    casting = (type(backend) is CastingBackend and backend.inner is cpp_ops and backend.dtype == backend.param_dtype
+               and not backend.dense_outside(decoder))
+    if casting and type(encoder_backend) is CastingBackend and encoder_backend.inner is cpp_ops:
+        return backend
+    return None
 
 
 def _hooked(model):
