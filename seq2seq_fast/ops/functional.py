@@ -271,7 +271,8 @@ def masked_ce_loss_grads(model, encoder, decoder, enc_X, dec_X, label, valid_len
             or cpp_ops.linear_loss_unsupported_reason(embedding) is not None):
         return None
     backend = _own_step_backend(encoder, decoder, embedding, W_k._parameters["weight"])
-    if backend is None or _hooked(model):
+    parameters = None if backend is None else _plain_parameters(model)
+    if parameters is None:
         return None
     validation.check_tensor(enc_X, "X")
     validation.check_tensor(dec_X, "X")
@@ -279,7 +280,6 @@ def masked_ce_loss_grads(model, encoder, decoder, enc_X, dec_X, label, valid_len
     lens = validation.normalize_lengths(enc_valid_len, "enc_valid_lens (state[2])")
     label, label_lens = _loss_targets(label, valid_len)
     loss, grads = backend.masked_ce_loss_grads(encoder, decoder, enc_X, dec_X, lens, label, label_lens)
-    parameters = {id(p) for p in model.parameters()}
     return loss, [(tensor, grad) for tensor, grad in grads if id(tensor) in parameters]
 
 
@@ -297,14 +297,21 @@ def _own_step_backend(encoder, decoder, embedding, W_k):
     return None
 
 
-def _hooked(model):
-    """Whether autograd's path through ``model`` would run a hook, or a parameter of it needs no
-    gradient (its gradient must stay None)."""
+def _plain_parameters(model):
+    """The ids of ``model``'s parameters, or None where autograd's path through it would run a
+    hook (of a module, global or of a parameter) or a parameter needs no gradient (its gradient
+    must stay None)."""
     if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
             or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
-        return True
+        return None
+    ids = set()
     for module in model.modules():
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-            return True
-    return any(not p.requires_grad or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
-               for p in model.parameters())
+            return None
+        for p in module._parameters.values():
+            if p is None:
+                continue
+            if not p.requires_grad or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+                return None
+            ids.add(id(p))
+    return ids

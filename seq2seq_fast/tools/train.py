@@ -160,6 +160,8 @@ class Seq2SeqTrainer:
                     torch.distributed.broadcast(tensor, src=0)
         self.module.to(self.device)
         self.optimizer = adam(self.module.parameters(), lr)
+        # What the optimizer updates, the tensors clipped each step (a list: no module walk per step).
+        self._parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._threads = _step_threads(self.module, self.device)
         self.loss = MaskedSoftmaxCELoss()
         self.clip_theta = clip_theta
@@ -198,7 +200,8 @@ class Seq2SeqTrainer:
             Y_hat, _ = self.net(X, dec_input, X_valid_len)
             l = self.loss(Y_hat, Y, Y_valid_len)
             (l.sum() * self.world_size if self.world_size > 1 else l.sum()).backward()
-        grad_clipping(self.module, self.clip_theta)
+        functional.clip_grad_norm_([p.grad for p in self._parameters if p.requires_grad and p.grad is not None],
+                                   self.clip_theta)
         self.optimizer.step()
         self.step += 1
         return l.detach().sum(), Y_valid_len.sum()
