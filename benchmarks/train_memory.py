@@ -1,5 +1,6 @@
-"""The cpp training step with the output layer and the loss fused (``EncoderDecoder.masked_ce_loss``,
-what ``Seq2SeqTrainer`` runs) against the unfused one (forward's logits + ``MaskedSoftmaxCELoss``):
+"""The cpp training step with the output layer and the loss fused (``EncoderDecoder.masked_ce_loss``
+then ``backward()``; and ``masked_ce_loss_backward``, the same without autograd's graph, what
+``Seq2SeqTrainer`` runs) against the unfused one (forward's logits + ``MaskedSoftmaxCELoss``):
 peak memory and time.
 
 Memory: each variant in a fresh subprocess (``peak_memory.py``'s measure: the growth of the
@@ -21,7 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 # fused-recompute: the fused step with a grad_loss that is not uniform (l * ones, contiguous), so
 # the backward recomputes the logits instead of scaling the gradients made in the forward.
-VARIANTS = ("unfused", "fused", "fused-recompute")
+# own: EncoderDecoder.masked_ce_loss_backward, what Seq2SeqTrainer runs: the fused step run by
+# the compiled ops without autograd's graph.
+VARIANTS = ("unfused", "fused", "fused-recompute", "own")
 
 
 def _step(variant, config, device, chunk_values):
@@ -50,6 +53,9 @@ def _step(variant, config, device, chunk_values):
     def run():
         for p in params:
             p.grad = None
+        if variant == "own":
+            model.masked_ce_loss_backward(data["src"], dec_input, data["tgt"], data["tgt_len"], data["src_len"])
+            return
         if variant.startswith("fused"):
             l = model.masked_ce_loss(data["src"], dec_input, data["tgt"], data["tgt_len"], data["src_len"])
         else:
@@ -133,8 +139,9 @@ def table(result):
     mib, ms = result["step_mib"], result["median_ms"]
     lines = [f"{result['config']} train step on {result['device']}: step MiB (peak MiB), median ms"]
     lines += [f"  {v:15s} {mib[v]:8.1f} ({result['peak_mib'][v]:.0f})  {ms[v]:9.1f}" for v in VARIANTS]
-    lines.append(f"  fused / unfused: memory {mib['fused'] / max(mib['unfused'], 1e-9):.2f}, "
-                 f"time {ms['fused'] / ms['unfused']:.2f}")
+    for variant in ("fused", "own"):
+        lines.append(f"  {variant} / unfused: memory {mib[variant] / max(mib['unfused'], 1e-9):.2f}, "
+                     f"time {ms[variant] / ms['unfused']:.2f}")
     return "\n".join(lines)
 
 

@@ -299,8 +299,9 @@ def test_fused_output_layer_table_gives_the_ratios():
     import train_memory
 
     result = dict(config="large", device="cpu", chunk_values=0,
-                  step_mib={"unfused": 400.0, "fused": 300.0, "fused-recompute": 310.0},
-                  peak_mib={"unfused": 1100.0, "fused": 1000.0, "fused-recompute": 1010.0},
-                  median_ms={"unfused": 1200.0, "fused": 1188.0, "fused-recompute": 1500.0})
+                  step_mib={"unfused": 400.0, "fused": 300.0, "fused-recompute": 310.0, "own": 280.0},
+                  peak_mib={"unfused": 1100.0, "fused": 1000.0, "fused-recompute": 1010.0, "own": 980.0},
+                  median_ms={"unfused": 1200.0, "fused": 1188.0, "fused-recompute": 1500.0, "own": 1080.0})
     text = train_memory.table(result)
-    assert "fused / unfused: memory 0.75, time 0.99" in text and text.count("\n") == 4
+    assert "fused / unfused: memory 0.75, time 0.99" in text and "own / unfused: memory 0.70, time 0.90" in text
+    assert text.count("\n") == 6

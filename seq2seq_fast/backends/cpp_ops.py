@@ -391,8 +391,6 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
     valid_len int64 (B,). W_k has no bias (``AdditiveAttention``'s)."""
     enc_params, dec_params = encoder_params(encoder), decoder_params(decoder)
     W_k = decoder._modules["attention"]._modules["W_k"]._parameters["weight"]
-    weight, bias = dec_params[-2:]
-    params = _without_dense(dec_params)
     ops = _ops()
     with torch.no_grad():
         enc_states, enc_layer_inputs, enc_gates, enc_mask = _encoder_op(encoder, X, enc_params, keep=True)
@@ -400,17 +398,8 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
         # d2l's init_state: enc_outputs.permute(1, 0, 2), laid out as the decoder reads it
         values = enc_states[L - 1, 1:].transpose(0, 1).contiguous()
         key_proj = F.linear(values, W_k)
-        masks = _decoder_masks(dec_X, values, params, **_dropout_rates(decoder))
-        _, attention, states, inputs, layer_inputs, gates = ops.decoder_forward(
-            dec_X, values, enc_states[:, T], enc_valid_lens, key_proj, params, *masks, True)
-        loss, _, grad_top, grad_weight, grad_bias = ops.linear_masked_ce(
-            _top_states(states), weight, bias, label, valid_len, _loss_chunk_rows(weight), True)
-
-        grad_states = torch.zeros_like(states)
-        _top_states(grad_states).copy_(grad_top)
-        grad_values, grad_hidden, grad_key_proj, dec_grads = ops.decoder_backward(
-            None, None, grad_states, dec_X, values, enc_valid_lens, key_proj, params, *masks, attention, states,
-            inputs, layer_inputs, gates)
+        loss, grad_values, grad_hidden, grad_key_proj, dec_grads = _decoder_step(
+            decoder, dec_params, dec_X, values, enc_states[:, T], enc_valid_lens, key_proj, label, valid_len)
         # key_proj = values @ W_k^T
         H = values.shape[2]
         grad_W_k = grad_key_proj.reshape(-1, H).t().mm(values.reshape(-1, H))
@@ -420,9 +409,28 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
         enc_grad_states[:, T] += grad_hidden
         enc_grads = ops.encoder_backward(enc_grad_states, X, enc_params, enc_mask, enc_states, enc_layer_inputs,
                                          enc_gates)
-    grads = [*zip(enc_params, enc_grads), *zip(dec_params[:-2], dec_grads[:-2]), (weight, grad_weight),
-             (bias, grad_bias), (W_k, grad_W_k)]
-    return loss, grads
+    return loss, [*zip(enc_params, enc_grads), *zip(dec_params, dec_grads), (W_k, grad_W_k)]
+
+
+def _decoder_step(decoder, dec_params, dec_X, values, hidden, enc_valid_lens, key_proj, label, valid_len):
+    """The decoder's share of ``masked_ce_loss_grads``: (loss, the gradients of values, hidden and
+    key_proj, and of ``dec_params``). A function of its own so that the decoder's activations are
+    freed when it returns, before the encoder's backward (as autograd frees a node's)."""
+    ops = _ops()
+    weight, bias = dec_params[-2:]
+    params = _without_dense(dec_params)
+    masks = _decoder_masks(dec_X, values, params, **_dropout_rates(decoder))
+    _, attention, states, inputs, layer_inputs, gates = ops.decoder_forward(
+        dec_X, values, hidden, enc_valid_lens, key_proj, params, *masks, True)
+    loss, _, grad_top, grad_weight, grad_bias = ops.linear_masked_ce(
+        _top_states(states), weight, bias, label, valid_len, _loss_chunk_rows(weight), True)
+    grad_states = torch.zeros_like(states)
+    _top_states(grad_states).copy_(grad_top)
+    del grad_top
+    grad_values, grad_hidden, grad_key_proj, grads = ops.decoder_backward(
+        None, None, grad_states, dec_X, values, enc_valid_lens, key_proj, params, *masks, attention, states, inputs,
+        layer_inputs, gates)
+    return loss, grad_values, grad_hidden, grad_key_proj, [*grads[:-2], grad_weight, grad_bias]
 
 
 # ---- torch.library registrations ---------------------------------------------------------------------
