@@ -52,6 +52,20 @@ class CallerOnly {
   int omp_threads_ = 1, mkl_threads_ = 0, pool_threads_ = 0;
 };
 
+// Runs task(i) for every i in [0, count): by run_chunks when `spread` (independent pieces of a
+// small model's work, e.g. a backward's weight-gradient GEMMs), else in order on the calling
+// thread, whose BLAS calls then split each large GEMM over the BLAS's own threads (a task's
+// run single-threaded: pieces of unequal size would leave threads idle).
+inline void run_tasks(int64_t count, bool spread, c10::function_ref<void(int64_t)> task) {
+  if (spread) {
+    run_chunks(count, task);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    task(i);
+  }
+}
+
 // f(begin, end) over [0, n) in pieces of `grain` items (the last shorter), by run_chunks.
 template <typename F>
 void parallel_ranges(int64_t n, int64_t grain, const F& f) {

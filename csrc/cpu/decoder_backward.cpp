@@ -22,7 +22,8 @@ BackwardResult decoder_backward(
   const DecoderWeights w = check_decoder_backward(grad_logits_in, grad_attention_in, grad_states_in, X_in, enc_in,
                                                   lens_in, kp_in, params, attn_mask_in, layer_mask_in, attention_in,
                                                   states_in, inputs_in, layer_inputs_in, gates_in, on, &s, nullptr);
-  const CallerOnly caller_only(small_step_weights(step_weight_values(s, s.V * s.H)));
+  const bool small = small_step_weights(step_weight_values(s, s.V * s.H));
+  const CallerOnly caller_only(small);
   const int64_t B = s.B, S = s.S, T_ = s.T, H = s.H, E = s.E, V = s.V, L = s.L;
 
   const at::Tensor X = X_in.contiguous(), enc = enc_in.contiguous(), kp = kp_in.contiguous();
@@ -170,10 +171,11 @@ BackwardResult decoder_backward(
       const T beta = accumulate ? T(1) : T(0);
       gemm<T>(false, true, rows, H, H, T(1), top_prev + first * H, H, ptr<T>(w.W_q), H, T(0), Q.data_ptr<T>(), H);
       for_row_chunks(B, 2 * (t1 - t0) * step_flops_per_row(s), step_weight_values(s, 0), backward_rows);
-      // The block's share of the weight gradients: 2 + 2L independent pieces of work, each on
-      // whichever thread claims it (chunks.h; each writes its own gradients, so the result does
-      // not depend on who ran it). W_hh's in two GEMMs: its gradient rows are stored in (n, r, z) order.
-      run_chunks(2 + 2 * L, [&](int64_t task) {
+      // The block's share of the weight gradients: 2 + 2L independent pieces of work, for a small
+      // model each on whichever thread claims it (chunks.h run_tasks; each writes its own
+      // gradients, so the result does not depend on who ran it). W_hh's in two GEMMs: its
+      // gradient rows are stored in (n, r, z) order.
+      run_tasks(2 + 2 * L, small, [&](int64_t task) {
         if (task == 0) {
           // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
           T* dxe = d_x.data_ptr<T>();

@@ -125,7 +125,8 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
   Placement on;
   const EncoderWeights w = unpack_encoder_params(params, at::kCPU, kCpuFloats, &on);
   const Sizes s = check_encoder(X_in, w, layer_mask_in, on, nullptr);
-  const CallerOnly caller_only(small_step_weights(step_weight_values(s, false)));
+  const bool small = small_step_weights(step_weight_values(s, false));
+  const CallerOnly caller_only(small);
   const int64_t B = s.B, T_ = s.S, H = s.H, E = s.E, L = s.L;
   check_encoder_activations(s, grad_states_in, states_in, layer_inputs_in, gates_in, layer_mask_in.has_value(), on);
   const at::Tensor X = X_in.contiguous();
@@ -191,8 +192,9 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
       }
       const T* gh_all = G.data_ptr<T>();  // d(gh) in (n, r, z) order
       const T* gi_all = gh_all + H;        // d(gi) in (r, z, n) order
-      // Three independent pieces of work, each on whichever thread claims it (chunks.h).
-      run_chunks(3, [&](int64_t task) {
+      // Three independent pieces of work, for a small model each on whichever thread claims it
+      // (chunks.h run_tasks).
+      run_tasks(3, small, [&](int64_t task) {
         if (task == 0) {
           // Gradient of this layer's input for all steps: (T*B, in).
           gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 4 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
