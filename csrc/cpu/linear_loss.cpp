@@ -1,6 +1,7 @@
 // d2l's dense output layer and MaskedSoftmaxCELoss fused on CPU: the logits hidden @ W^T + b are
-// made chunk_rows rows at a time in one reused buffer (one BLAS GEMM per chunk), each chunk's
-// log-sum-exp and picked logit are taken with the loss's row kernel (csrc/cpu/rows.h), and, for
+// made chunk_rows rows at a time in one reused buffer (a small layer's chunk in pieces of rows
+// over the threads, a large one's in one BLAS GEMM), each chunk's log-sum-exp and picked logit
+// are taken with the loss's row kernel (csrc/cpu/rows.h), and, for
 // the gradients, the buffer is turned in place into scale * (softmax - one_hot) and multiplied
 // back: grad_hidden = G @ W, grad_W += G^T @ hidden, grad_b += column sums of G. Memory:
 // O(chunk_rows * V) instead of the (B, S, V) logits and their gradient. Rows are walked in

@@ -71,7 +71,7 @@ class EncoderDecoder(nn.Module):
         the gradients accumulated into the parameters' ``.grad``; returns ``l`` detached. With this
         package's encoder and decoder on the cpp backend the compiled ops run the whole step,
         forward and backward, without autograd's graph (``functional.masked_ce_loss_grads``: the
-        same numbers; about a fifth of a d2l zh step less). What ``Seq2SeqTrainer`` runs.
+        same numbers; a d2l zh step 12-17 % shorter). What ``Seq2SeqTrainer`` runs.
 
         >>> optimizer.zero_grad(); net.masked_ce_loss_backward(X, dec_input, Y, Y_valid_len, X_valid_len)
         """
