@@ -91,7 +91,13 @@ BackwardResult decoder_backward(
     at::Tensor Q = cpu::empty({block, B, H}, opts);
     at::Tensor G_low = cpu::empty({std::max<int64_t>(L - 1, 0), block, B, 4 * H}, opts);
     at::Tensor G_top = cpu::empty({block, B, 5 * H}, opts);
-    at::Tensor d_x = cpu::empty({block, B, E}, opts);  // the embeddings' gradient
+    // Layer 0's embedding columns: their gradients through a table of d(gi) per token when the
+    // vocabulary is the smaller (after the last block), else block by block over the tokens.
+    c10::optional<TokenGateGrads<T>> per_token;
+    if (TokenGateGrads<T>::worth(w.embedding.size(0), S * B)) {
+      per_token.emplace(w.embedding.size(0), H, opts);
+    }
+    at::Tensor d_x = per_token ? at::Tensor() : cpu::empty({block, B, E}, opts);  // the embeddings' gradient
     const auto grad_ld = [&](int64_t k) { return k == L - 1 ? 5 * H : 4 * H; };
     // Layer k's gate-gradient row `row` of the block's (steps, B) rows: its d gh_n column.
     const auto grad_row = [&](int64_t k, int64_t row) {
@@ -176,6 +182,12 @@ BackwardResult decoder_backward(
       // gradients, so the result does not depend on who ran it). W_hh's in two GEMMs: its
       // gradient rows are stored in (n, r, z) order.
       run_tasks(2 + 2 * L, small, [&](int64_t task) {
+        if (task == 0 && per_token) {
+          for (int64_t t = t0; t < t1; ++t) {
+            per_token->add(ids + t, B, S, grad_row(0, (t - t0) * B) + H, grad_ld(0));
+          }
+          return;
+        }
         if (task == 0) {
           // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
           T* dxe = d_x.data_ptr<T>();
@@ -207,8 +219,20 @@ BackwardResult decoder_backward(
         } else {
           xin = layer_mask.has_value() ? ptr<T>(layer_inputs) + (k - 1) * S * B * H : st + (k - 1) * state_ld + B * H;
         }
-        gemm<T>(true, false, 3 * H, in, rows, T(1), ggi, ld, xin + first * in, in, beta, d.w_ih[k].data_ptr<T>(), in);
+        // With the per-token table, layer 0's context columns only (the embedding's come after).
+        const int64_t columns = k == 0 && per_token ? H : in;
+        gemm<T>(true, false, 3 * H, columns, rows, T(1), ggi, ld, xin + first * in, in, beta, d.w_ih[k].data_ptr<T>(),
+                in);
         column_sums<T>(ggi, rows, 3 * H, ld, d.b_ih[k].data_ptr<T>(), accumulate);
+      });
+    }
+    if (per_token) {  // S * B > 0 tokens
+      run_tasks(2, small, [&](int64_t task) {
+        if (task == 0) {
+          per_token->embedding_grad(ptr<T>(w.w_ih[0]) + H, H + E, E, de);
+        } else {
+          per_token->weight_grad(ptr<T>(w.embedding), E, d.w_ih[0].data_ptr<T>() + H, H + E);
+        }
       });
     }
     for (int64_t k = 0; k < L; ++k) {

@@ -153,6 +153,8 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
     const T* Dp = D.data_ptr<T>();
     const int64_t state_ld = (T_ + 1) * B * H;
     T* dinp = d_in.data_ptr<T>();
+    const int64_t* ids = X.data_ptr<int64_t>();
+    bool embedded = false;  // d_emb written through the per-token table
     for (int64_t k = L - 1; k >= 0; --k) {
       // Backward through time, rows split into independent chunks.
       for_row_chunks(B, 2 * recurrence_flops_per_row(s), 3 * H * H, [&](int64_t b0, int64_t b1) {
@@ -184,18 +186,29 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
       } else {
         xin = st + (k - 1) * state_ld + B * H;
       }
+      const T* gh_all = G.data_ptr<T>();  // d(gh) in (n, r, z) order
+      const T* gi_all = gh_all + H;        // d(gi) in (r, z, n) order
+      // Layer 0's input is embedding rows: its gradients through a table of d(gi) per token when
+      // the vocabulary is the smaller, else through the gathered embeddings.
+      c10::optional<TokenGateGrads<T>> per_token;
       at::Tensor x_emb;
-      if (k == 0) {
+      if (k == 0 && TokenGateGrads<T>::worth(embedding.size(0), T_ * B)) {
+        per_token.emplace(embedding.size(0), H, opts);
+        for (int64_t t = 0; t < T_; ++t) {
+          per_token->add(ids + t, B, T_, gi_all + t * B * 4 * H, 4 * H);
+        }
+        embedded = true;
+      } else if (k == 0) {
         x_emb = cpu::empty({T_, B, E}, opts);
         embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
         xin = x_emb.data_ptr<T>();
       }
-      const T* gh_all = G.data_ptr<T>();  // d(gh) in (n, r, z) order
-      const T* gi_all = gh_all + H;        // d(gi) in (r, z, n) order
       // Three independent pieces of work, for a small model each on whichever thread claims it
       // (chunks.h run_tasks).
       run_tasks(3, small, [&](int64_t task) {
-        if (task == 0) {
+        if (task == 0 && per_token) {
+          per_token->embedding_grad(w_ih[0].data_ptr<T>(), E, E, d_emb.data_ptr<T>());
+        } else if (task == 0) {
           // Gradient of this layer's input for all steps: (T*B, in).
           gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 4 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
           if (k > 0 && layer_mask.has_value()) {
@@ -205,7 +218,11 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
             }
           }
         } else if (task == 1) {
-          gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 4 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
+          if (per_token) {
+            per_token->weight_grad(embedding.data_ptr<T>(), E, d.w_ih[0].data_ptr<T>(), E);
+          } else {
+            gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 4 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
+          }
           column_sums<T>(gi_all, T_ * B, 3 * H, 4 * H, d.b_ih[k].data_ptr<T>(), false);
         } else {
           hidden_weight_grads<T>(T_ * B, H, gh_all, 4 * H, st + k * state_ld, false, d.w_hh[k].data_ptr<T>(),
@@ -213,11 +230,12 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
         }
       });
     }
-    // dinp now holds the gradient of the embedded input (T, B, E): scatter by token.
-    T* de = d_emb.data_ptr<T>();
-    const int64_t* ids = X.data_ptr<int64_t>();
-    for (int64_t t = 0; t < T_; ++t) {
-      scatter_add_rows<T>(de, E, ids + t, B, T_, dinp + t * B * E, E);
+    if (!embedded) {
+      // dinp holds the gradient of the embedded input (T, B, E): scatter by token.
+      T* de = d_emb.data_ptr<T>();
+      for (int64_t t = 0; t < T_; ++t) {
+        scatter_add_rows<T>(de, E, ids + t, B, T_, dinp + t * B * E, E);
+      }
     }
   });
   return pack_grads({d_emb}, d, {});
