@@ -113,13 +113,15 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   // dtype: CPU float32/float64) and, when it exceeds theta (> 0), every tensor scaled in place by
   // theta / norm. Returns the norm (0-dim, the grads' dtype). No host read of device data.
   m.def("clip_grad_norm_(Tensor(a!)[] grads, float theta) -> Tensor norm");
-  // torch.optim.Adam's update without weight decay, amsgrad or maximize, for every parameter at
-  // once: params (CPU, contiguous, float32/float64, one dtype) with their grads, exp_avgs and
-  // exp_avg_sqs (each the parameter's shape) and steps (one-value float tensors, incremented
-  // here); lr >= 0, betas in [0, 1), eps > 0.
+  // torch.optim.Adam's update without weight decay, amsgrad or maximize, for every parameter of
+  // every group at once: params (CPU, contiguous, float32/float64, one dtype) with their
+  // grads, exp_avgs and exp_avg_sqs (each the parameter's shape) and steps (one-value float
+  // tensors, incremented here); the parameters come group after group, groups[g] (>= 1) of them
+  // with lr[g] >= 0, betas in [0, 1), eps[g] > 0. Every argument is checked before anything is
+  // written: a call that raises leaves every tensor as it was.
   m.def(
       "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps) -> ()");
+      "Tensor(d!)[] steps, int[] groups, float[] lr, float[] beta1, float[] beta2, float[] eps) -> ()");
   // d2l's dense output layer and MaskedSoftmaxCELoss fused, for training: logits = hidden @ W^T + b
   // are computed chunk_rows (>= 1) rows at a time into one reused (chunk_rows, V) buffer and never
   // held whole. hidden (B, S, H) (CPU: float32/float64; CUDA also float16/bfloat16; a (B, S, H)

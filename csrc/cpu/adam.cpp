@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "cpu/math.h"
@@ -47,17 +48,50 @@ void check_list(at::TensorList list, const char* name, size_t expected) {
                     " tensors (one per parameter), got ", list.size());
 }
 
+// One optimizer group's settings.
+struct Group {
+  int64_t size;
+  double lr, beta1, beta2, eps;
+};
+
+// The groups of `groups` (each a count of consecutive parameters) with their settings, checked.
+std::vector<Group> check_groups(size_t count, at::IntArrayRef groups, at::ArrayRef<double> lr,
+                                at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps) {
+  for (auto [name, list] : {std::pair{"lr", lr}, {"beta1", beta1}, {"beta2", beta2}, {"eps", eps}}) {
+    TORCH_CHECK_VALUE(list.size() == groups.size(), "seq2seq_fast: ", name, " must hold ", groups.size(),
+                      " values (one per group), got ", list.size());
+  }
+  std::vector<Group> out;
+  int64_t total = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const std::string index = "[" + std::to_string(g) + "]";
+    TORCH_CHECK_VALUE(groups[g] >= 1, "seq2seq_fast: groups", index, " must be >= 1, got ", groups[g]);
+    TORCH_CHECK_VALUE(lr[g] >= 0 && std::isfinite(lr[g]), "seq2seq_fast: lr", index,
+                      " must be a finite number >= 0, got ", lr[g]);
+    TORCH_CHECK_VALUE(beta1[g] >= 0 && beta1[g] < 1, "seq2seq_fast: beta1", index, " must be in [0, 1), got ",
+                      beta1[g]);
+    TORCH_CHECK_VALUE(beta2[g] >= 0 && beta2[g] < 1, "seq2seq_fast: beta2", index, " must be in [0, 1), got ",
+                      beta2[g]);
+    TORCH_CHECK_VALUE(eps[g] > 0 && std::isfinite(eps[g]), "seq2seq_fast: eps", index,
+                      " must be a positive number, got ", eps[g]);
+    total += groups[g];
+    out.push_back({groups[g], lr[g], beta1[g], beta2[g], eps[g]});
+  }
+  TORCH_CHECK_VALUE(total == static_cast<int64_t>(count), "seq2seq_fast: groups must add up to the ", count,
+                    " params, got ", total);
+  return out;
+}
+
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList steps, double lr, double beta1, double beta2, double eps) {
+               at::TensorList steps, at::IntArrayRef groups, at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
+               at::ArrayRef<double> beta2, at::ArrayRef<double> eps) {
   TORCH_CHECK_VALUE(!params.empty(), "seq2seq_fast: params must hold at least one tensor, got an empty list");
   for (auto [name, list] : {std::pair{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                             {"steps", steps}}) {
     check_list(list, name, params.size());
   }
-  TORCH_CHECK_VALUE(lr >= 0 && std::isfinite(lr), "seq2seq_fast: lr must be a finite number >= 0, got ", lr);
-  TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1, "seq2seq_fast: beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "seq2seq_fast: beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "seq2seq_fast: eps must be a positive number, got ", eps);
+  const std::vector<Group> settings = check_groups(params.size(), groups, lr, beta1, beta2, eps);
+  // Every tensor is checked before any is written: a call that raises changes nothing.
   const Placement on = check_reference(params[0], "params[0]", at::kCPU, kCpuFloats);
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string index = "[" + std::to_string(i) + "]";
@@ -72,19 +106,22 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                       "seq2seq_fast: steps", index, " must be a CPU float32/float64 tensor of one value, got ",
                       step_type, " of shape ", steps[i].sizes(), " on ", steps[i].device());
   }
-  for (size_t i = 0; i < params.size(); ++i) {
-    double step = 0;
-    AT_DISPATCH_FLOATING_TYPES(steps[i].scalar_type(), "seq2seq_fast::adam_step_", [&] {
-      scalar_t* count = steps[i].data_ptr<scalar_t>();
-      *count += 1;
-      step = static_cast<double>(*count);
-    });
-    if (on.dtype == at::kFloat) {
-      adam_update_f32(params[i].data_ptr<float>(), grads[i].data_ptr<float>(), exp_avgs[i].data_ptr<float>(),
-                      exp_avg_sqs[i].data_ptr<float>(), params[i].numel(), lr, beta1, beta2, eps, step);
-    } else {
-      adam_update_f64(params[i].data_ptr<double>(), grads[i].data_ptr<double>(), exp_avgs[i].data_ptr<double>(),
-                      exp_avg_sqs[i].data_ptr<double>(), params[i].numel(), lr, beta1, beta2, eps, step);
+  size_t i = 0;
+  for (const Group& g : settings) {
+    for (const size_t end = i + g.size; i < end; ++i) {
+      double step = 0;
+      AT_DISPATCH_FLOATING_TYPES(steps[i].scalar_type(), "seq2seq_fast::adam_step_", [&] {
+        scalar_t* count = steps[i].data_ptr<scalar_t>();
+        *count += 1;
+        step = static_cast<double>(*count);
+      });
+      if (on.dtype == at::kFloat) {
+        adam_update_f32(params[i].data_ptr<float>(), grads[i].data_ptr<float>(), exp_avgs[i].data_ptr<float>(),
+                        exp_avg_sqs[i].data_ptr<float>(), params[i].numel(), g.lr, g.beta1, g.beta2, g.eps, step);
+      } else {
+        adam_update_f64(params[i].data_ptr<double>(), grads[i].data_ptr<double>(), exp_avgs[i].data_ptr<double>(),
+                        exp_avg_sqs[i].data_ptr<double>(), params[i].numel(), g.lr, g.beta1, g.beta2, g.eps, step);
+      }
     }
   }
 }

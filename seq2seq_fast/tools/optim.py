@@ -7,8 +7,6 @@ import torch
 
 from seq2seq_fast.backends.extension import extension_error
 
-_FLOATS = (torch.float32, torch.float64)
-
 
 class Adam(torch.optim.Adam):
     """``torch.optim.Adam`` whose plain CPU update runs as one compiled call.
@@ -17,48 +15,48 @@ class Adam(torch.optim.Adam):
     >>> loss.backward(); optimizer.step()
     """
 
-    def _compiled_lists(self):
-        """Per group ``(params, grads, exp_avgs, exp_avg_sqs, steps)`` for the op, or None when
-        any group needs torch's step. Initialises missing state as torch's Adam does."""
+    def _op_arguments(self):
+        """The op's arguments for every group, None when a group's settings need torch's step or
+        no parameter has a gradient. Initialises missing state as torch's Adam does."""
         if extension_error() is not None:
             return None
-        lists, dtype = [], None
+        params, sizes, lr, beta1, beta2, eps = [], [], [], [], [], []
         for group in self.param_groups:
             if (group["weight_decay"] != 0 or group["amsgrad"] or group["maximize"] or group.get("capturable")
                     or group.get("differentiable") or isinstance(group["lr"], torch.Tensor)):
                 return None
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                dtype = dtype or p.dtype
-                if (p.device.type != "cpu" or p.dtype != dtype or p.dtype not in _FLOATS or p.grad.is_sparse
-                        or not p.is_contiguous() or not p.grad.is_contiguous() or p.grad.dtype != dtype):
-                    return None
-            lists.append((group, params))
-        out = []
-        for group, params in lists:
-            states = []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif not state["exp_avg"].is_contiguous() or state["step"].device.type != "cpu":
-                    return None
-                states.append(state)
-            out.append((group, params, states))
-        return out
+            with_grads = [p for p in group["params"] if p.grad is not None]
+            if with_grads:
+                params += with_grads
+                sizes.append(len(with_grads))
+                lr.append(float(group["lr"]))
+                beta1.append(float(group["betas"][0]))
+                beta2.append(float(group["betas"][1]))
+                eps.append(float(group["eps"]))
+        if not params:
+            return None
+        states = [self._state(p) for p in params]
+        return (params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], sizes, lr, beta1, beta2, eps)
+
+    def _state(self, p):
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
-        groups = None if closure is not None else self._compiled_lists()
-        if groups is None:
+        arguments = None if closure is not None else self._op_arguments()
+        if arguments is None:
             return super().step(closure)
-        for group, params, states in groups:
-            if params:
-                beta1, beta2 = group["betas"]
-                torch.ops.seq2seq_fast.adam_step_(
-                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-                    float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
+        try:
+            torch.ops.seq2seq_fast.adam_step_(*arguments)
+        except (RuntimeError, TypeError, ValueError):
+            # The op checks every tensor before it writes any, in C++ (per tensor in Python the
+            # checks cost more than the update): one it does not take (another device, dtype or
+            # layout, non-contiguous) leaves everything as it was, for torch's own step.
+            return super().step()
         return None

@@ -91,12 +91,64 @@ def test_a_closure_is_called_once():
     (lambda a: a[4].__setitem__(0, torch.zeros(2)), "steps"),
     (lambda a: a[2].__setitem__(0, torch.zeros(3)), r"exp_avgs\[0\] must have shape"),
     (lambda a: a[1].__setitem__(0, torch.zeros(201, 32, dtype=torch.float64)), r"grads\[0\] must have dtype"),
-])
-def test_the_op_names_a_bad_argument(mutate, match):
+    (lambda a: a[3].__setitem__(0, torch.zeros(32, 201).t()), r"exp_avg_sqs\[0\] must be contiguous"),
+    (lambda a: a[5].__setitem__(0, 1), "groups must add up to the 2 params, got 1"),
+    (lambda a: a[5].append(0), r"lr must hold 2 values"),
+    (lambda a: a[6].__setitem__(0, -1.0), r"lr\[0\] must be a finite number >= 0"),
+    (lambda a: a[8].__setitem__(0, 1.0), r"beta2\[0\] must be in \[0, 1\)"),
+    (lambda a: a[9].__setitem__(0, 0.0), r"eps\[0\] must be a positive number"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_the_op_names_a_bad_argument_and_writes_nothing(mutate, match):
     ps = [torch.zeros(201, 32), torch.zeros(3)]
     args = [ps, [torch.ones_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
-            [torch.zeros(()), torch.zeros(())], 0.1, 0.9, 0.999, 1e-8]
+            [torch.zeros(()), torch.zeros(())], [2], [0.1], [0.9], [0.999], [1e-8]]
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
         torch.ops.seq2seq_fast.adam_step_(*args)
-    assert float(args[4][-1]) == 0, "nothing is updated when an argument is bad"
+    assert float(args[4][-1]) == 0 and not ps[0].any(), "nothing is updated when an argument is bad"
+
+
+def test_groups_with_their_own_settings_run_in_one_call(monkeypatch):
+    """Two groups (one with a parameter left without gradient) take one op call and equal torch's."""
+    real, calls = torch.ops.seq2seq_fast.adam_step_, []
+    monkeypatch.setattr(torch.ops.seq2seq_fast, "adam_step_", lambda *a: (calls.append(a), real(*a)), raising=False)
+    results = []
+    for cls in (Adam, torch.optim.Adam):
+        ps = params(torch.float64)
+        opt = cls([{"params": ps[:3]}, {"params": ps[3:], "lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6}], lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for i, p in enumerate(ps):
+                p.grad = None if (i == 4 and step % 2) else torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+        results.append(ps)
+    assert len(calls) == 4 and calls[1][5] == [3, 2] and calls[0][6] == [0.01, 0.03]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["non-contiguous grad", "sparse grad", "float16", "mixed dtypes"])
+def test_what_the_op_does_not_take_runs_torchs_step(kind):
+    """The op raises before writing anything; the same update then comes from torch's step."""
+    results = []
+    for cls in (Adam, torch.optim.Adam):
+        ps = params(torch.float16 if kind == "float16" else torch.float32)
+        if kind == "mixed dtypes":
+            ps[1] = ps[1].detach().double().requires_grad_()
+        opt = cls(ps, lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            if kind == "non-contiguous grad":
+                ps[0].grad = torch.randn(32, 201, generator=g).t()
+            if kind == "sparse grad":
+                ps[2].grad = torch.randn(96, generator=g).to_sparse()
+            if kind == "sparse grad":
+                with pytest.raises(RuntimeError, match="sparse"):  # torch's Adam refuses them too
+                    opt.step()
+                break
+            opt.step()
+        results.append(ps)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
