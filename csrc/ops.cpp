@@ -160,4 +160,18 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   m.def(
       "encoder_backward(Tensor grad_states, Tensor X, Tensor[] params, Tensor? layer_mask, Tensor states, "
       "Tensor layer_inputs, Tensor gates) -> Tensor[] grad_params");
+
+  // ---- a training step (csrc/training_step.cpp) ----
+  // d2l's MaskedSoftmaxCELoss of EncoderDecoder(encoder, decoder)(X, dec_X, enc_valid_lens) and
+  // the gradient of its sum, without autograd: encoder_forward(X, enc_params, enc_layer_mask),
+  // the decoder's state from it (keys projected by W_k (H, H), no bias), decoder_forward(dec_X,
+  // ..., dec_params, attn_mask, dec_layer_mask) without logits, linear_masked_ce(the top states,
+  // dec_params' dense layer, label, valid_len, chunk_rows) and the backward ops in turn. The
+  // arguments as those ops take them. Returns the loss (B,) and the gradients of enc_params,
+  // dec_params (one per entry, in order) and W_k.
+  m.def(
+      "training_step_grads(Tensor X, Tensor[] enc_params, Tensor? enc_layer_mask, Tensor dec_X, "
+      "Tensor? enc_valid_lens, Tensor[] dec_params, Tensor W_k, Tensor? attn_mask, Tensor? dec_layer_mask, "
+      "Tensor label, Tensor valid_len, int chunk_rows) "
+      "-> (Tensor loss, Tensor[] enc_grads, Tensor[] dec_grads, Tensor grad_W_k)");
 }

@@ -12,7 +12,6 @@ modules to the ops.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from seq2seq_fast.backends.extension import extension_error, has_kernel
 from seq2seq_fast.backends.verified import gpu_verified
@@ -200,16 +199,21 @@ def _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params, attention_
 
 def _decoder_masks(X, enc_outputs, params, attention_dropout, layer_dropout):
     """The decoder op's (attn_mask, layer_mask) for the dropout rates (None where a rate is 0)."""
+    B, T, H = enc_outputs.shape if enc_outputs.dim() == 3 else (0, 0, 0)
+    return _dropout_masks(X, B, T, H, params, enc_outputs, attention_dropout, layer_dropout)
+
+
+def _dropout_masks(X, B, T, H, params, like, attention_dropout, layer_dropout):
+    """``_decoder_masks`` for a batch of B rows, T keys and H hidden units, made like ``like``."""
     # The op checks every argument; the masks only need the sizes the op will check them against.
     S = X.shape[-1] if X.dim() else 0
     attn_mask = layer_mask = None
     if attention_dropout > 0 or layer_dropout > 0:
-        B, T, H = enc_outputs.shape
         L = len(params) // 4 - 1  # 5 + 4L tensors
         if attention_dropout > 0:
-            attn_mask = _keep_mask((S, B, T), attention_dropout, enc_outputs)
+            attn_mask = _keep_mask((S, B, T), attention_dropout, like)
         if layer_dropout > 0 and L > 1:
-            layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, enc_outputs)
+            layer_mask = _keep_mask((L - 1, S, B, H), layer_dropout, like)
     return attn_mask, layer_mask
 
 
@@ -391,46 +395,16 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
     valid_len int64 (B,). W_k has no bias (``AdditiveAttention``'s)."""
     enc_params, dec_params = encoder_params(encoder), decoder_params(decoder)
     W_k = decoder._modules["attention"]._modules["W_k"]._parameters["weight"]
-    ops = _ops()
+    # The masks in the order the modules' forward draws them: the encoder's, then the decoder's.
+    rnn = encoder._modules["rnn"]
+    B, T = (X.shape[0], X.shape[-1]) if X.dim() else (0, 0)
+    enc_mask = _layer_mask(rnn, T, B, enc_params[0])
+    dec_masks = _dropout_masks(dec_X, B, T, rnn.hidden_size, dec_params, enc_params[0], **_dropout_rates(decoder))
     with torch.no_grad():
-        enc_states, enc_layer_inputs, enc_gates, enc_mask = _encoder_op(encoder, X, enc_params, keep=True)
-        L, T = enc_states.shape[0], enc_states.shape[1] - 1
-        # d2l's init_state: enc_outputs.permute(1, 0, 2), laid out as the decoder reads it
-        values = enc_states[L - 1, 1:].transpose(0, 1).contiguous()
-        key_proj = F.linear(values, W_k)
-        loss, grad_values, grad_hidden, grad_key_proj, dec_grads = _decoder_step(
-            decoder, dec_params, dec_X, values, enc_states[:, T], enc_valid_lens, key_proj, label, valid_len)
-        # key_proj = values @ W_k^T
-        H = values.shape[2]
-        grad_W_k = grad_key_proj.reshape(-1, H).t().mm(values.reshape(-1, H))
-        grad_values = grad_values.add_(grad_key_proj.matmul(W_k))
-        enc_grad_states = torch.zeros_like(enc_states)
-        enc_grad_states[L - 1, 1:] = grad_values.transpose(0, 1)
-        enc_grad_states[:, T] += grad_hidden
-        enc_grads = ops.encoder_backward(enc_grad_states, X, enc_params, enc_mask, enc_states, enc_layer_inputs,
-                                         enc_gates)
+        loss, enc_grads, dec_grads, grad_W_k = _ops().training_step_grads(
+            X, enc_params, enc_mask, dec_X, enc_valid_lens, dec_params, W_k, *dec_masks, label, valid_len,
+            _loss_chunk_rows(dec_params[-2]))
     return loss, [*zip(enc_params, enc_grads), *zip(dec_params, dec_grads), (W_k, grad_W_k)]
-
-
-def _decoder_step(decoder, dec_params, dec_X, values, hidden, enc_valid_lens, key_proj, label, valid_len):
-    """The decoder's share of ``masked_ce_loss_grads``: (loss, the gradients of values, hidden and
-    key_proj, and of ``dec_params``). A function of its own so that the decoder's activations are
-    freed when it returns, before the encoder's backward (as autograd frees a node's)."""
-    ops = _ops()
-    weight, bias = dec_params[-2:]
-    params = _without_dense(dec_params)
-    masks = _decoder_masks(dec_X, values, params, **_dropout_rates(decoder))
-    _, attention, states, inputs, layer_inputs, gates = ops.decoder_forward(
-        dec_X, values, hidden, enc_valid_lens, key_proj, params, *masks, True)
-    loss, _, grad_top, grad_weight, grad_bias = ops.linear_masked_ce(
-        _top_states(states), weight, bias, label, valid_len, _loss_chunk_rows(weight), True)
-    grad_states = torch.zeros_like(states)
-    _top_states(grad_states).copy_(grad_top)
-    del grad_top
-    grad_values, grad_hidden, grad_key_proj, grads = ops.decoder_backward(
-        None, None, grad_states, dec_X, values, enc_valid_lens, key_proj, params, *masks, attention, states, inputs,
-        layer_inputs, gates)
-    return loss, grad_values, grad_hidden, grad_key_proj, [*grads[:-2], grad_weight, grad_bias]
 
 
 # ---- torch.library registrations ---------------------------------------------------------------------

@@ -360,6 +360,51 @@ def linear_masked_ce_backward_cases():
     return cases
 
 
+def training_step_grads_cases():
+    X, dec_X = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, S))
+    enc_p = [rnd(V, E), *gru(L, E)]
+    dec_p = decoder_params()
+    attn_mask, layer_mask = masks(S)
+    args = [X, enc_p, rnd(L - 1, T, B, H).abs(), dec_X, torch.tensor([3, 1]), dec_p, rnd(H, H), attn_mask,
+            layer_mask, torch.randint(0, V, (B, S)), torch.tensor([1, 2]), 3]
+    cases = [("valid", args, "work"), ("no-masks", replace(replace(replace(args, 2, None), 7, None), 8, None), "work")]
+    cases += [(f"enc-{n}", replace(args, 1, p), e) for n, p, e in params_cases(enc_p, 1)]
+    cases += [(f"dec-{n}", replace(args, 5, p), e) for n, p, e in params_cases(dec_p, 5)]
+    cases += [(f"enc-{n}", replace(args, 0, t), e) for n, t, e in token_cases("X", X, V)]
+    cases += [(f"dec-{n}", replace(args, 3, t), e) for n, t, e in token_cases("X", dec_X, V)]
+    cases += [(n, replace(args, 4, t), e) for n, t, e in lens_cases(args[4])]
+    cases += [(n, replace(args, 6, t), e) for n, t, e in tensor_cases("W_k", args[6])]
+    for i, name in ((2, "enc_layer_mask"), (7, "attn_mask"), (8, "dec_layer_mask")):
+        cases += [(n, replace(args, i, t), e) for n, t, e in tensor_cases(name, args[i])]
+    cases += [("dec_X-rows", replace(args, 3, dec_X[:1]), "raise"), ("X-B0", replace(args, 0, X[:0]), "raise"),
+              ("label-id-V", replace(args, 9, torch.full((B, S), V)), "raise"),
+              ("valid_len-negative", replace(args, 10, torch.tensor([1, -1])), "raise"),
+              ("chunk_rows-0", replace(args, 11, 0), "raise"), ("dec-params-empty", replace(args, 5, []), "raise"),
+              ("dec-params-one", replace(args, 5, dec_p[-1:]), "raise")]
+    return cases
+
+
+def adam_step_cases():
+    ps = [rnd(V, E), rnd(H)]
+    args = [ps, [torch.ones_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps], [torch.zeros(()), torch.zeros(())], [2], [0.1], [0.9], [0.999], [1e-8]]
+    cases = [("valid", args, "work"), ("two-groups", args[:5] + [[1, 1], [0.1, 0.2], [0.9] * 2, [0.999] * 2,
+                                                              [1e-8] * 2], "work")]
+    for i, name in enumerate(("params", "grads", "exp_avgs", "exp_avg_sqs")):
+        cases += [(f"{name}-short", replace(args, i, args[i][:1]), "raise"),
+                  (f"{name}-empty", replace(args, i, []), "raise")]
+        cases += [(n, replace(args, i, [t, args[i][1]]), e) for n, t, e in tensor_cases(name, args[i][0])
+                  if not n.endswith("-noncontiguous")]
+        cases += [(f"{name}-noncontiguous", replace(args, i, [strided(args[i][0]), args[i][1]]), "raise")]
+    cases += [("steps-int64", replace(args, 4, [torch.zeros((), dtype=torch.int64), args[4][1]]), "raise"),
+              ("steps-two-values", replace(args, 4, [torch.zeros(2), args[4][1]]), "raise"),
+              ("groups-short", replace(args, 5, [1]), "raise"), ("groups-zero", replace(args, 5, [2, 0]), "raise"),
+              ("groups-negative", replace(args, 5, [-1, 3]), "raise"), ("lr-two", replace(args, 6, [0.1, 0.1]), "raise"),
+              ("lr-nan", replace(args, 6, [float("nan")]), "raise"), ("beta1-1", replace(args, 7, [1.0]), "raise"),
+              ("eps-negative", replace(args, 9, [-1e-8]), "raise"), ("groups-empty", replace(args, 5, []), "raise")]
+    return cases
+
+
 def cache_cases():
     return [("valid", [], "work"), ("extra-argument", [1], "raise"), ("tensor-argument", [torch.zeros(1)], "raise")]
 
@@ -380,6 +425,8 @@ CASES = {
     "linear_masked_ce_backward": linear_masked_ce_backward_cases,
     "cpu_cache_bytes": cache_cases,
     "release_cpu_cache": cache_cases,
+    "training_step_grads": training_step_grads_cases,
+    "adam_step_": adam_step_cases,
 }
 
 
