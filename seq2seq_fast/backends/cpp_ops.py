@@ -389,7 +389,8 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
     parameters). The same ops in the same order as the modules' forward and ``backward()``, so
     the same dropout draws and the same numbers; what it leaves out is the graph: its nodes,
     saved tensors, the gradient of each view the modules hand on (zero-filled (L, T + 1, B, H)
-    tensors per view) and their sums: 12-17 % of a d2l zh training step here.
+    tensors per view) and their sums: 12-17 % of a d2l zh training step here. One op call
+    (``training_step_grads``, csrc/training_step.cpp); the dropout masks drawn here first.
 
     X, dec_X int64 (B, T), (B, S); enc_valid_lens None or int64 (B,); label int64 (B, S);
     valid_len int64 (B,). W_k has no bias (``AdditiveAttention``'s)."""
