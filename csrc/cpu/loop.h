@@ -66,8 +66,8 @@ class EmbeddingGates {
 // The backward of EmbeddingGates' product: with d(gi) the gradients of layer 0's input gates,
 // the embedding's gradient d(gi) W and the weight block's d(gi)^T e(x). When the vocabulary has
 // fewer rows than there are tokens, d(gi) is first summed per token into a (V, 3H) table, so
-// both GEMMs run over V rows instead of one per token (d2l's zh setting: 201 or 184 rows against
-// 640 tokens, two of a training step's GEMMs 3.2 and 3.5 times smaller).
+// both GEMMs run over V rows instead of one per token (d2l's zh setting: 184 and 201 rows against
+// 640 tokens, so the encoder's two and the decoder's two 3.5 and 3.2 times smaller).
 template <typename T>
 class TokenGateGrads {
  public:

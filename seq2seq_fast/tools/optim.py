@@ -33,7 +33,7 @@ class Adam(torch.optim.Adam):
                 beta1.append(float(group["betas"][0]))
                 beta2.append(float(group["betas"][1]))
                 eps.append(float(group["eps"]))
-        if not params:
+        if not params or params[0].device.type != "cpu":  # the op runs on CPU (no error raised per step)
             return None
         states = [self._state(p) for p in params]
         return (params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
