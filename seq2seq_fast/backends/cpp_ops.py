@@ -191,20 +191,16 @@ def _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params, attention_
     """The decoder_forward op with dropout masks drawn for the rates: (logits (S, B, V),
     attention (S, B, T), states (L, S + 1, B, H))."""
     keep = torch.is_grad_enabled() and _needs_grad([enc_outputs, hidden, key_proj, *params])
-    masks = _decoder_masks(X, enc_outputs, params, attention_dropout, layer_dropout)
+    B, T, H = enc_outputs.shape if enc_outputs.dim() == 3 else (0, 0, 0)
+    masks = _decoder_masks(X, B, T, H, params, enc_outputs, attention_dropout, layer_dropout)
     logits, attention, states, _, _, _ = _ops().decoder_forward(
         X, enc_outputs, hidden, valid_lens, key_proj, params, *masks, keep)
     return logits, attention, states
 
 
-def _decoder_masks(X, enc_outputs, params, attention_dropout, layer_dropout):
-    """The decoder op's (attn_mask, layer_mask) for the dropout rates (None where a rate is 0)."""
-    B, T, H = enc_outputs.shape if enc_outputs.dim() == 3 else (0, 0, 0)
-    return _dropout_masks(X, B, T, H, params, enc_outputs, attention_dropout, layer_dropout)
-
-
-def _dropout_masks(X, B, T, H, params, like, attention_dropout, layer_dropout):
-    """``_decoder_masks`` for a batch of B rows, T keys and H hidden units, made like ``like``."""
+def _decoder_masks(X, B, T, H, params, like, attention_dropout, layer_dropout):
+    """The decoder op's (attn_mask, layer_mask) for the dropout rates (None where a rate is 0), for
+    a batch of B rows, T keys and H hidden units, made like ``like``."""
     # The op checks every argument; the masks only need the sizes the op will check them against.
     S = X.shape[-1] if X.dim() else 0
     attn_mask = layer_mask = None
@@ -400,7 +396,7 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
     rnn = encoder._modules["rnn"]
     B, T = (X.shape[0], X.shape[-1]) if X.dim() else (0, 0)
     enc_mask = _layer_mask(rnn, T, B, enc_params[0])
-    dec_masks = _dropout_masks(dec_X, B, T, rnn.hidden_size, dec_params, enc_params[0], **_dropout_rates(decoder))
+    dec_masks = _decoder_masks(dec_X, B, T, rnn.hidden_size, dec_params, enc_params[0], **_dropout_rates(decoder))
     with torch.no_grad():
         loss, enc_grads, dec_grads, grad_W_k = _ops().training_step_grads(
             X, enc_params, enc_mask, dec_X, enc_valid_lens, dec_params, W_k, *dec_masks, label, valid_len,
