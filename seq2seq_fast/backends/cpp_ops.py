@@ -240,15 +240,10 @@ def encoder_forward(encoder, X, *, params_dtype=None):
     every GRU parameter. ``params_dtype`` as in ``decoder_forward``.
     """
     params = _cast(encoder_params(encoder), params_dtype)
-    states, _, _, _ = _encoder_op(encoder, X, params, keep=_needs_grad(params))
+    layer_mask = _layer_mask(encoder._modules["rnn"], X.shape[-1], X.shape[0], params[0]) if X.dim() else None
+    states, _, _ = _ops().encoder_forward(X, params, layer_mask, _needs_grad(params))
     L, T = states.shape[0], states.shape[1] - 1
     return states[L - 1, 1:], states[:, T].contiguous()
-
-
-def _encoder_op(encoder, X, params, keep):
-    """The encoder_forward op with its dropout mask drawn: (states, layer_inputs, gates, layer_mask)."""
-    layer_mask = _layer_mask(encoder._modules["rnn"], X.shape[-1], X.shape[0], params[0]) if X.dim() else None
-    return (*_ops().encoder_forward(X, params, layer_mask, keep), layer_mask)
 
 
 def loss_unsupported_reason(pred, loss_module):
