@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from seq2seq_fast.backends.extension import extension_error
 from seq2seq_fast.tools.optim import Adam
@@ -151,3 +152,55 @@ def test_what_the_op_does_not_take_runs_torchs_step(kind):
         results.append(ps)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_step_hooks_and_the_profiler_see_each_step_once():
+    """The step hooks (the optimizer's and global ones) run once per step, as on torch's Adam,
+    also where the update falls back to torch's step after a torch Adam was built (torch wraps
+    its class's step then); a profiler sees the step's range; without them the step still updates."""
+    torch.optim.Adam(params(torch.float32), lr=0.01)  # torch wraps torch.optim.Adam.step in its hooks
+    for settings in ({}, {"weight_decay": 0.1}):
+        ps = params(torch.float32)
+        opt = Adam(ps, lr=0.01, **settings)
+        seen = []
+        opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+        handle = register_optimizer_step_post_hook(lambda o, a, k: seen.append("global"))
+        try:
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        finally:
+            handle.remove()
+        assert seen == ["pre", "post", "global"], settings
+    before = ps[0].detach().clone()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#Adam.step" for e in prof.events())
+    opt.step()
+    assert (ps[0] - before).abs().min() > 0, "both steps updated"
+
+
+def test_a_learning_rate_scheduler_drives_it_without_warnings(recwarn):
+    ps = params(torch.float64)
+    opt = Adam(ps, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_as_torchs(set_to_none):
+    ps = params(torch.float32)
+    opt = Adam(ps[:4], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.zero_grad(set_to_none=set_to_none)
+    for p in ps[:4]:
+        assert p.grad is None if set_to_none else not p.grad.any()
+    assert all(p.grad is not None and p.grad.all() for p in ps[4:]), "only the optimizer's parameters"
