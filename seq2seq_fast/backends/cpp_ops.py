@@ -266,18 +266,20 @@ def masked_ce_loss(pred, label, valid_len):
 
 
 @contextlib.contextmanager
-def torch_threads_on_caller():
-    """For a small model's training step on CPU: torch's own ops (a few small GEMMs, fills,
-    additions between this package's ops) run on the calling thread, while the compiled ops keep
-    splitting their rows over torch's thread count. An OpenMP region waits for every thread of
-    its team, and on a busy machine one starts a time slice late, at every region (the zh step
-    went from 3 to 50+ ms on 2 threads with another process running); the ops' own threads
-    sleep and never hold a call up."""
-    threads = torch.get_num_threads()
-    if _EXTENSION_ERROR is not None or threads < 2:
+def step_on_caller():
+    """For a small model's training step on CPU: all of it on the calling thread, torch's own ops
+    (a few small GEMMs, fills, additions between this package's ops) and the compiled ops' pieces
+    alike. An OpenMP region waits for every thread of its team, and on a busy machine one starts
+    a time slice late, at every region (the zh step went from 3 to 50+ ms on 2 threads with
+    another process running). The compiled ops' own threads never hold a call up that way, but
+    a d2l zh step hands them about 50 pieces in 15 calls, too small to pay for waking a thread:
+    the trainer's step ran 3-14 % faster on the caller alone (AMD Zen 4, 2 threads; the
+    sessions before measured 2 threads at 0.98-1.02 of one)."""
+    if _EXTENSION_ERROR is not None:
         yield
         return
-    previous = _ops().set_cpu_threads(threads)
+    threads = torch.get_num_threads()
+    previous = _ops().set_cpu_threads(1)
     torch.set_num_threads(1)
     try:
         yield

@@ -66,17 +66,17 @@ def adam(params, lr):
         return torch.optim.Adam(params, lr=lr)
 
 
-# Models up to this many parameters train with torch's own ops on the calling thread (CPU).
+# Models up to this many parameters train on the calling thread alone (CPU).
 SMALL_MODEL_PARAMETERS = 1 << 20
 
 
 def _step_threads(module, device):
-    """The thread scope of a training step: on CPU, for a small model, torch's ops between the
-    compiled ones run on the calling thread (``cpp_ops.torch_threads_on_caller``: a busy
-    machine would otherwise hold up each of their thread teams)."""
+    """The thread scope of a training step: on CPU, for a small model, the whole step on the
+    calling thread (``cpp_ops.step_on_caller``: a busy machine would otherwise hold up each of
+    torch's thread teams, and the compiled ops' pieces are too small to pay for waking another)."""
     small = sum(p.numel() for p in module.parameters()) <= SMALL_MODEL_PARAMETERS
     if device.type == "cpu" and small:
-        return cpp_ops.torch_threads_on_caller
+        return cpp_ops.step_on_caller
     return contextlib.nullcontext
 
 

@@ -1,6 +1,6 @@
 """The CPU ops' own threads (csrc/cpu/chunks.h): results that do not depend on the thread count
-or on torch's own, the ``set_cpu_threads`` op, the trainer's scope that keeps torch's ops on the
-calling thread, and a forked child that still computes after its parent used the threads."""
+or on torch's own, the ``set_cpu_threads`` op, the trainer's scope that keeps a small model's step on
+the calling thread, and a forked child that still computes after its parent used the threads."""
 import os
 import time
 
@@ -60,13 +60,15 @@ def test_set_cpu_threads_returns_the_previous_count_and_checks_its_argument(thre
             torch.ops.seq2seq_fast.set_cpu_threads(bad)
 
 
-def test_the_trainer_scope_keeps_torch_on_the_caller_and_restores_it(threads):
-    torch.set_num_threads(2)
-    with cpp_ops.torch_threads_on_caller():
-        assert torch.get_num_threads() == 1
-        assert torch.ops.seq2seq_fast.set_cpu_threads(2) == 2, "the ops keep torch's count"
-    assert torch.get_num_threads() == 2
-    assert torch.ops.seq2seq_fast.set_cpu_threads(0) == 0
+def test_the_trainer_scope_keeps_the_step_on_the_caller_and_restores_the_counts(threads):
+    for torch_threads, op_threads in ((2, 0), (1, 3)):
+        torch.set_num_threads(torch_threads)
+        torch.ops.seq2seq_fast.set_cpu_threads(op_threads)
+        with cpp_ops.step_on_caller():
+            assert torch.get_num_threads() == 1
+            assert torch.ops.seq2seq_fast.set_cpu_threads(1) == 1, "the ops' pieces on the caller too"
+        assert torch.get_num_threads() == torch_threads
+        assert torch.ops.seq2seq_fast.set_cpu_threads(0) == op_threads
 
 
 def test_a_small_models_trainer_step_runs_in_the_scope(threads, monkeypatch):
@@ -75,10 +77,11 @@ def test_a_small_models_trainer_step_runs_in_the_scope(threads, monkeypatch):
     seen = []
     torch.set_num_threads(2)
     trainer = Seq2SeqTrainer(model, bos=1, lr=0.01)
-    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: seen.append(
+        (torch.get_num_threads(), torch.ops.seq2seq_fast.set_cpu_threads(1))))
     X, X_len, Y = batch(B=8)
     trainer.train_step((X, X_len, Y, torch.full((8,), 4)))
-    assert seen == [1] and torch.get_num_threads() == 2
+    assert seen == [(1, 1)] and torch.get_num_threads() == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
