@@ -103,12 +103,22 @@ def _hook_on_parameter(net):
     net.decoder.dense.weight.register_hook(lambda g: g * 2)
 
 
+def _hook_on_nested_module(net):
+    net.decoder.attention.W_k.register_forward_pre_hook(lambda *args: None)
+
+
+def _post_accumulate_hook(net):
+    net.encoder.rnn.weight_hh_l0.register_post_accumulate_grad_hook(lambda p: None)
+
+
 def _frozen_embedding(net):
     net.decoder.embedding.weight.requires_grad_(False)
 
 
-@pytest.mark.parametrize("change", [_hook_on_encoder, _hook_on_parameter, _frozen_embedding],
-                         ids=["module hook", "parameter hook", "frozen parameter"])
+@pytest.mark.parametrize("change", [_hook_on_encoder, _hook_on_nested_module, _hook_on_parameter,
+                                    _post_accumulate_hook, _frozen_embedding],
+                         ids=["module hook", "nested module hook", "parameter hook", "post-accumulate hook",
+                              "frozen parameter"])
 def test_autograd_runs_where_a_hook_or_frozen_parameter_needs_it(own_path_calls, change):
     """Hooks run and a frozen parameter keeps no gradient, as with loss.sum().backward()."""
     net = _model(dropout=0.2)
