@@ -273,7 +273,7 @@ def step_on_caller():
     a time slice late, at every region (the zh step went from 3 to 50+ ms on 2 threads with
     another process running). The compiled ops' own threads never hold a call up that way, but
     a d2l zh step hands them about 50 pieces in 15 calls, too small to pay for waking a thread:
-    the trainer's step ran 3-14 % faster on the caller alone (AMD Zen 4, 2 threads; the
+    the trainer's step ran 7-14 % faster on the caller alone (AMD Zen 4, 2 threads; the
     sessions before measured 2 threads at 0.98-1.02 of one)."""
     if _EXTENSION_ERROR is not None:
         yield
