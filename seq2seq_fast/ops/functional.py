@@ -301,7 +301,7 @@ def _plain_parameters(model):
     """The ids of ``model``'s parameters, or None where autograd's path through it would run a
     hook (of a module, global or of a parameter) or a parameter needs no gradient (its gradient
     must stay None). Walks ``_modules`` itself: ``model.modules()`` names every module on the
-    way, a third of a trainer step's Python."""
+    way, about a fifth of a trainer step's Python."""
     if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
             or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
         return None
