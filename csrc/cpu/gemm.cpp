@@ -249,14 +249,14 @@ PackedWeight<T>::PackedWeight(bool trans, int64_t M, int64_t N, int64_t K, std::
     return rows;
   };
   if constexpr (std::is_same_v<T, float>) {
-    if (panel_kernel_available() && N > 0 && K > 0 && K * N <= kPanelMaxValues) {
-      // kind: the two layouts of one weight (W^T or W) pack differently.
-      panels_ = derived_from_weights(trans ? 1 : 2, sources_of(blocks, cols), [&] { return pack_panels(trans, N, K, stacked_rows()); });
-      return;
-    }
-    if (bf16::use(M, N, K)) {
+    // kind: the two layouts of one weight (W^T or W) pack differently, and so do the precisions.
+    if (bf16::use_packed(M, N, K)) {
       bf16_ = derived_from_weights(trans ? 3 : 4, sources_of(blocks, cols),
                                    [&] { return bf16::pack_weight(trans, N, K, stacked_rows()); });
+      return;
+    }
+    if (panel_kernel_available() && N > 0 && K > 0 && K * N <= kPanelMaxValues) {
+      panels_ = derived_from_weights(trans ? 1 : 2, sources_of(blocks, cols), [&] { return pack_panels(trans, N, K, stacked_rows()); });
       return;
     }
   }

@@ -30,7 +30,8 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T 
 // d2l's models) on an AVX-512 CPU are packed once into panels of 16 columns for this file's
 // register-blocked kernel: on this package's 2-core Zen 4 VM MKL runs M = 32, N = 96..201,
 // K = 32 at ~80 GFLOP/s, the panel kernel at ~112 (a standalone timing on one thread). Anything
-// else goes to the BLAS (MKL's own packed API measured no faster than plain sgemm here).
+// else goes to the BLAS (MKL's own packed API measured no faster than plain sgemm here). While
+// bfloat16 GEMMs are on, weights the tile kernels take (bf16::use_packed) are packed for those.
 // Rows of a weight: `rows` rows of a row-major matrix with row stride `ld` (in elements).
 template <typename T>
 struct RowBlock {

@@ -26,6 +26,11 @@ namespace bf16 {
 // on, bf16_gemm_available(), and the product large enough to pay for rounding its operands.
 bool use(int64_t M, int64_t N, int64_t K);
 
+// Whether a weight packed once for a step loop's GEMMs (cpu::PackedWeight) runs on bfloat16
+// operands now: on a tile kernel from K, N >= 32 on (the weight is rounded once, only the
+// step's few rows of A every call), else at use()'s sizes.
+bool use_packed(int64_t M, int64_t N, int64_t K);
+
 // Row-major C[M, N] = alpha * op(A) @ op(B) + beta * C on bfloat16-rounded A and B (MKL).
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);

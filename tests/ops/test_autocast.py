@@ -38,11 +38,14 @@ class Sizes(NamedTuple):
 SMALL = Sizes(13, 6, 8, 2, 4, 7, 5)
 V, E, H, L, B, T, S = SMALL
 # Models whose GEMMs the cpp CPU ops run on bfloat16 operands under autocast, where the CPU has
-# bfloat16 units (cpp_ops.bf16_gemm_available; K, N >= 64, >= 4M multiply-adds, weights over the
-# 64k values of the float32 panel kernel): the output
-# layer inside the op's steps (V * H <= 2^18), and one too large for it, run by torch after the op.
-BF16_GEMMS = [pytest.param(Sizes(600, 64, 160, 2, 96, 9, 7), id="dense-in-op"),
-              pytest.param(Sizes(2100, 64, 160, 2, 96, 9, 7), id="dense-after-op")]
+# bfloat16 units (cpp_ops.bf16_gemm_available; a step loop's weights from K, N >= 32 on a tile
+# kernel, other GEMMs from K, N >= 64 and 4M multiply-adds): d2l's zh book model, whose step
+# GEMMs are all small; the output layer inside the op's steps (V * H <= 2^18), and one too large
+# for it, run by torch after the op.
+DENSE_AFTER_OP = Sizes(2100, 64, 160, 2, 96, 9, 7)
+BF16_GEMMS = [pytest.param(Sizes(201, 32, 32, 2, 64, 10, 10), id="zh-step-weights"),
+              pytest.param(Sizes(600, 64, 160, 2, 96, 9, 7), id="dense-in-op"),
+              pytest.param(DENSE_AFTER_OP, id="dense-after-op")]
 CPP = pytest.mark.skipif("cpp" not in sf.available_backends(), reason="the compiled loop's GEMMs")
 
 
@@ -275,6 +278,19 @@ def test_bf16_gemms_match_reference_under_autocast(sizes):
 
 
 @CPP
+def test_weights_narrower_than_the_tiles_stay_float32_under_autocast():
+    # K = 8 would be padded to the tiles' 32: the GEMMs stay float32, the GRU states exactly the
+    # float32 run's (the logits differ only by autocast's rounding to bfloat16).
+    fast = _three("cpp", "cpu")[0]
+    inputs = _inputs("cpu")
+    actual = _run(fast, inputs, torch.autocast("cpu", dtype=torch.bfloat16))
+    float32 = _run(fast, inputs, torch.autocast("cpu", enabled=False))
+    for name in ("encoder outputs", "decoder state"):
+        assert torch.equal(actual[name], float32[name]), name
+    assert torch.equal(actual["logits"], float32["logits"].bfloat16())
+
+
+@CPP
 @pytest.mark.parametrize("sizes", BF16_GEMMS)
 def test_bf16_gemms_of_one_step_calls_and_greedy(sizes):
     fast, ref, ref64 = _three("cpp", "cpu", sizes=sizes)
@@ -307,7 +323,7 @@ def test_bf16_gemms_of_one_step_calls_and_greedy(sizes):
 def test_inference_output_layer_follows_its_weights():
     # An output layer run after the op keeps its bfloat16 weight between inference calls: changed
     # in place (as an optimizer does), the next call must use the new values.
-    sizes = BF16_GEMMS[1].values[0]
+    sizes = DENSE_AFTER_OP
     fast, ref, _ = _three("cpp", "cpu", sizes=sizes)
     src, tgt, src_lens, _, _ = _inputs("cpu", sizes=sizes)
     fast.eval(), ref.eval()
@@ -331,7 +347,7 @@ def test_kept_inference_weight_is_counted_and_freed_by_empty_cache():
 
     if not autocast._cpu_has_bf16_units():
         pytest.skip("no bfloat16 units (or SEQ2SEQ_FAST_BF16_GEMM=0): the output layer runs in the op")
-    sizes = BF16_GEMMS[1].values[0]
+    sizes = DENSE_AFTER_OP
     fast, _, _ = _three("cpp", "cpu", sizes=sizes)
     src, tgt, src_lens, _, _ = _inputs("cpu", sizes=sizes)
     fast.eval()
