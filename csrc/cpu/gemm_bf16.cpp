@@ -229,9 +229,9 @@ void tiles_gemm(bool ta, int64_t M, int64_t N, int64_t K, const float* A, int64_
 
 }  // namespace
 
-// bfloat16 operands pay for their rounding and win only on large products: K and N of 64 or
-// more and 4M multiply-adds (d2l's zh GEMMs, K = 32, stay float32; a large-setting step's
-// 64 x 1536 x 512 runs about 3x faster in bfloat16 on AMX, 2.5x with AVX512-BF16 on Zen 4).
+// A GEMM rounding both operands per call wins only on large products: K and N of 64 or more and
+// 4M multiply-adds (a large-setting step's 64 x 1536 x 512 runs about 3x faster in bfloat16 on
+// AMX, 2.5x with AVX512-BF16 on Zen 4; lower limits made d2l's zh training step 1.17x slower).
 bool use(int64_t M, int64_t N, int64_t K) {
   return bf16_gemm_enabled() && K >= 64 && N >= 64 && M * N * K >= (int64_t(1) << 22) && bf16_gemm_available();
 }

@@ -14,8 +14,8 @@ reference's op kinds on tiny tensors under the caller's autocast (``reference_dt
 casts are differentiable: gradients reach the parameters in their own dtype.
 
 Low-precision compute: on CPU under bfloat16 autocast (float32 models) and for bfloat16 models,
-the ``cpp`` ops run their large GEMMs on bfloat16 operands with float32 accumulation, where the
-CPU has bfloat16 units (``cpp_ops.set_bf16_gemm``); gates, softmax, scores, loss and the recurrent
+the ``cpp`` ops run their GEMMs on bfloat16 operands with float32 accumulation, where the
+CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``); gates, softmax, scores, loss and the recurrent
 state stay float32, so the result is at least as accurate as the reference's under autocast.
 """
 import functools
@@ -81,6 +81,12 @@ def loss_dtype(device_type, pred_dtype):
     return found
 
 
+def _as(tensor, dtype):
+    """``tensor.to(dtype)`` without the call when it is one already (a dispatch saved: most of a
+    call's casts under autocast change nothing)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def cast_up(tensor, dtype):
     """``tensor`` in ``dtype`` if autocast made it float16 / bfloat16, else unchanged (a wrong
     dtype of any other kind is left for the checks to reject)."""
@@ -112,6 +118,11 @@ class _Running:
         torch.set_autocast_enabled(self.device_type, self.autocast)
 
 
+def autocast_disabled(device_type):
+    """``torch.autocast(device_type, enabled=False)`` at a third of its cost."""
+    return _Running(device_type, None)
+
+
 class CastingBackend:
     """Backend module ``inner`` run in ``dtype`` for a model whose parameters are of
     ``param_dtype``, its outputs cast to ``out``'s dtypes: under autocast (``autocast=True``;
@@ -141,7 +152,7 @@ class CastingBackend:
             self.greedy_loop = self._greedy_loop
 
     def autocast_off(self):
-        return _Running(self.device_type, None)
+        return autocast_disabled(self.device_type)
 
     def _running(self):
         """Around each inner call: autocast off, and the GEMM precision chosen."""
@@ -160,9 +171,9 @@ class CastingBackend:
         else:
             with self._running():
                 Y, hidden_n, attention = self.inner.decoder_forward(
-                    decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype),
+                    decoder, X, _as(enc_outputs, dtype), _as(hidden, dtype), valid_lens, _as(key_proj, dtype),
                     **self._kwargs)
-        return Y.to(out.linear), hidden_n.to(out.rnn), attention.to(out.softmax)
+        return _as(Y, out.linear), _as(hidden_n, out.rnn), _as(attention, out.softmax)
 
     def dense_outside(self, decoder):
         """Whether the output layer runs as torch's own bfloat16 linear after the op: in
@@ -181,8 +192,8 @@ class CastingBackend:
         layer and loss (``linear_masked_ce``)."""
         dtype = self.dtype
         with self._running():
-            return self.inner.decoder_top_states(decoder, X, enc_outputs.to(dtype), hidden.to(dtype), valid_lens,
-                                                 key_proj.to(dtype), **self._kwargs)
+            return self.inner.decoder_top_states(decoder, X, _as(enc_outputs, dtype), _as(hidden, dtype), valid_lens,
+                                                 _as(key_proj, dtype), **self._kwargs)
 
     def linear_masked_ce(self, top, weight, bias, label, valid_len):
         """The inner backend's fused output layer and loss in the working dtype, returned in the
@@ -225,21 +236,21 @@ class CastingBackend:
         dtype = self.dtype
         with self._running():
             tokens, lengths, attention = self.inner.greedy_loop(
-                decoder, enc_outputs.to(dtype), hidden.to(dtype), valid_lens, key_proj.to(dtype), **kwargs,
+                decoder, _as(enc_outputs, dtype), _as(hidden, dtype), valid_lens, _as(key_proj, dtype), **kwargs,
                 **self._kwargs)
-        return tokens, lengths, None if attention is None else attention.to(self.out.softmax)
+        return tokens, lengths, None if attention is None else _as(attention, self.out.softmax)
 
     def encoder_forward(self, encoder, X):
         with self._running():
             outputs, state = self.inner.encoder_forward(encoder, X, **self._kwargs)
-        return outputs.to(self.out.rnn), state.to(self.out.rnn)
+        return _as(outputs, self.out.rnn), _as(state, self.out.rnn)
 
     def attention_forward(self, attention, queries, keys, values, valid_lens):
         dtype = self.dtype
         with self._running():
             context, weights = self.inner.attention_forward(
                 attention, cast_up(queries, dtype), cast_up(keys, dtype), cast_up(values, dtype), valid_lens)
-        return context.to(self.out.linear), weights.to(self.out.softmax)
+        return _as(context, self.out.linear), _as(weights, self.out.softmax)
 
 
 # id(weight) -> (a weak reference to it, its version, bias, bias version, [weight^T ; bias] in

@@ -306,8 +306,8 @@ def set_bf16_gemm(enabled):
     """Whether the CPU ops this thread calls from now on (and the backward of those that record
     one) run their large GEMMs on bfloat16 operands with float32 accumulation, where
     ``bf16_gemm_available()``: the precision autocast asks for. The GRU gates, softmax, attention
-    scores, loss and recurrent state stay float32; small GEMMs stay float32 (not faster in
-    bfloat16). Returns the previous setting."""
+    scores, loss and recurrent state stay float32, and so do GEMMs too small to be faster in
+    bfloat16 (csrc/cpu/gemm_bf16.h). Returns the previous setting."""
     return _ops().set_bf16_gemm(enabled)
 
 

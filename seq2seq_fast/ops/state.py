@@ -60,14 +60,14 @@ def projected_keys(state, enc_outputs, W_k, dtype=None):
     weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
-        values = enc_outputs.contiguous() if dtype is None else enc_outputs.contiguous().to(dtype)
+        values = enc_outputs.contiguous() if dtype in (None, enc_outputs.dtype) else enc_outputs.contiguous().to(dtype)
         return values, _project(W_k, weight, values, dtype), None
     needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
     if not needs_grad and isinstance(state, DecoderState):
         cache = state.key_cache
         if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
-    values = enc_outputs.contiguous() if dtype is None else enc_outputs.contiguous().to(dtype)
+    values = enc_outputs.contiguous() if dtype in (None, enc_outputs.dtype) else enc_outputs.contiguous().to(dtype)
     key_proj = _project(W_k, weight, values, dtype)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
 
