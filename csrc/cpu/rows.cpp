@@ -356,8 +356,9 @@ SEQ2SEQ_FAST_CLONES void cross_entropy_backward_f32(const CeBwd& p, int64_t r0, 
   cross_entropy_backward_rows<float>(p, r0, r1);
 }
 
-// bfloat16 logits: each row widened into `row` (V floats), the float math, the gradient rounded
-// back to bfloat16.
+// bfloat16 logits: the forward widens each row into `row` (V floats, read by two passes); the
+// backward widens, computes and rounds each value in one pass (three passes over `row` took a
+// third longer than the float32 backward).
 SEQ2SEQ_FAST_CLONES void cross_entropy_forward_bf16_rows(const CeFwd& p, int64_t r0, int64_t r1, float* row) {
   const int64_t V = p.V;
   for (int64_t r = r0; r < r1; ++r) {
@@ -371,22 +372,19 @@ SEQ2SEQ_FAST_CLONES void cross_entropy_forward_bf16_rows(const CeFwd& p, int64_t
     static_cast<float*>(p.nll)[r] = lse - row[p.label[r]];
   }
 }
-SEQ2SEQ_FAST_CLONES void cross_entropy_backward_bf16_rows(const CeBwd& p, int64_t r0, int64_t r1, float* row) {
+SEQ2SEQ_FAST_CLONES void cross_entropy_backward_bf16_rows(const CeBwd& p, int64_t r0, int64_t r1) {
   const int64_t V = p.V;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t offset = ce_row_offset(r, p.S, p.stride_b, p.stride_s);
     const uint16_t* x = static_cast<const uint16_t*>(p.x) + offset;
     uint16_t* g = static_cast<uint16_t*>(p.grad) + offset;
+    const float lse = static_cast<const float*>(p.lse)[r], scale = static_cast<const float*>(p.scale)[r];
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
-      row[v] = widen_bf16(x[v]);
+      g[v] = round_bf16(scale * exp_t<float>(widen_bf16(x[v]) - lse));
     }
-    ce_grad_row<float>(row, V, static_cast<const float*>(p.lse)[r], static_cast<const float*>(p.scale)[r],
-                       p.label[r], row);
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) {
-      g[v] = round_bf16(row[v]);
-    }
+    const int64_t label = p.label[r];
+    g[label] = round_bf16(scale * exp_t<float>(widen_bf16(x[label]) - lse) - scale);
   }
 }
 
@@ -493,10 +491,8 @@ void cross_entropy_forward_bf16(const CeFwd& p) {
   });
 }
 void cross_entropy_backward_bf16(const CeBwd& p) {
-  parallel_ranges(p.B * p.S, grain_rows(20 * p.V), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(p.V);
-    cross_entropy_backward_bf16_rows(p, r0, r1, row.data());
-  });
+  parallel_ranges(p.B * p.S, grain_rows(20 * p.V),
+                  [&](int64_t r0, int64_t r1) { cross_entropy_backward_bf16_rows(p, r0, r1); });
 }
 
 template void cross_entropy_forward<float>(const CeFwd&);
