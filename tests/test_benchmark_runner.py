@@ -305,3 +305,15 @@ def test_fused_output_layer_table_gives_the_ratios():
     text = train_memory.table(result)
     assert "fused / unfused: memory 0.75, time 0.99" in text and "own / unfused: memory 0.70, time 0.90" in text
     assert text.count("\n") == 6
+
+
+def test_autocast_vs_float32_times_both_dtypes_of_every_workload():
+    import autocast_vs_float32 as A
+
+    lines = []
+    rows = A.ratio_rows("smoke", SMOKE, rounds=1, log=lines.append)
+    assert [r["workload"] for r in rows] == list(A.WORKLOADS)
+    for r in rows:
+        assert r["float32_ms"] > 0 and r["autocast_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["autocast_ms"] / r["float32_ms"])
+    assert len(lines) == len(rows) and all("autocast / float32" in line for line in lines)
