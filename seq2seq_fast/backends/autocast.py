@@ -15,8 +15,9 @@ casts are differentiable: gradients reach the parameters in their own dtype.
 
 Low-precision compute: on CPU under bfloat16 autocast (float32 models) and for bfloat16 models,
 the ``cpp`` ops run their GEMMs on bfloat16 operands with float32 accumulation, where the
-CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``); gates, softmax, scores, loss and the recurrent
-state stay float32, so the result is at least as accurate as the reference's under autocast.
+CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``); gates, softmax,
+scores, loss and the recurrent state stay float32, so the result is at least as accurate as the
+reference's under autocast.
 """
 import functools
 import os
