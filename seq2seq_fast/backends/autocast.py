@@ -82,7 +82,7 @@ def loss_dtype(device_type, pred_dtype):
     return found
 
 
-def _as(tensor, dtype):
+def as_dtype(tensor, dtype):
     """``tensor.to(dtype)`` without the call when it is one already (a dispatch saved: most of a
     call's casts under autocast change nothing)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
@@ -172,9 +172,9 @@ class CastingBackend:
         else:
             with self._running():
                 Y, hidden_n, attention = self.inner.decoder_forward(
-                    decoder, X, _as(enc_outputs, dtype), _as(hidden, dtype), valid_lens, _as(key_proj, dtype),
-                    **self._kwargs)
-        return _as(Y, out.linear), _as(hidden_n, out.rnn), _as(attention, out.softmax)
+                    decoder, X, as_dtype(enc_outputs, dtype), as_dtype(hidden, dtype), valid_lens,
+                    as_dtype(key_proj, dtype), **self._kwargs)
+        return as_dtype(Y, out.linear), as_dtype(hidden_n, out.rnn), as_dtype(attention, out.softmax)
 
     def dense_outside(self, decoder):
         """Whether the output layer runs as torch's own bfloat16 linear after the op: in
@@ -193,8 +193,8 @@ class CastingBackend:
         layer and loss (``linear_masked_ce``)."""
         dtype = self.dtype
         with self._running():
-            return self.inner.decoder_top_states(decoder, X, _as(enc_outputs, dtype), _as(hidden, dtype), valid_lens,
-                                                 _as(key_proj, dtype), **self._kwargs)
+            return self.inner.decoder_top_states(decoder, X, as_dtype(enc_outputs, dtype), as_dtype(hidden, dtype),
+                                                 valid_lens, as_dtype(key_proj, dtype), **self._kwargs)
 
     def linear_masked_ce(self, top, weight, bias, label, valid_len):
         """The inner backend's fused output layer and loss in the working dtype, returned in the
@@ -237,21 +237,21 @@ class CastingBackend:
         dtype = self.dtype
         with self._running():
             tokens, lengths, attention = self.inner.greedy_loop(
-                decoder, _as(enc_outputs, dtype), _as(hidden, dtype), valid_lens, _as(key_proj, dtype), **kwargs,
-                **self._kwargs)
-        return tokens, lengths, None if attention is None else _as(attention, self.out.softmax)
+                decoder, as_dtype(enc_outputs, dtype), as_dtype(hidden, dtype), valid_lens, as_dtype(key_proj, dtype),
+                **kwargs, **self._kwargs)
+        return tokens, lengths, None if attention is None else as_dtype(attention, self.out.softmax)
 
     def encoder_forward(self, encoder, X):
         with self._running():
             outputs, state = self.inner.encoder_forward(encoder, X, **self._kwargs)
-        return _as(outputs, self.out.rnn), _as(state, self.out.rnn)
+        return as_dtype(outputs, self.out.rnn), as_dtype(state, self.out.rnn)
 
     def attention_forward(self, attention, queries, keys, values, valid_lens):
         dtype = self.dtype
         with self._running():
             context, weights = self.inner.attention_forward(
                 attention, cast_up(queries, dtype), cast_up(keys, dtype), cast_up(values, dtype), valid_lens)
-        return _as(context, self.out.linear), _as(weights, self.out.softmax)
+        return as_dtype(context, self.out.linear), as_dtype(weights, self.out.softmax)
 
 
 # id(weight) -> (a weak reference to it, its version, bias, bias version, [weight^T ; bias] in

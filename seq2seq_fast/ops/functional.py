@@ -9,7 +9,7 @@ import torch
 from torch.nn.modules import module as _module_hooks
 
 from seq2seq_fast.backends import cpp_ops, torch_ops
-from seq2seq_fast.backends.autocast import CastingBackend, autocast_disabled, loss_dtype
+from seq2seq_fast.backends.autocast import CastingBackend, as_dtype, autocast_disabled, loss_dtype
 from seq2seq_fast.ops import validation
 from seq2seq_fast.ops.dispatch import backend_for
 from seq2seq_fast.ops.state import DecoderState, projected_keys
@@ -79,7 +79,7 @@ def prepare_decoder_call(decoder, X, state):
         # The work in backend.dtype: the keys projected there, from enc_outputs cast once.
         for name, tensor in (("enc_outputs (state[0])", enc_outputs), ("hidden_state (state[1])", hidden)):
             check_activation(backend, name, tensor)
-        hidden = hidden if hidden.dtype == backend.dtype else hidden.to(backend.dtype)
+        hidden = as_dtype(hidden, backend.dtype)
         with backend.autocast_off():
             values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype)
         if not backend.CHECKS_INPUTS:

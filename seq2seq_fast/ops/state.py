@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from seq2seq_fast.backends.autocast import as_dtype
 from seq2seq_fast.ops.validation import check_projectable
 
 
@@ -60,16 +61,22 @@ def projected_keys(state, enc_outputs, W_k, dtype=None):
     weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
-        values = enc_outputs.contiguous() if dtype in (None, enc_outputs.dtype) else enc_outputs.contiguous().to(dtype)
+        values = _laid_out(enc_outputs, dtype)
         return values, _project(W_k, weight, values, dtype), None
     needs_grad = torch.is_grad_enabled() and (enc_outputs.requires_grad or weight.requires_grad)
     if not needs_grad and isinstance(state, DecoderState):
         cache = state.key_cache
         if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
-    values = enc_outputs.contiguous() if dtype in (None, enc_outputs.dtype) else enc_outputs.contiguous().to(dtype)
+    values = _laid_out(enc_outputs, dtype)
     key_proj = _project(W_k, weight, values, dtype)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
+
+
+def _laid_out(enc_outputs, dtype):
+    """``enc_outputs`` contiguous, and in ``dtype`` when one is given."""
+    values = enc_outputs.contiguous()
+    return values if dtype is None else as_dtype(values, dtype)
 
 
 def _project(W_k, weight, values, dtype):
