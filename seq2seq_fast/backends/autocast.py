@@ -297,7 +297,7 @@ def _cpu_has_bf16_units():
 def under_autocast(inner, device_type, param_dtype):
     """``inner`` for calls under the autocast now enabled on ``device_type``, parameters of
     ``param_dtype``: run in that dtype with autocast off, results in the reference's dtypes;
-    under CPU bfloat16 autocast its large GEMMs on bfloat16 operands."""
+    under CPU bfloat16 autocast its GEMMs on bfloat16 operands."""
     bf16 = device_type == "cpu" and autocast_dtype(device_type) == torch.bfloat16
     return CastingBackend(inner, device_type, param_dtype, param_dtype, reference_dtypes(device_type, param_dtype),
                           True, bf16_gemm=bf16)
@@ -306,7 +306,7 @@ def under_autocast(inner, device_type, param_dtype):
 def in_float32(inner, device_type, param_dtype, autocast):
     """``inner`` (taking ``params_dtype``) for a float16 / bfloat16 model: run in float32,
     results in the reference's dtypes (the model's, or autocast's when ``autocast``); a bfloat16
-    model's large GEMMs on bfloat16 operands (a float16 model's would lose precision so)."""
+    model's GEMMs on bfloat16 operands (a float16 model's would lose precision so)."""
     out = reference_dtypes(device_type, param_dtype) if autocast else ReferenceDtypes(*[param_dtype] * 3)
     bf16 = device_type == "cpu" and param_dtype == torch.bfloat16
     return CastingBackend(inner, device_type, param_dtype, torch.float32, out, autocast, bf16_gemm=bf16)

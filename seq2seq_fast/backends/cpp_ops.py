@@ -298,13 +298,13 @@ def bf16_gemm_kernel():
 
 
 def bf16_gemm_available():
-    """Whether the CPU ops run their large GEMMs faster on bfloat16 operands here."""
+    """Whether the CPU ops run their GEMMs faster on bfloat16 operands here."""
     return bf16_gemm_kernel() != "none"
 
 
 def set_bf16_gemm(enabled):
     """Whether the CPU ops this thread calls from now on (and the backward of those that record
-    one) run their large GEMMs on bfloat16 operands with float32 accumulation, where
+    one) run their GEMMs on bfloat16 operands with float32 accumulation, where
     ``bf16_gemm_available()``: the precision autocast asks for. The GRU gates, softmax, attention
     scores, loss and recurrent state stay float32, and so do GEMMs too small to be faster in
     bfloat16 (csrc/cpu/gemm_bf16.h). Returns the previous setting."""
