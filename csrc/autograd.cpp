@@ -402,6 +402,19 @@ LinearLossOutputs linear_masked_ce_autograd(const at::Tensor& hidden, const at::
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+// project_keys has no backward (it makes decoding's keys; a call that needs gradients projects
+// through torch): such a call is refused rather than answered with keys cut off from the graph.
+std::tuple<at::Tensor, at::Tensor> project_keys_autograd(const at::Tensor& enc_outputs, const at::Tensor& W_k) {
+  TORCH_CHECK_VALUE(!records({&enc_outputs, &W_k}),
+                    "seq2seq_fast: project_keys has no backward: call it without gradients (torch.no_grad()) "
+                    "or project with torch.nn.functional.linear");
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("seq2seq_fast::project_keys", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(enc_outputs, W_k);
+}
+
 }  // namespace
 }  // namespace seq2seq_fast
 
@@ -410,5 +423,6 @@ TORCH_LIBRARY_IMPL(seq2seq_fast, Autograd, m) {
   m.impl("decoder_forward", &seq2seq_fast::decoder_forward_autograd);
   m.impl("encoder_forward", &seq2seq_fast::encoder_forward_autograd);
   m.impl("masked_ce_loss", &seq2seq_fast::masked_ce_loss_autograd);
+  m.impl("project_keys", &seq2seq_fast::project_keys_autograd);
   m.impl("keep_mask", torch::CppFunction::makeFallthrough());  // a constant: no gradient
 }

@@ -92,6 +92,12 @@ TORCH_LIBRARY(seq2seq_fast, m) {
       "greedy_decode(Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, Tensor[] params, "
       "Tensor? attn_mask, Tensor? layer_mask, int bos, int eos, int max_len, bool return_attention) "
       "-> (Tensor tokens, Tensor lengths, Tensor attention)");
+  // The decoder state's keys for a call without gradients (CPU): values = enc_outputs (B >= 1,
+  // T >= 1, H), any strides (d2l's state holds a permuted view), laid out contiguously, and
+  // key_proj = values @ W_k^T (W_k (H, H), the attention's key projection, no bias): the
+  // enc_outputs and key_proj every decoder op takes. No autograd: a call that needs gradients
+  // projects through torch.
+  m.def("project_keys(Tensor enc_outputs, Tensor W_k) -> (Tensor values, Tensor key_proj)");
   // A dropout keep-mask of shape `size` with like's dtype and device: 1 / (1 - p) with
   // probability 1 - p, else 0, from a counter-based stream keyed by torch's default generator of
   // like's device (CPU: float32/float64; CUDA also float16/bfloat16; see csrc/random.h).

@@ -152,6 +152,20 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, pa
                          **_dropout_rates(decoder))
 
 
+def project_keys(enc_outputs, weight):
+    """``(values, key_proj)`` of a call without gradient on CPU: ``enc_outputs`` (B, T, H) laid
+    out contiguously and ``values @ weight.T`` (the attention's W_k), made by the compiled op in
+    the code the step loops keep warm (see csrc/cpu/key_projection.cpp); None where the op does
+    not apply (another device, a dtype or shape the caller's checks then name)."""
+    if (enc_outputs.device.type != "cpu" or weight.device.type != "cpu" or enc_outputs.dtype not in _FLOATS
+            or weight.dtype != enc_outputs.dtype or enc_outputs.dim() != 3 or weight.dim() != 2):
+        return None
+    B, T, H = enc_outputs.shape
+    if B == 0 or T == 0 or weight.shape[0] != H or weight.shape[1] != H or _EXTENSION_ERROR is not None:
+        return None
+    return torch.ops.seq2seq_fast.project_keys(enc_outputs, weight)
+
+
 def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, attention_dropout=0.0,
                   layer_dropout=0.0):
     """``decoder_forward`` on explicit parameters (what ``torch.compile`` traces: Dynamo does
@@ -489,6 +503,10 @@ def _greedy_fake(enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, l
     return tokens, enc_outputs.new_empty((B,), dtype=torch.int64), attention
 
 
+def _project_keys_fake(enc_outputs, W_k):
+    return enc_outputs.new_empty(enc_outputs.shape), enc_outputs.new_empty(enc_outputs.shape)
+
+
 def _encoder_forward_fake(X, params, layer_mask, keep_activations):
     B, T = X.shape
     L = _layers(params, 1)
@@ -534,6 +552,7 @@ def _register():
     torch.library.register_fake(lib + "encoder_forward", _encoder_forward_fake)
     torch.library.register_fake(lib + "encoder_backward", _encoder_backward_fake)
     torch.library.register_fake(lib + "keep_mask", _keep_mask_fake)
+    torch.library.register_fake(lib + "project_keys", _project_keys_fake)
     torch.library.register_fake(lib + "masked_ce_loss", _loss_fake)
     torch.library.register_fake(lib + "masked_ce_loss_backward", _loss_backward_fake)
     torch.library.register_fake(lib + "clip_grad_norm_", _clip_fake)

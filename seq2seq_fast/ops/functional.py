@@ -87,7 +87,7 @@ def prepare_decoder_call(decoder, X, state):
         return backend, values, hidden, lens, key_proj, cache
     if not backend.CHECKS_INPUTS:
         check_decoder_inputs(decoder, X, enc_outputs, hidden, lens)
-    values, key_proj, cache = projected_keys(state, enc_outputs, W_k)
+    values, key_proj, cache = projected_keys(state, enc_outputs, W_k, project=getattr(backend, "project_keys", None))
     return backend, values, hidden, lens, key_proj, cache
 
 

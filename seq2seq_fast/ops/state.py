@@ -1,6 +1,7 @@
 """The decoder state: d2l's three items, plus the projected keys cached for incremental decoding."""
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _module_hooks
 
 from seq2seq_fast.backends.autocast import as_dtype
 from seq2seq_fast.ops.validation import check_projectable
@@ -52,13 +53,16 @@ class KeyCache:
         )
 
 
-def projected_keys(state, enc_outputs, W_k, dtype=None):
+def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
     """``(values, key_proj, cache)``: ``enc_outputs`` (B, T, H) laid out contiguously (the
     encoder's outputs arrive as a permuted view of (T, B, H), which the compiled ops would
     otherwise copy on every call, forward and backward), ``W_k(values)``, both taken from
     ``state``'s cache when it still holds, and the cache to hand on (None when a gradient is
     needed: a graph must not outlive one backward). ``dtype``: what ``enc_outputs`` and W_k's
-    weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes)."""
+    weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes).
+    ``project``: the backend's ``project_keys(enc_outputs, weight)``, which makes both without
+    a gradient where it can (else None); torch makes them otherwise, and whenever W_k has forward
+    hooks (a hook expects its call)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
         values = _laid_out(enc_outputs, dtype)
@@ -68,9 +72,21 @@ def projected_keys(state, enc_outputs, W_k, dtype=None):
         cache = state.key_cache
         if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
-    values = _laid_out(enc_outputs, dtype)
-    key_proj = _project(W_k, weight, values, dtype)
+    projected = None
+    if not (needs_grad or dtype is not None or project is None or _hooked(W_k)):
+        projected = project(enc_outputs, weight)
+    if projected is not None:
+        values, key_proj = projected
+    else:
+        values = _laid_out(enc_outputs, dtype)
+        key_proj = _project(W_k, weight, values, dtype)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
+
+
+def _hooked(module):
+    """Whether a forward hook (the module's or a global one) expects ``module`` to be called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _module_hooks._global_forward_hooks
+                or _module_hooks._global_forward_pre_hooks)
 
 
 def _laid_out(enc_outputs, dtype):

@@ -239,6 +239,21 @@ def encoder_backward_cases():
     return cases
 
 
+def project_keys_cases():
+    enc, W_k = rnd(B, T, H), rnd(H, H)
+    args = [enc, W_k]
+    cases = [("valid", args, "work"), ("enc_outputs-permuted", [rnd(T, B, H).permute(1, 0, 2), W_k], "work")]
+    cases += [(n, replace(args, 0, t), e) for n, t, e in tensor_cases("enc_outputs", enc)]
+    cases += [(n, replace(args, 1, t), e) for n, t, e in tensor_cases("W_k", W_k)]
+    cases += [
+        ("enc_outputs-B0", [enc[:0], W_k], "raise"),
+        ("enc_outputs-T0", [enc[:, :0], W_k], "raise"),
+        ("W_k-not-square", [enc, rnd(H + 1, H)], "raise"),
+        ("needs-grad", [enc.clone().requires_grad_(), W_k], "raise"),
+    ]
+    return cases
+
+
 def keep_mask_cases():
     like = torch.zeros(())
     return [
@@ -416,6 +431,7 @@ CASES = {
     "encoder_forward": encoder_forward_cases,
     "encoder_backward": encoder_backward_cases,
     "keep_mask": keep_mask_cases,
+    "project_keys": project_keys_cases,
     "masked_ce_loss": masked_ce_loss_cases,
     "masked_ce_loss_backward": masked_ce_loss_backward_cases,
     "clip_grad_norm_": clip_grad_norm_cases,
