@@ -71,21 +71,22 @@ def raw_op_call(decoder, X, state):
 
 
 class _SavedOps:
-    """Stands in for ``torch.ops.seq2seq_fast`` and answers ``decoder_forward`` at once with
+    """Stands in for ``torch.ops.seq2seq_fast`` and answers ``decoder_call`` (the op a module
+    call reaches: ``decoder_forward`` and its output views, csrc/decoder_call.cpp) at once with
     one saved result: a module call through it costs its Python alone."""
 
     def __init__(self, result):
         self.result = result
 
-    def decoder_forward(self, *args):
+    def decoder_call(self, *args):
         return self.result
 
 
 def python_path_seconds(decoder, X, state, calls=2000):
     """Median seconds of ``decoder(X, state)`` with the op stubbed out (its Python path alone)."""
-    stub = _SavedOps(torch.ops.seq2seq_fast.decoder_forward(
+    stub = _SavedOps(torch.ops.seq2seq_fast.decoder_call(
         X, state.key_cache.values, state[1], state[2], state.key_cache.key_proj, cpp_ops.decoder_params(decoder),
-        None, None, False))
+        None, None))
     with mock.patch.object(cpp_ops, "_ops", lambda: stub):
         return median_seconds(lambda: decoder(X, state), calls)
 

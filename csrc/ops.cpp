@@ -75,6 +75,13 @@ TORCH_LIBRARY(seq2seq_fast, m) {
       "decoder_forward(Tensor X, Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, "
       "Tensor[] params, Tensor? attn_mask, Tensor? layer_mask, bool keep_activations) "
       "-> (Tensor logits, Tensor attention, Tensor states, Tensor inputs, Tensor layer_inputs, Tensor gates)");
+  // What a decoder module's call returns, in one dispatch (composite: autograd and
+  // torch.compile see decoder_forward): decoder_forward's arguments (the activations kept when
+  // autograd records the call), returning logits (B, S, V), the final state (L, B, H) and the
+  // attention weights (B, S, T): views of decoder_forward's step-major outputs.
+  m.def(
+      "decoder_call(Tensor X, Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, "
+      "Tensor[] params, Tensor? attn_mask, Tensor? layer_mask) -> (Tensor logits, Tensor hidden_n, Tensor attention)");
   // Backward through time of decoder_forward, from the gradients of logits, attention and states
   // (each may be None), the forward's arguments (params: the same full list, biases included) and
   // its outputs. Returns the gradients of enc_outputs (as values), hidden, key_proj, and

@@ -172,11 +172,12 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     not look into ``nn.GRU`` modules). ``params``: the flat list of ``decoder_params``
     (embedding (V, E), W_q (H, H), w_v (1, H), w_ih, w_hh, b_ih, b_hh of each layer, dense weight
     (V, H), dense bias (V,)); the dropout rates apply as in training mode (0: none)."""
-    logits, attention, states = _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params,
-                                            attention_dropout, layer_dropout)
-    # The final state is a view of the states the op returns (the backward reads them anyway);
-    # the next call's op lays it out itself, without a copy from Python here.
-    return logits.transpose(0, 1), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
+    attn_mask = layer_mask = None
+    if attention_dropout > 0 or layer_dropout > 0:
+        B, T, H = enc_outputs.shape if enc_outputs.dim() == 3 else (0, 0, 0)
+        attn_mask, layer_mask = _decoder_masks(X, B, T, H, params, enc_outputs, attention_dropout, layer_dropout)
+    # One dispatch returns what the module returns (csrc/decoder_call.cpp).
+    return _ops().decoder_call(X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask)
 
 
 def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, params_dtype=None):

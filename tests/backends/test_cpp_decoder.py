@@ -297,6 +297,26 @@ def test_opcheck_decoder_backward():
     )
 
 
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_decoder_call_returns_decoder_forwards_views(requires_grad):
+    # The module's op: decoder_forward and the views d2l's decoder returns, made in C++.
+    args = tiny_op_args(requires_grad=requires_grad)
+    X, enc, hidden, lens, kp, params, am, lm, _ = args
+    logits, attention, states, *_ = torch.ops.seq2seq_fast.decoder_forward(*args)
+    expected = (logits.transpose(0, 1), states.select(1, states.shape[1] - 1), attention.transpose(0, 1))
+    actual = torch.ops.seq2seq_fast.decoder_call(X, enc, hidden, lens, kp, params, am, lm)
+    for name, a, e in zip(("logits", "final state", "attention"), actual, expected):
+        assert torch.equal(a, e) and a.stride() == e.stride(), name
+        assert a.requires_grad == requires_grad, name
+    if requires_grad:
+        torch.library.opcheck(torch.ops.seq2seq_fast.decoder_call.default, args[:-1])
+
+        def fn(enc, hidden, kp, *params):
+            return torch.ops.seq2seq_fast.decoder_call(X, enc, hidden, lens, kp, list(params), am, lm)
+
+        assert torch.autograd.gradcheck(fn, (enc, hidden, kp, *params), eps=1e-6, atol=1e-6)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     ref, fast = paired(5, 2, torch.float32)
     X, enc, hidden, lens = inputs(3, 7, 5, 5, 2, torch.float32, "ragged")
