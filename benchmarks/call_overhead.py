@@ -72,7 +72,7 @@ def raw_op_call(decoder, X, state):
 
 class _SavedOps:
     """Stands in for ``torch.ops.seq2seq_fast`` and answers ``decoder_call`` (the op a module
-    call reaches: ``decoder_forward`` and its output views, csrc/decoder_call.cpp) at once with
+    call reaches: ``decoder_forward`` and its output views, csrc/autograd.cpp) at once with
     one saved result: a module call through it costs its Python alone."""
 
     def __init__(self, result):

@@ -4,6 +4,9 @@
 // pytree in both directions: ~0.4 ms of a 4 ms d2l training step.) FakeTensor tracing goes
 // through these kernels too, so torch.compile sees the forward and backward ops.
 //
+// decoder_call, the decoder module's op, is composed here from decoder_forward with the same
+// rule for when autograd records a call.
+//
 // Each Function saves what its backward reads in a struct of named tensors (Saved below), and
 // returns one gradient per forward argument: a Tensor[] argument counts one per element, so the
 // backward ops' grad_params map 1:1 onto params.
@@ -174,6 +177,23 @@ DecoderOutputs decoder_forward_autograd(const at::Tensor& X, const at::Tensor& e
   }
   auto out = DecoderFunction::apply(X, enc, hidden, lens, kp, params, attn_mask, layer_mask, keep);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+// decoder_call: what a decoder module's call returns, in one dispatch from Python (composite:
+// autograd records decoder_forward and the views as it would from Python; torch.compile traces
+// through it). The interpreter made the three views and the flag over every parameter, a tenth
+// of a one-step decoding call's Python.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decoder_call(const at::Tensor& X, const at::Tensor& enc,
+                                                            const at::Tensor& hidden, const OptTensor& lens,
+                                                            const at::Tensor& kp, at::TensorList params,
+                                                            const OptTensor& attn_mask, const OptTensor& layer_mask) {
+  // From the top of the dispatcher, so that autograd records the call; the backward's
+  // activations are kept only when it will.
+  const auto [logits, attention, states, inputs, layer_inputs, gates] = decoder_forward_op().call(
+      X, enc, hidden, lens, kp, params, attn_mask, layer_mask, records({&enc, &hidden, &kp}, params));
+  // The final state is a view of the states (the backward reads them anyway); the next call's op
+  // lays it out itself.
+  return {logits.transpose(0, 1), states.select(1, states.size(1) - 1), attention.transpose(0, 1)};
 }
 
 // ---- encoder --------------------------------------------------------------------------------------
@@ -425,4 +445,8 @@ TORCH_LIBRARY_IMPL(seq2seq_fast, Autograd, m) {
   m.impl("masked_ce_loss", &seq2seq_fast::masked_ce_loss_autograd);
   m.impl("project_keys", &seq2seq_fast::project_keys_autograd);
   m.impl("keep_mask", torch::CppFunction::makeFallthrough());  // a constant: no gradient
+}
+
+TORCH_LIBRARY_IMPL(seq2seq_fast, CompositeImplicitAutograd, m) {
+  m.impl("decoder_call", &seq2seq_fast::decoder_call);
 }

@@ -176,7 +176,7 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     if attention_dropout > 0 or layer_dropout > 0:
         B, T, H = enc_outputs.shape if enc_outputs.dim() == 3 else (0, 0, 0)
         attn_mask, layer_mask = _decoder_masks(X, B, T, H, params, enc_outputs, attention_dropout, layer_dropout)
-    # One dispatch returns what the module returns (csrc/decoder_call.cpp).
+    # One dispatch returns what the module returns (csrc/autograd.cpp).
     return _ops().decoder_call(X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask)
 
 
