@@ -10,6 +10,8 @@ and ``opcheck`` passes), draws the dropout masks from torch's generator, and ada
 modules to the ops.
 """
 import contextlib
+import functools
+import operator
 
 import torch
 
@@ -68,12 +70,18 @@ def _gru_weights(rnn):
     """[w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0..] of an ``nn.GRU``, as the ops' params list them
     (zero biases for a GRU built with bias=False)."""
     # nn.GRU keeps its parameters in _flat_weights, layer by layer (w_ih, w_hh, b_ih, b_hh) and
-    # up to date through .to() and assignments: regrouped by slicing, without attribute lookups.
+    # up to date through .to() and assignments: regrouped by one C call, without attribute lookups.
     flat = rnn._flat_weights
     if rnn.bias:
-        return [*flat[0::4], *flat[1::4], *flat[2::4], *flat[3::4]]
+        return _regroup(len(flat))(flat)
     w_ih, w_hh = flat[0::2], flat[1::2]
     return [*w_ih, *w_hh, *[w.new_zeros(w.shape[0]) for w in w_ih], *[w.new_zeros(w.shape[0]) for w in w_hh]]
+
+
+@functools.lru_cache(maxsize=None)
+def _regroup(count):
+    """An ``itemgetter`` taking a GRU's ``count`` flat weights (4 a layer) kind by kind."""
+    return operator.itemgetter(*(layer + kind for kind in range(4) for layer in range(0, count, 4)))
 
 
 def _keep_mask(shape, p, like):
@@ -131,12 +139,12 @@ def _cast(params, dtype):
 
 
 def _dropout_rates(decoder):
-    """The decoder ops' dropout rates of ``decoder`` in its current mode (0: none)."""
+    """The decoder ops' dropout rates (attention's, between layers') of ``decoder`` in its
+    current mode (0: none)."""
     modules = decoder._modules
     dropout = modules["attention"]._modules["dropout"]
     rnn = modules["rnn"]
-    return dict(attention_dropout=dropout.p if dropout.training else 0.0,
-                layer_dropout=rnn.dropout if rnn.training else 0.0)
+    return dropout.p if dropout.training else 0.0, rnn.dropout if rnn.training else 0.0
 
 
 def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, params_dtype=None):
@@ -148,8 +156,12 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, pa
     parameter, enc_outputs, key_proj and hidden. ``params_dtype``: what the parameters are cast
     to first (the compiled loop runs a bfloat16 model in float32).
     """
-    return decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, _cast(decoder_params(decoder), params_dtype),
-                         **_dropout_rates(decoder))
+    params = decoder_params(decoder)
+    if params_dtype is not None:
+        params = _cast(params, params_dtype)
+    attention_dropout, layer_dropout = _dropout_rates(decoder)
+    return decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, attention_dropout=attention_dropout,
+                         layer_dropout=layer_dropout)
 
 
 def project_keys(enc_outputs, weight):
@@ -187,7 +199,7 @@ def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *,
     comes from what consumes the states (``linear_masked_ce``, or ``decoder.dense`` itself)."""
     params = _without_dense(_cast(decoder_params(decoder), params_dtype))
     _, attention, states = _decoder_op(X, enc_outputs, hidden, valid_lens, key_proj, params,
-                                       **_dropout_rates(decoder))
+                                       *_dropout_rates(decoder))
     return _top_states(states), states.select(1, states.shape[1] - 1), attention.transpose(0, 1)
 
 
@@ -408,7 +420,7 @@ def masked_ce_loss_grads(encoder, decoder, X, dec_X, enc_valid_lens, label, vali
     rnn = encoder._modules["rnn"]
     B, T = (X.shape[0], X.shape[-1]) if X.dim() else (0, 0)
     enc_mask = _layer_mask(rnn, T, B, enc_params[0])
-    dec_masks = _decoder_masks(dec_X, B, T, rnn.hidden_size, dec_params, enc_params[0], **_dropout_rates(decoder))
+    dec_masks = _decoder_masks(dec_X, B, T, rnn.hidden_size, dec_params, enc_params[0], *_dropout_rates(decoder))
     with torch.no_grad():
         loss, enc_grads, dec_grads, grad_W_k = _ops().training_step_grads(
             X, enc_params, enc_mask, dec_X, enc_valid_lens, dec_params, W_k, *dec_masks, label, valid_len,
