@@ -168,7 +168,7 @@ def backend_for(requested, entry, tensor, weight=None):
         module = _RESOLVED.get(key)
     except TypeError:  # an unhashable backend name
         check_backend_name(requested)
-    if module is not None and not torch.compiler.is_compiling():
+    if module is not None:
         return module
     name = _selected_name(requested, entry, device.type, dtype, key[4], autocast)
     module = _LOADED.get(name) or backend_module(name)

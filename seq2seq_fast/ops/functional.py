@@ -69,9 +69,12 @@ def prepare_decoder_call(decoder, X, state):
     key_proj, cache)``, with ``values`` = ``state[0]`` laid out contiguously as (B, T, H) (what
     the backends read), ``key_proj = W_k(values)`` (from ``state``'s cache when it holds) and
     the lengths as int64 (B,) or None."""
-    enc_outputs, hidden, valid_lens = unpack_state(state)
-    validation.check_tensor(X, "X")
-    validation.check_tensor(enc_outputs, "enc_outputs (state[0])")
+    # The usual call (a state init_state or a call made, tensors) in as few Python calls as
+    # possible: after the previous call's step loop each costs several times its warm time.
+    enc_outputs, hidden, valid_lens = state if type(state) is DecoderState and len(state) == 3 else unpack_state(state)
+    if not (isinstance(X, torch.Tensor) and isinstance(enc_outputs, torch.Tensor)):
+        validation.check_tensor(X, "X")
+        validation.check_tensor(enc_outputs, "enc_outputs (state[0])")
     W_k = decoder._modules["attention"]._modules["W_k"]  # without nn.Module.__getattr__
     backend = backend_for(decoder.backend, "decoder_forward", enc_outputs, W_k._parameters["weight"])
     lens = validation.normalize_lengths(valid_lens, "enc_valid_lens (state[2])")

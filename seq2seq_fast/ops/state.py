@@ -17,6 +17,8 @@ class DecoderState(list):
     list from user code works too, without the cache.
     """
 
+    __slots__ = ("key_cache",)
+
     def __init__(self, items, key_cache=None):
         super().__init__(items)
         if len(self) != 3:

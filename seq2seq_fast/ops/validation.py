@@ -113,7 +113,8 @@ def normalize_lengths(valid_lens, name):
     integer dtypes become int64. The shape, bool dtype and sign are the backend's checks."""
     if valid_lens is None:
         return None
-    check_tensor(valid_lens, name)
+    if not isinstance(valid_lens, torch.Tensor):
+        check_tensor(valid_lens, name)
     if valid_lens.dtype is torch.int64 and valid_lens.dim() == 1:  # what the backends take
         return valid_lens
     if valid_lens.is_floating_point():
