@@ -69,8 +69,9 @@ def prepare_decoder_call(decoder, X, state):
     key_proj, cache)``, with ``values`` = ``state[0]`` laid out contiguously as (B, T, H) (what
     the backends read), ``key_proj = W_k(values)`` (from ``state``'s cache when it holds) and
     the lengths as int64 (B,) or None."""
-    # The usual call (a state init_state or a call made, tensors) in as few Python calls as
-    # possible: after the previous call's step loop each costs several times its warm time.
+    # The usual call (a state from init_state or from the previous call, tensor inputs) in as
+    # few Python calls as possible: after the previous call's step loop, each costs several
+    # times its warm time (benchmarks/RESULTS.md, thirteenth session).
     enc_outputs, hidden, valid_lens = state if type(state) is DecoderState and len(state) == 3 else unpack_state(state)
     if not (isinstance(X, torch.Tensor) and isinstance(enc_outputs, torch.Tensor)):
         validation.check_tensor(X, "X")
