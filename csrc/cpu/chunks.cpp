@@ -1,11 +1,14 @@
-// Implementation of csrc/cpu/chunks.h: one pool of sleeping workers, one call at a time.
+// Implementation of csrc/cpu/chunks.h: one pool of workers, one call at a time.
 #include "cpu/chunks.h"
 
 #include <ATen/Parallel.h>
 #include <pthread.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -70,9 +73,47 @@ class InTask {
   std::pair<int, int> previous_;
 };
 
+// One iteration of a polling loop: tells the core (and a hyperthread sibling) that it waits.
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long a worker that finished its chunks, and a caller whose chunks are done, poll before
+// sleeping on the condition variable. A step loop starts its next region within microseconds
+// (a decoder step makes several), and waking a sleeping thread costs a futex call and, on a VM,
+// an inter-processor interrupt: tens of microseconds on the caller's path, per region. Polling
+// this briefly catches the loop's regions; between calls from Python the workers sleep.
+std::chrono::nanoseconds poll_time() {
+  static const std::chrono::nanoseconds poll = [] {
+    const char* flag = std::getenv("SEQ2SEQ_FAST_POLL_US");  // 0: sleep at once (to compare)
+    return std::chrono::microseconds(flag == nullptr ? 50 : std::max(0, std::atoi(flag)));
+  }();
+  return poll;
+}
+
+// Polls `done()` until it holds or poll_time() has passed; returns whether it holds.
+template <typename Done>
+bool poll_until(const Done& done) {
+  const auto until = std::chrono::steady_clock::now() + poll_time();
+  for (int i = 1;; ++i) {
+    if (done()) {
+      return true;
+    }
+    if (i % 16 == 0 && std::chrono::steady_clock::now() >= until) {
+      return false;
+    }
+    relax();
+  }
+}
+
 class Pool {
  public:
   void run(int64_t count, int workers_wanted, c10::function_ref<void(int64_t)> task) {
+    bool sleepers = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       while (static_cast<int>(workers_) < workers_wanted) {
@@ -85,18 +126,35 @@ class Pool {
       seats_ = workers_wanted;
       bf16_gemm_ = bf16_gemm_enabled();
       error_ = nullptr;
-      ++generation_;
+      // Workers poll after this call only if no BLAS call threaded itself since the previous one:
+      // a step loop alternating its regions with the BLAS's own threads (a large float32 model's
+      // GEMMs) would have them poll on the core the BLAS's team wants.
+      const uint64_t parks = parks_.load(std::memory_order_relaxed);
+      poll_after_ = parks == parks_at_last_call_;
+      parks_at_last_call_ = parks;
+      generation_.fetch_add(1, std::memory_order_release);
+      sleepers = sleeping_ > 0;
     }
-    wake_.notify_all();
+    if (sleepers) {  // polling workers see the generation change by themselves
+      wake_.notify_all();
+    }
     claim_and_run();
     std::unique_lock<std::mutex> lock(mutex_);
-    seats_ = 0;  // a worker waking from now on finds no seat and goes back to sleep
-    idle_.wait(lock, [this] { return active_ == 0; });
+    seats_ = 0;  // a worker arriving from now on finds no seat and goes back to waiting
+    if (active_.load(std::memory_order_acquire) != 0) {
+      lock.unlock();
+      poll_until([this] { return active_.load(std::memory_order_acquire) == 0; });
+      lock.lock();
+      idle_.wait(lock, [this] { return active_.load(std::memory_order_acquire) == 0; });
+    }
     task_ = nullptr;
     if (error_) {
       std::rethrow_exception(error_);
     }
   }
+
+  // Polling workers stop polling and sleep (see yield_cores).
+  void park() { parks_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
   void claim_and_run() {
@@ -117,21 +175,33 @@ class Pool {
   }
 
   void work() {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
+    uint64_t seen = 0, parks = 0;
+    bool poll = false;
+    auto called = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+    auto parked = [&] { return parks_.load(std::memory_order_relaxed) != parks; };
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
+      // `parks` was read when the worker joined its last call: a park its caller made right after
+      // that call (the next thing it runs is a BLAS call) ends the polling at once.
+      const bool early = poll && poll_until([&] { return called() || parked(); }) && called();
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (!early) {
+        ++sleeping_;
+        wake_.wait(lock, called);
+        --sleeping_;
+      }
+      seen = generation_.load(std::memory_order_relaxed);
       if (seats_ == 0) {
         continue;
       }
       --seats_;
-      ++active_;
+      active_.fetch_add(1, std::memory_order_relaxed);
+      parks = parks_.load(std::memory_order_relaxed);
+      poll = poll_after_;
       lock.unlock();
       claim_and_run();
       lock.lock();
-      if (--active_ == 0) {
-        idle_.notify_all();
+      if (active_.fetch_sub(1, std::memory_order_release) == 1) {
+        idle_.notify_all();  // no system call when the caller is still polling
       }
     }
   }
@@ -139,14 +209,27 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_, idle_;
   size_t workers_ = 0;
-  uint64_t generation_ = 0;
-  int seats_ = 0, active_ = 0;  // workers that may still join the call; workers in it
-  bool bf16_gemm_ = false;      // the caller's GEMM precision (csrc/gemm_precision.h)
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> parks_{0};
+  uint64_t parks_at_last_call_ = 0;
+  bool poll_after_ = false;
+  int seats_ = 0, sleeping_ = 0;  // workers that may still join the call; workers asleep
+  std::atomic<int> active_{0};    // workers in the call
+  bool bf16_gemm_ = false;        // the caller's GEMM precision (csrc/gemm_precision.h)
   const c10::function_ref<void(int64_t)>* task_ = nullptr;
   int64_t count_ = 0;
   std::atomic<int64_t> next_{0};
   std::exception_ptr error_;
 };
+
+// The threads the calling thread's BLAS and OpenMP work would use.
+int call_blas_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 // The threads a call splits over: its CallerOnly scope's, else set_cpu_threads's, else torch's.
 int call_threads() {
@@ -194,6 +277,12 @@ CallerOnly::~CallerOnly() {
 }
 
 int64_t chunk_threads() { return call_threads(); }
+
+void yield_cores() {
+  if (!in_task && call_blas_threads() > 1) {
+    the_pool().park();
+  }
+}
 
 bool row_split_enabled() { return row_split.load(std::memory_order_relaxed); }
 

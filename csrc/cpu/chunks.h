@@ -1,12 +1,14 @@
 // The CPU ops' own work sharing: chunks of a call claimed one at a time by the calling thread and
-// this package's worker threads, which sleep between calls instead of spinning.
+// this package's worker threads, which poll briefly after a call for the next and then sleep.
 //
 // Why not at::parallel_for (OpenMP): an OpenMP region ends at a barrier that every thread of its
 // team must reach, each having started. On a busy machine a team thread that shares its core
 // with another process starts a time slice late (milliseconds) and the whole call waits for it,
 // at every region; and between regions the team spins, taking the core from the caller's own
 // Python. Here a worker that has not started when the caller claims the last chunk takes none,
-// so the caller waits at most for the chunks already running; nobody spins.
+// so the caller waits at most for the chunks already running. The workers poll only for the
+// next region of a step loop (csrc/cpu/chunks.cpp: 50 us, SEQ2SEQ_FAST_POLL_US) and only where no
+// BLAS team took turns with them, then sleep: between Python calls nobody spins.
 #pragma once
 
 #include <c10/util/FunctionRef.h>
@@ -22,6 +24,10 @@ namespace seq2seq_fast::cpu {
 // Runs inline when one thread is set, when count < 2, and when called from a task or while
 // another thread's call is running.
 void run_chunks(int64_t count, c10::function_ref<void(int64_t)> task);
+
+// Before work that threads itself (the BLAS's OpenMP team): the pool's workers, which poll
+// for a while after a call for the next one, sleep at once instead of taking a core from it.
+void yield_cores();
 
 // The threads run_chunks splits a call over now.
 int64_t chunk_threads();

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/chunks.h"
 #include "cpu/gemm_bf16.h"
 #include "cpu/math.h"
 #include "cpu/weight_cache.h"
@@ -69,6 +70,7 @@ void gemm_impl(Blas blas, bool ta, bool tb, int64_t M, int64_t N, int64_t K, T a
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   TORCH_CHECK(M < kMax && N < kMax && K < kMax && lda < kMax && ldb < kMax && ldc < kMax,
               "seq2seq_fast: GEMM sizes exceed the 32-bit BLAS interface");
+  yield_cores();  // the BLAS threads itself
   if (blas == nullptr) {
     gemm_fallback(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;

@@ -68,6 +68,7 @@ void mkl_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, co
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   TORCH_CHECK(M < kMax && N < kMax && K < kMax && lda < kMax && ldb < kMax && ldc < kMax,
               "seq2seq_fast: GEMM sizes exceed the 32-bit BLAS interface");
+  yield_cores();  // MKL threads itself
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, static_cast<int>(M),
                          static_cast<int>(N), static_cast<int>(K), alpha, A, static_cast<int>(lda), B,
                          static_cast<int>(ldb), beta, C, static_cast<int>(ldc));

@@ -1,7 +1,10 @@
 """The CPU ops' own threads (csrc/cpu/chunks.h): results that do not depend on the thread count
 or on torch's own, the ``set_cpu_threads`` op, the trainer's scope that keeps a small model's step on
-the calling thread, and a forked child that still computes after its parent used the threads."""
+the calling thread, a forked child that still computes after its parent used the threads, and
+workers that poll for the next call without hanging or changing a result."""
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 from seq2seq_fast.backends import cpp_ops
 from seq2seq_fast.backends.extension import extension_error
 from seq2seq_fast.tools.train import SMALL_MODEL_PARAMETERS, Seq2SeqTrainer
-from helpers import paired_models
+from helpers import child_env, paired_models
 
 pytestmark = pytest.mark.skipif(extension_error() is not None, reason=f"{extension_error()}")
 
@@ -108,3 +111,52 @@ def test_a_forked_child_computes_after_the_parent_used_the_threads(threads):
         time.sleep(0.05)
     os.kill(pid, 9)
     pytest.fail("the forked child hung")
+
+
+# A child that runs a model whose step loop splits over the ops' threads (not a small model's:
+# its GEMMs go to the BLAS, whose OpenMP team takes turns with the pool) and a one-step loop with
+# torch's own threaded work between the calls, on more threads than cores, and prints the largest
+# difference from the one-thread run's results (the BLAS may sum in another order on more threads).
+POLLING_CHILD = """
+import torch
+from seq2seq_fast.backends import cpp_ops
+from helpers import paired_models
+
+_, model = paired_models(37, 16, 256, 2, dtype=torch.float64, backend="cpp")
+g = torch.Generator().manual_seed(0)
+X = torch.randint(0, 37, (64, 9), generator=g)
+X_len = torch.randint(0, 11, (64,), generator=g)
+Y = torch.randint(0, 37, (64, 5), generator=g)
+
+def results():
+    model.eval()
+    with torch.no_grad():
+        enc_outputs, hidden = model.encoder(X)
+        state = model.decoder.init_state((enc_outputs, hidden), X_len)
+        out = [model.decoder(Y, state)[0]]
+        for t in range(5):  # one step per call, torch's threads between (as a caller's argmax)
+            logits, state = model.decoder(Y[:, t:t + 1], state)
+            out.append(logits @ torch.ones(37, 64, dtype=logits.dtype))
+    return out
+
+torch.set_num_threads(1)
+want = results()
+worst = 0.0
+for torch_threads, op_threads in ((2, 0), (4, 0), (1, 4), (2, 3)):
+    torch.set_num_threads(torch_threads)
+    torch.ops.seq2seq_fast.set_cpu_threads(op_threads)
+    for _ in range(5):
+        worst = max([worst] + [(a - b).abs().max().item() for a, b in zip(results(), want)])
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("poll_us", ["0", "1000"])
+def test_polling_workers_neither_hang_nor_change_results(poll_us):
+    # 1000 us: the workers poll through every gap of the loop, so a lost wake-up or a worker that
+    # joins a finished call would show as a hang (timeout) or a wrong result; 0: they sleep at once.
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", POLLING_CHILD], env=dict(child_env(tests_dir), SEQ2SEQ_FAST_POLL_US=poll_us),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout) < 1e-12
