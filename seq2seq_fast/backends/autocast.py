@@ -151,6 +151,8 @@ class CastingBackend:
         self._dense_in_bf16 = bf16_gemm and device_type == "cpu" and _cpu_has_bf16_units()
         if hasattr(inner, "greedy_loop"):
             self.greedy_loop = self._greedy_loop
+        if hasattr(inner, "project_keys"):
+            self.project_keys = self._project_keys
 
     def autocast_off(self):
         return autocast_disabled(self.device_type)
@@ -232,6 +234,16 @@ class CastingBackend:
             rows[:, H].fill_(1)
             logits = torch.mm(rows, _weight_with_bias(weight, bias)).view(S, B, -1)
         return logits.transpose(0, 1)  # the (B, S, V) view the op's logits are too
+
+    def _project_keys(self, enc_outputs, weight):
+        """The inner backend's ``project_keys`` (a call without gradient) where the work runs in the
+        parameters' dtype, in the GEMM precision chosen: under CPU bfloat16 autocast a large
+        projection on bfloat16 operands, float32 out (d2l's W_k returns bfloat16 there); else
+        None (torch projects)."""
+        if weight.dtype != self.dtype:
+            return None
+        with self._running():
+            return self.inner.project_keys(enc_outputs, weight)
 
     def _greedy_loop(self, decoder, enc_outputs, hidden, valid_lens, key_proj, **kwargs):
         dtype = self.dtype

@@ -85,7 +85,8 @@ def prepare_decoder_call(decoder, X, state):
             check_activation(backend, name, tensor)
         hidden = as_dtype(hidden, backend.dtype)
         with backend.autocast_off():
-            values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype)
+            values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype,
+                                                     getattr(backend, "project_keys", None))
         if not backend.CHECKS_INPUTS:
             check_decoder_inputs(decoder, X, values, hidden, lens)
         return backend, values, hidden, lens, key_proj, cache

@@ -63,8 +63,8 @@ def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
     needed: a graph must not outlive one backward). ``dtype``: what ``enc_outputs`` and W_k's
     weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes).
     ``project``: the backend's ``project_keys(enc_outputs, weight)``, which makes both without
-    a gradient where it can (else None); torch makes them otherwise, and whenever W_k has forward
-    hooks (a hook expects its call)."""
+    a gradient where it can (else None; with ``dtype``, where ``enc_outputs`` is in it already);
+    torch makes them otherwise, and whenever W_k has forward hooks (a hook expects its call)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
         values = _laid_out(enc_outputs, dtype)
@@ -75,7 +75,7 @@ def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
         if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
     projected = None
-    if not (needs_grad or dtype is not None or project is None or _hooked(W_k)):
+    if not (needs_grad or project is None or dtype not in (None, enc_outputs.dtype) or _hooked(W_k)):
         projected = project(enc_outputs, weight)
     if projected is not None:
         values, key_proj = projected
