@@ -119,7 +119,6 @@ def test_a_forked_child_computes_after_the_parent_used_the_threads(threads):
 # difference from the one-thread run's results (the BLAS may sum in another order on more threads).
 POLLING_CHILD = """
 import torch
-from seq2seq_fast.backends import cpp_ops
 from helpers import paired_models
 
 _, model = paired_models(37, 16, 256, 2, dtype=torch.float64, backend="cpp")
