@@ -236,12 +236,9 @@ class CastingBackend:
         return logits.transpose(0, 1)  # the (B, S, V) view the op's logits are too
 
     def _project_keys(self, enc_outputs, weight):
-        """The inner backend's ``project_keys`` (a call without gradient) where the work runs in the
-        parameters' dtype, in the GEMM precision chosen: under CPU bfloat16 autocast a large
-        projection on bfloat16 operands, float32 out (d2l's W_k returns bfloat16 there); else
-        None (torch projects)."""
-        if weight.dtype != self.dtype:
-            return None
+        """The inner backend's ``project_keys`` (a call without gradient; None where it does not
+        apply, e.g. a bfloat16 weight) in the GEMM precision chosen: under CPU bfloat16 autocast a
+        large projection on bfloat16 operands, float32 out (d2l's W_k returns bfloat16 there)."""
         with self._running():
             return self.inner.project_keys(enc_outputs, weight)
 
