@@ -1,8 +1,9 @@
 """``make gpu-check``: everything a lent GPU machine should run, in one command, with no network.
 
     python3 benchmarks/gpu_check.py [--no-build]
-    GPU_CHECK_STAGES=build,tests,sanitizer,bench,memory   (default: all, in that order)
+    GPU_CHECK_STAGES=build,tests,sanitizer,bench,bench-compile,memory   (default: all, in that order)
     GPU_CHECK_OUT=gpu-out                                 (log, benchmark JSON, markdown summary)
+    GPU_CHECK_LIMITS=tests=150,bench=120                  (seconds, replacing LIMITS' entries)
 
 Stages, each a subprocess with its own time limit, so that a hang costs that stage only:
 
@@ -10,14 +11,17 @@ Stages, each a subprocess with its own time limit, so that a hang costs that sta
   torch, MAX_JOBS = its cores, TORCH_CUDA_ARCH_LIST = the device's capability (e.g. "9.0").
 * ``tests``: the CUDA and Triton tests, compiled (TRITON_INTERPRET is removed from the
   environment: the lent machines' numpy is too new for triton 3.6's interpreter), one pytest per
-  path (cpp:cuda, triton:cuda). Each path whose tests ran and passed is recorded as verified in
+  path (cpp:cuda, triton:cuda), spread over worker processes where pytest-xdist is installed
+  (Triton's compiles are CPU-bound; the machines have 16 cores). Each path whose tests ran and passed is recorded as verified in
   ``seq2seq_fast/backends/verified_gpu.json`` (copied to the output folder): ``backend="auto"``
   picks only verified paths on CUDA.
 * ``sanitizer``: compute-sanitizer memcheck and racecheck over a small script that calls every
   CUDA op (encoder, decoder forward and backward, greedy decoding, loss, keep-mask).
 * ``bench``: benchmarks/runner.py on cuda: zh, en, large x decoder_forward, train_step,
-  greedy_decode, float32 and bfloat16, every backend, CUDA graphs, the floor, short windows; then
-  the compiled reference (float32) in a run of its own, so that slow compiles cost only it.
+  greedy_decode, float32, bfloat16 and bfloat16 autocast, every backend, CUDA graphs, the floor,
+  short windows.
+* ``bench-compile``: the compiled reference (float32) in a run of its own, so that slow compiles
+  cost only it.
 * ``memory``: the training step's peak memory per implementation (the runner's memory rows).
 
 Planned time on an H100/H200: build ~1 min (16 cores), tests ~1.5 min, sanitizer ~30 s, bench
@@ -35,20 +39,32 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STAGES = ("build", "tests", "sanitizer", "bench", "memory")
+STAGES = ("build", "tests", "sanitizer", "bench", "bench-compile", "memory")
 RECORD = os.path.join(ROOT, "seq2seq_fast", "backends", "verified_gpu.json")
 
 # Tests of each GPU path: (files, pytest -k expression or None).
 TEST_GROUPS = {
-    "cpp:cuda": (["tests/backends/test_cuda_ops.py", "tests/modules/test_cuda_graph.py", "tests/modules/test_graph_option.py",
+    "cpp:cuda": (["tests/backends/test_cuda_ops.py", "tests/ops/test_autocast.py", "tests/modules/test_cuda_graph.py", "tests/modules/test_graph_option.py",
                   "tests/backends/test_cpp_loss.py", "tests/backends/test_cpp_dropout_mask.py"], "not triton"),
     "triton:cuda": (["tests/backends/test_triton_attention.py", "tests/backends/test_triton_decoder.py",
                      "tests/backends/test_triton_dropout_counters.py", "tests/test_triton_bench.py",
                      "tests/backends/test_triton_gpu_compile.py", "tests/modules/test_cuda_graph.py", "tests/modules/test_graph_option.py",
-                     "tests/modules/test_decoder_parity.py", "tests/modules/test_hardening.py"], "triton"),
+                     "tests/modules/test_decoder_parity.py", "tests/modules/test_hardening.py",
+                     "tests/ops/test_autocast.py"], "triton"),
 }
-# Seconds each stage (or each part of it) may run.
+# Seconds each stage (or each part of it) may run; GPU_CHECK_LIMITS replaces some (a lease is short).
 LIMITS = {"build": 900, "tests": 420, "sanitizer": 180, "bench": 240, "bench-compile": 180, "memory": 150}
+
+
+def limits(text):
+    """LIMITS with the entries of ``text`` ("tests=150,bench=120") replaced."""
+    found = dict(LIMITS)
+    for item in filter(None, text.split(",")):
+        name, _, seconds = item.partition("=")
+        if name not in LIMITS or not seconds.isdigit():
+            raise ValueError(f"GPU_CHECK_LIMITS: expected name=seconds with a name of {tuple(LIMITS)}, got {item!r}")
+        found[name] = int(seconds)
+    return found
 
 
 class Log:
@@ -94,7 +110,7 @@ def stage_build(ctx):
     if ctx.gpu:
         env["TORCH_CUDA_ARCH_LIST"] = ctx.gpu[1]
     rc, _ = run([ctx.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."], ctx.log,
-                LIMITS["build"], env)
+                ctx.limits["build"], env)
     return ("passed" if rc == 0 else "failed"), f"pip install -e . (arch {env.get('TORCH_CUDA_ARCH_LIST', 'n/a')})"
 
 
@@ -117,12 +133,21 @@ def stage_tests(ctx):
     for path, (files, expr) in TEST_GROUPS.items():
         cmd = [ctx.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files]
         cmd += ["-k", expr] if expr else []
-        rc, out = run(cmd, ctx.log, LIMITS["tests"], env, label=path)
+        cmd += _xdist()
+        rc, out = run(cmd, ctx.log, ctx.limits["tests"], env, label=path)
         counts = _counts(out)
         verified[path] = rc == 0 and counts.get("passed", 0) > 0
         notes.append(f"{path}: {'verified' if verified[path] else 'NOT verified'} (rc {rc}, {counts})")
     write_record(ctx, verified)
     return ("passed" if all(verified.values()) else "failed"), "; ".join(notes)
+
+
+def _xdist():
+    """pytest-xdist's arguments for up to 8 workers, or none where it is not installed."""
+    import importlib.util
+
+    workers = min(8, os.cpu_count() or 1)
+    return ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
 
 
 def write_record(ctx, verified):
@@ -154,7 +179,7 @@ def write_record(ctx, verified):
 def stage_sanitizer(ctx):
     script = [ctx.python, os.path.abspath(__file__), "--exercise-ops"]
     if not ctx.gpu:
-        rc, _ = run(script + ["--device", "cpu"], ctx.log, LIMITS["sanitizer"], label="ops script on cpu")
+        rc, _ = run(script + ["--device", "cpu"], ctx.log, ctx.limits["sanitizer"], label="ops script on cpu")
         status = "passed" if rc == 0 else "failed"
         return ("skipped" if status == "passed" else status), "no CUDA device: ran the ops script on the CPU only"
     tool = shutil.which("compute-sanitizer") or next(
@@ -164,7 +189,7 @@ def stage_sanitizer(ctx):
     notes, status = [], "passed"
     for kind in ("memcheck", "racecheck"):
         rc, out = run([tool, "--tool", kind, "--error-exitcode", "9", *script, "--device", "cuda"], ctx.log,
-                      LIMITS["sanitizer"], label=kind)
+                      ctx.limits["sanitizer"], label=kind)
         if "ERROR SUMMARY" not in out and rc != 0:
             notes.append(f"{kind}: could not run (rc {rc}; see the log)")
             status = "skipped" if status == "passed" else status
@@ -187,14 +212,23 @@ def stage_bench(ctx):
     if not ctx.gpu:
         rc = _runner(ctx, "bench-smoke-cpu", ["--smoke", "--device", "cpu", "--no-compile", "--no-memory",
                                               "--min-time", "0.01", "--workloads", "decoder_forward",
-                                              "--impls", "reference,torch"], LIMITS["bench"])
+                                              "--impls", "reference,torch"], ctx.limits["bench"])
         status = "passed" if rc == 0 else "failed"
         return ("skipped" if status == "passed" else status), "no CUDA device: ran a CPU smoke benchmark only"
-    common = ["--device", "cuda", "--configs", "zh,en,large", "--no-memory", "--no-attention", "--min-time", "0.1"]
-    rc = _runner(ctx, "bench", common + ["--full", "--dtypes", "float32,bfloat16", "--no-compile"], LIMITS["bench"])
-    rc_compile = _runner(ctx, "bench-compile", common + ["--dtypes", "float32", "--impls",
-                                                         "reference,reference+compile"], LIMITS["bench-compile"])
-    return ("passed" if rc == 0 and rc_compile == 0 else "failed"), f"runner rc {rc}, compiled reference rc {rc_compile}"
+    rc = _runner(ctx, "bench", BENCH_COMMON + ["--full", "--dtypes", "float32,bfloat16,autocast-bf16", "--no-compile"],
+                 ctx.limits["bench"])
+    return ("passed" if rc == 0 else "failed"), f"runner rc {rc}"
+
+
+def stage_bench_compile(ctx):
+    if not ctx.gpu:
+        return "skipped", "no CUDA device"
+    rc = _runner(ctx, "bench-compile", BENCH_COMMON + ["--dtypes", "float32", "--impls", "reference,reference+compile"],
+                 ctx.limits["bench-compile"])
+    return ("passed" if rc == 0 else "failed"), f"runner rc {rc}"
+
+
+BENCH_COMMON = ["--device", "cuda", "--configs", "zh,en,large", "--no-memory", "--no-attention", "--min-time", "0.1"]
 
 
 def stage_memory(ctx):
@@ -202,7 +236,7 @@ def stage_memory(ctx):
         return "skipped", "no CUDA device: GPU memory needs one"
     rc = _runner(ctx, "memory", ["--device", "cuda", "--configs", "zh,en,large", "--workloads", "train_step", "--memory",
                                  "--dtypes", "float32", "--no-compile", "--no-attention", "--min-time", "0.05"],
-                 LIMITS["memory"])
+                 ctx.limits["memory"])
     return ("passed" if rc == 0 else "failed"), f"runner rc {rc} (step MiB / peak MiB columns)"
 
 
@@ -263,6 +297,10 @@ def main(argv=None):
     ctx.out = os.path.abspath(os.environ.get("GPU_CHECK_OUT", os.path.join(ROOT, "gpu-out")))
     os.makedirs(ctx.out, exist_ok=True)
     ctx.log = Log(os.path.join(ctx.out, "gpu-check.log"))
+    try:
+        ctx.limits = limits(os.environ.get("GPU_CHECK_LIMITS", ""))
+    except ValueError as exc:
+        parser.error(str(exc))
     ctx.python = sys.executable
     ctx.tables = []
     ctx.gpu = gpu()
@@ -272,7 +310,7 @@ def main(argv=None):
     for name in stages:
         start = time.monotonic()
         ctx.log(f"== stage {name}")
-        status, note = globals()[f"stage_{name}"](ctx)
+        status, note = globals()[f"stage_{name.replace('-', '_')}"](ctx)
         results.append((name, status, note, time.monotonic() - start))
         ctx.log(f"== stage {name}: {status.upper()} ({note})")
 
