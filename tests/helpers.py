@@ -31,11 +31,12 @@ def assert_close(actual, expected, name, dtype=None):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def paired_decoders(vocab, embed, hidden, layers, dropout=0.0, dtype=torch.float64, backend="torch", seed=0):
-    """A reference decoder and ours with identical weights."""
+def paired_decoders(vocab, embed, hidden, layers, dropout=0.0, dtype=torch.float64, backend="torch", seed=0,
+                    device="cpu"):
+    """A reference decoder and ours with identical weights, on ``device``."""
     torch.manual_seed(seed)
-    ref = R.Seq2SeqAttentionDecoder(vocab, embed, hidden, layers, dropout).to(dtype)
-    fast = sf.Seq2SeqAttentionDecoder(vocab, embed, hidden, layers, dropout, backend=backend).to(dtype)
+    ref = R.Seq2SeqAttentionDecoder(vocab, embed, hidden, layers, dropout).to(device, dtype)
+    fast = sf.Seq2SeqAttentionDecoder(vocab, embed, hidden, layers, dropout, backend=backend).to(device, dtype)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -49,6 +50,13 @@ def paired_models(vocab, embed, hidden, layers, dropout=0.0, dtype=torch.float64
     return R.EncoderDecoder(ref_enc, ref_dec), sf.EncoderDecoder(fast_enc, fast_dec)
 
 
+def backend_devices():
+    """``(backend, device)`` pairs that run here: every backend on CPU tensors (Triton under its
+    interpreter), and on a GPU machine every backend on CUDA tensors too."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(b, d) for d in devices for b in sf.available_backends(d)]
+
+
 def ragged_lens(batch, num_keys, generator=None):
     """Lengths covering 0, full, beyond T and random values in between."""
     special = [0, num_keys, num_keys + 3]
@@ -57,12 +65,12 @@ def ragged_lens(batch, num_keys, generator=None):
     return lens
 
 
-def decoder_inputs(batch, src_steps, tgt_steps, hidden, layers, vocab, dtype, valid="ragged"):
+def decoder_inputs(batch, src_steps, tgt_steps, hidden, layers, vocab, dtype, valid="ragged", device="cpu"):
     enc_outputs = torch.randn(src_steps, batch, hidden, dtype=dtype)
     state = torch.randn(layers, batch, hidden, dtype=dtype)
     X = torch.randint(0, vocab, (batch, tgt_steps))
     lens = {"ragged": ragged_lens(batch, src_steps), "none": None}[valid]
-    return X, enc_outputs, state, lens
+    return tuple(None if t is None else t.to(device) for t in (X, enc_outputs, state, lens))
 
 
 def run_decoder(decoder, X, enc_outputs, hidden, lens, grad_out):
@@ -85,7 +93,7 @@ def run_decoder(decoder, X, enc_outputs, hidden, lens, grad_out):
 
 def assert_decoder_parity(ref, fast, X, enc_outputs, hidden, lens, dtype):
     V = ref.dense.out_features
-    grad_out = torch.randn(X.shape[0], X.shape[1], V, dtype=dtype)
+    grad_out = torch.randn(X.shape[0], X.shape[1], V, dtype=dtype).to(X.device)
     expected = run_decoder(ref, X, enc_outputs, hidden, lens, grad_out)
     actual = run_decoder(fast, X, enc_outputs, hidden, lens, grad_out)
     assert_close(actual[0], expected[0], "logits")

@@ -56,9 +56,11 @@ def unavailable_reason(name, device_type=None):
     return reason
 
 
-def available_backends():
-    """Names of the backends that can run on this machine, among ``torch``, ``triton``, ``cpp``."""
-    return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
+def available_backends(device_type=None):
+    """Names of the backends that can run on this machine (on tensors of ``device_type``, if
+    given: on a GPU machine Triton runs CUDA tensors, not CPU ones), among ``torch``,
+    ``triton``, ``cpp``."""
+    return [name for name in BACKEND_NAMES if unavailable_reason(name, device_type) is None]
 
 
 _REQUESTABLE = BACKEND_NAMES + ("auto",)

@@ -6,7 +6,7 @@ import seq2seq_fast as sf
 from seq2seq_fast import reference as R
 from helpers import paired_models
 
-BACKENDS = sf.available_backends()
+BACKENDS = sf.available_backends("cpu")
 
 
 def _per_sentence(ref_model, src, lens, bos, eos, max_len):

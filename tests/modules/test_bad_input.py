@@ -8,7 +8,7 @@ import torch
 import seq2seq_fast as sf
 from helpers import paired_models
 
-BACKENDS = sf.available_backends()
+BACKENDS = sf.available_backends("cpu")
 V, E, H, L, B, T = 9, 4, 6, 2, 3, 5
 
 

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import seq2seq_fast as sf
-from helpers import assert_close, assert_decoder_parity, decoder_inputs, paired_decoders
+from helpers import assert_close, assert_decoder_parity, backend_devices, decoder_inputs, paired_decoders
 
-BACKENDS = sf.available_backends()
+BACKENDS = sf.available_backends("cpu")
+# ids "cpp-cpu", "triton-cuda", ...: -k triton selects every Triton run.
+ON_DEVICES = pytest.mark.parametrize("backend, device", backend_devices())
 
 SHAPES = [  # (B, T, S, H, E, L, V)
     (1, 1, 1, 5, 3, 1, 7),
@@ -22,30 +24,30 @@ def shape_id(shape):
     return f"B{B}-T{T}-S{S}-H{H}-E{E}-L{L}-V{V}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@ON_DEVICES
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("valid", ["ragged", "none"])
-def test_decoder_matches_reference_float64(backend, shape, valid):
+def test_decoder_matches_reference_float64(backend, device, shape, valid):
     B, T, S, H, E, L, V = shape
-    ref, fast = paired_decoders(V, E, H, L, dtype=torch.float64, backend=backend)
-    X, enc, h0, lens = decoder_inputs(B, T, S, H, L, V, torch.float64, valid)
+    ref, fast = paired_decoders(V, E, H, L, dtype=torch.float64, backend=backend, device=device)
+    X, enc, h0, lens = decoder_inputs(B, T, S, H, L, V, torch.float64, valid, device=device)
     assert_decoder_parity(ref, fast, X, enc, h0, lens, torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_decoder_matches_reference_float32(backend):
-    ref, fast = paired_decoders(50, 12, 24, 2, dtype=torch.float32, backend=backend, seed=3)
-    X, enc, h0, lens = decoder_inputs(4, 9, 6, 24, 2, 50, torch.float32)
+@ON_DEVICES
+def test_decoder_matches_reference_float32(backend, device):
+    ref, fast = paired_decoders(50, 12, 24, 2, dtype=torch.float32, backend=backend, seed=3, device=device)
+    X, enc, h0, lens = decoder_inputs(4, 9, 6, 24, 2, 50, torch.float32, device=device)
     assert_decoder_parity(ref, fast, X, enc, h0, lens, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_training_mode_with_full_dropout_matches_reference(backend):
+@ON_DEVICES
+def test_training_mode_with_full_dropout_matches_reference(backend, device):
     # With p = 1 both dropouts zero everything they touch: a deterministic check that the
     # fast loop drops the same tensors (attention weights, inputs of upper GRU layers).
-    ref, fast = paired_decoders(17, 6, 8, 3, dropout=1.0, backend=backend)
+    ref, fast = paired_decoders(17, 6, 8, 3, dropout=1.0, backend=backend, device=device)
     ref.train(), fast.train()
-    X, enc, h0, lens = decoder_inputs(3, 7, 4, 8, 3, 17, torch.float64)
+    X, enc, h0, lens = decoder_inputs(3, 7, 4, 8, 3, 17, torch.float64, device=device)
     assert_decoder_parity(ref, fast, X, enc, h0, lens, torch.float64)
 
 
@@ -76,21 +78,21 @@ def test_training_mode_dropout_statistics_match_reference(backend):
     assert (fast_y.mean(0) - eval_y).abs().max() > 1e-3, "training mode shows no dropout"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_steps_give_empty_logits(backend):
-    ref, fast = paired_decoders(7, 3, 5, 2, backend=backend)
-    _, enc, h0, lens = decoder_inputs(2, 4, 0, 5, 2, 7, torch.float64)
-    Y, state = fast(torch.zeros(2, 0, dtype=torch.long), fast.init_state((enc, h0), lens))
+@ON_DEVICES
+def test_zero_steps_give_empty_logits(backend, device):
+    ref, fast = paired_decoders(7, 3, 5, 2, backend=backend, device=device)
+    _, enc, h0, lens = decoder_inputs(2, 4, 0, 5, 2, 7, torch.float64, device=device)
+    Y, state = fast(torch.zeros(2, 0, dtype=torch.long, device=device), fast.init_state((enc, h0), lens))
     assert Y.shape == (2, 0, 7)
     assert torch.equal(state[1], h0)
     assert fast.attention_weights == []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_incremental_decoding_equals_one_shot(backend):
-    _, fast = paired_decoders(13, 5, 9, 2, backend=backend)
+@ON_DEVICES
+def test_incremental_decoding_equals_one_shot(backend, device):
+    _, fast = paired_decoders(13, 5, 9, 2, backend=backend, device=device)
     fast.eval()
-    X, enc, h0, lens = decoder_inputs(3, 6, 5, 9, 2, 13, torch.float64)
+    X, enc, h0, lens = decoder_inputs(3, 6, 5, 9, 2, 13, torch.float64, device=device)
     with torch.no_grad():
         Y_all, state_all = fast(X, fast.init_state((enc, h0), lens))
         state = fast.init_state((enc, h0), lens)

@@ -10,7 +10,7 @@ from seq2seq_fast.tools.tasks import load_date_task
 from seq2seq_fast.tools.train import Seq2SeqTrainer, train_seq2seq, xavier_init_weights
 
 # Triton on a CPU runs under its interpreter: too slow for training loops.
-BACKENDS = [b for b in sf.available_backends() if b != "triton" or torch.cuda.is_available()]
+BACKENDS = [b for b in sf.available_backends("cpu") if b != "triton"]
 
 
 def _task(num_train=48, batch_size=16):
