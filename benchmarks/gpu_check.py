@@ -44,8 +44,10 @@ RECORD = os.path.join(ROOT, "seq2seq_fast", "backends", "verified_gpu.json")
 
 # Tests of each GPU path: (files, pytest -k expression or None).
 TEST_GROUPS = {
-    "cpp:cuda": (["tests/backends/test_cuda_ops.py", "tests/ops/test_autocast.py", "tests/modules/test_cuda_graph.py", "tests/modules/test_graph_option.py",
-                  "tests/backends/test_cpp_loss.py", "tests/backends/test_cpp_dropout_mask.py"], "not triton"),
+    "cpp:cuda": (["tests/backends/test_cuda_ops.py", "tests/ops/test_autocast.py", "tests/modules/test_decoder_parity.py",
+                  "tests/modules/test_cuda_graph.py", "tests/modules/test_graph_option.py",
+                  "tests/backends/test_cpp_loss.py", "tests/backends/test_cpp_linear_loss.py",
+                  "tests/backends/test_cpp_dropout_mask.py"], "not triton"),
     "triton:cuda": (["tests/backends/test_triton_attention.py", "tests/backends/test_triton_decoder.py",
                      "tests/backends/test_triton_dropout_counters.py", "tests/test_triton_bench.py",
                      "tests/backends/test_triton_gpu_compile.py", "tests/modules/test_cuda_graph.py", "tests/modules/test_graph_option.py",
@@ -129,6 +131,11 @@ def stage_tests(ctx):
     if not ctx.gpu:
         return "skipped", "no CUDA device: the CUDA and Triton tests need one"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # seq2seq_fast.kernels is kernels/, mapped there by the install: an extension built in place
+    # without it fails every Triton test at import (seen on the first lease).
+    rc, _ = run([ctx.python, "-c", "import seq2seq_fast._C, seq2seq_fast.kernels"], ctx.log, 60, env, label="import")
+    if rc != 0:
+        return "failed", "seq2seq_fast._C or seq2seq_fast.kernels does not import: run the build stage (pip install -e .)"
     verified, notes = {}, []
     for path, (files, expr) in TEST_GROUPS.items():
         cmd = [ctx.python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files]
