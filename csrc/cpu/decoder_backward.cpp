@@ -177,6 +177,16 @@ BackwardResult decoder_backward(
       const T beta = accumulate ? T(1) : T(0);
       gemm<T>(false, true, rows, H, H, T(1), top_prev + first * H, H, ptr<T>(w.W_q), H, T(0), Q.data_ptr<T>(), H);
       for_row_chunks(B, 2 * (t1 - t0) * step_flops_per_row(s), step_weight_values(s, 0), backward_rows);
+      // Each layer's gate gradients (the top layer's after [d q]) and previous states, read by
+      // several of the weight gradients' GEMMs below.
+      std::vector<SharedOperand<T>> grads_of, states_of;
+      for (int64_t k = 0; k < L; ++k) {
+        const T* g = k == L - 1 ? G_top.data_ptr<T>() : grad_row(k, 0);
+        const int64_t cols = k == L - 1 ? 5 * H : 4 * H;
+        grads_of.push_back(gate_grads_operand<T>(g, rows, cols, cols, H));
+        states_of.push_back(states_operand<T>(st + k * state_ld + first * H, rows, H));
+      }
+      const auto gate_grads = [&](int64_t k) { return k == L - 1 ? grads_of[k](0, H) : grads_of[k](); };
       // The block's share of the weight gradients: 2 + 2L independent pieces of work, for a small
       // model each on whichever thread claims it (chunks.h run_tasks; each writes its own
       // gradients, so the result does not depend on who ran it). W_hh's in two GEMMs: its
@@ -191,25 +201,22 @@ BackwardResult decoder_backward(
         if (task == 0) {
           // Embedding: the embedding columns of layer 0's input gradient, scattered by token.
           T* dxe = d_x.data_ptr<T>();
-          gemm<T>(false, false, rows, E, 3 * H, T(1), grad_row(0, 0) + H, grad_ld(0), ptr<T>(w.w_ih[0]) + H, H + E,
-                  T(0), dxe, E);
+          gemm<T>(false, false, rows, E, 3 * H, T(1), gate_grads(0).at(0, H), {ptr<T>(w.w_ih[0]) + H, H + E}, T(0),
+                  dxe, E);
           for (int64_t t = t0; t < t1; ++t) {
             scatter_add_rows<T>(de, E, ids + t, B, S, dxe + (t - t0) * B * E, E);
           }
           return;
         }
         if (task == 1) {
-          gemm<T>(true, false, H, H, rows, T(1), G_top.data_ptr<T>(), 5 * H, top_prev + first * H, H, beta,
-                  d_Wq.data_ptr<T>(), H);
+          gemm<T>(true, false, H, H, rows, T(1), grads_of[L - 1](), states_of[L - 1](), beta, d_Wq.data_ptr<T>(), H);
           return;
         }
         const int64_t k = (task - 2) / 2;
-        const T* ggh = grad_row(k, 0);
-        const T* ggi = ggh + H;
-        const int64_t ld = grad_ld(k);
+        const Operand<T> ggh = gate_grads(k), ggi = ggh.at(0, H);
         if (task % 2 == 1) {
-          hidden_weight_grads<T>(rows, H, ggh, ld, st + k * state_ld + first * H, accumulate,
-                                 d.w_hh[k].data_ptr<T>(), d.b_hh[k].data_ptr<T>());
+          hidden_weight_grads<T>(rows, H, ggh, states_of[k](), accumulate, d.w_hh[k].data_ptr<T>(),
+                                 d.b_hh[k].data_ptr<T>());
           return;
         }
         const int64_t in = k == 0 ? H + E : H;
@@ -221,9 +228,9 @@ BackwardResult decoder_backward(
         }
         // With the per-token table, layer 0's context columns only (the embedding's come after).
         const int64_t columns = k == 0 && per_token ? H : in;
-        gemm<T>(true, false, 3 * H, columns, rows, T(1), ggi, ld, xin + first * in, in, beta, d.w_ih[k].data_ptr<T>(),
+        gemm<T>(true, false, 3 * H, columns, rows, T(1), ggi, {xin + first * in, in}, beta, d.w_ih[k].data_ptr<T>(),
                 in);
-        column_sums<T>(ggi, rows, 3 * H, ld, d.b_ih[k].data_ptr<T>(), accumulate);
+        column_sums<T>(ggi.data, rows, 3 * H, ggi.ld, d.b_ih[k].data_ptr<T>(), accumulate);
       });
     }
     if (per_token) {  // S * B > 0 tokens

@@ -186,8 +186,9 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
       } else {
         xin = st + (k - 1) * state_ld + B * H;
       }
-      const T* gh_all = G.data_ptr<T>();  // d(gh) in (n, r, z) order
-      const T* gi_all = gh_all + H;        // d(gi) in (r, z, n) order
+      const SharedOperand<T> g_all = gate_grads_operand<T>(G.data_ptr<T>(), T_ * B, 4 * H, 4 * H, H);
+      const Operand<T> gh_all = g_all();      // d(gh) in (n, r, z) order
+      const Operand<T> gi_all = g_all(0, H);  // d(gi) in (r, z, n) order
       // Layer 0's input is embedding rows: its gradients through a table of d(gi) per token when
       // the vocabulary is the smaller, else through the gathered embeddings.
       c10::optional<TokenGateGrads<T>> per_token;
@@ -195,7 +196,7 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
       if (k == 0 && TokenGateGrads<T>::worth(embedding.size(0), T_ * B)) {
         per_token.emplace(embedding.size(0), H, opts);
         for (int64_t t = 0; t < T_; ++t) {
-          per_token->add(ids + t, B, T_, gi_all + t * B * 4 * H, 4 * H);
+          per_token->add(ids + t, B, T_, gi_all.data + t * B * 4 * H, 4 * H);
         }
         embedded = true;
       } else if (k == 0) {
@@ -203,6 +204,7 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
         embed_steps<T>(X, embedding, x_emb.data_ptr<T>(), s);
         xin = x_emb.data_ptr<T>();
       }
+      const SharedOperand<T> h_prev = states_operand<T>(st + k * state_ld, T_ * B, H);
       // Three independent pieces of work, for a small model each on whichever thread claims it
       // (chunks.h run_tasks).
       run_tasks(3, small, [&](int64_t task) {
@@ -210,7 +212,7 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
           per_token->embedding_grad(w_ih[0].data_ptr<T>(), E, E, d_emb.data_ptr<T>());
         } else if (task == 0) {
           // Gradient of this layer's input for all steps: (T*B, in).
-          gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, 4 * H, w_ih[k].data_ptr<T>(), in, T(0), dinp, in);
+          gemm<T>(false, false, T_ * B, in, 3 * H, T(1), gi_all, {w_ih[k].data_ptr<T>(), in}, T(0), dinp, in);
           if (k > 0 && layer_mask.has_value()) {
             const T* m = layer_mask->data_ptr<T>() + (k - 1) * T_ * B * H;
             for (int64_t i = 0; i < T_ * B * H; ++i) {
@@ -221,12 +223,11 @@ std::vector<at::Tensor> encoder_backward(const at::Tensor& grad_states_in, const
           if (per_token) {
             per_token->weight_grad(embedding.data_ptr<T>(), E, d.w_ih[0].data_ptr<T>(), E);
           } else {
-            gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, 4 * H, xin, in, T(0), d.w_ih[k].data_ptr<T>(), in);
+            gemm<T>(true, false, 3 * H, in, T_ * B, T(1), gi_all, {xin, in}, T(0), d.w_ih[k].data_ptr<T>(), in);
           }
-          column_sums<T>(gi_all, T_ * B, 3 * H, 4 * H, d.b_ih[k].data_ptr<T>(), false);
+          column_sums<T>(gi_all.data, T_ * B, 3 * H, 4 * H, d.b_ih[k].data_ptr<T>(), false);
         } else {
-          hidden_weight_grads<T>(T_ * B, H, gh_all, 4 * H, st + k * state_ld, false, d.w_hh[k].data_ptr<T>(),
-                                 d.b_hh[k].data_ptr<T>());
+          hidden_weight_grads<T>(T_ * B, H, gh_all, h_prev(), false, d.w_hh[k].data_ptr<T>(), d.b_hh[k].data_ptr<T>());
         }
       });
     }

@@ -191,6 +191,32 @@ void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
   gemm_impl<float>(sgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const Operand<float>& A,
+               const Operand<float>& B, float beta, float* C, int64_t ldc) {
+  if ((A.rounded != nullptr || B.rounded != nullptr) && bf16::use(M, N, K)) {
+    bf16::gemm_rounded(ta, tb, M, N, K, alpha, A.data, A.ld, A.rounded, A.rounded_ld, B.data, B.ld, B.rounded,
+                       B.rounded_ld, beta, C, ldc);
+    return;
+  }
+  blas_gemm(ta, tb, M, N, K, alpha, A.data, A.ld, B.data, B.ld, beta, C, ldc);
+}
+
+template <typename T>
+SharedOperand<T>::SharedOperand(const T* data, int64_t rows, int64_t cols, int64_t ld, int64_t min_m,
+                                int64_t min_n, int64_t min_k)
+    : operand_{data, ld} {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16::rounds_operands(min_m, min_n, min_k)) {
+      rounded_ = bf16::round_matrix(data, rows, cols, ld);
+      operand_.rounded = reinterpret_cast<const uint16_t*>(rounded_.data_ptr());
+      operand_.rounded_ld = cols;
+    }
+  }
+}
+
+template class SharedOperand<float>;
+template class SharedOperand<double>;
+
 void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
           const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   gemm_impl<double>(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

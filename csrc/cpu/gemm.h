@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 namespace seq2seq_fast::cpu {
@@ -23,6 +24,48 @@ template <typename T>
 inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
                  const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   blas_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+// A GEMM operand: row-major values with row stride `ld`, and, where several large GEMMs read one
+// float32 matrix (SharedOperand), its bfloat16 copy, rounded once for all of them.
+template <typename T>
+struct Operand {
+  const T* data;
+  int64_t ld;
+  const uint16_t* rounded = nullptr;  // the same values in bfloat16, row stride rounded_ld
+  int64_t rounded_ld = 0;
+  // The sub-matrix from row r, column c.
+  Operand at(int64_t r, int64_t c) const {
+    return {data + r * ld + c, ld, rounded == nullptr ? nullptr : rounded + r * rounded_ld + c, rounded_ld};
+  }
+};
+
+// `rows` x `cols` of `data` for several GEMMs, rounded to bfloat16 once when the smallest of them
+// (min_m x min_n x min_k) runs on MKL's bfloat16 GEMM now. A backward's weight gradients read each
+// layer's gate gradients in three GEMMs; rounding both operands took a third of such a GEMM's time
+// on AMX (csrc/cpu/gemm_bf16.h).
+template <typename T>
+class SharedOperand {
+ public:
+  SharedOperand(const T* data, int64_t rows, int64_t cols, int64_t ld, int64_t min_m, int64_t min_n, int64_t min_k);
+  Operand<T> operator()(int64_t r = 0, int64_t c = 0) const { return operand_.at(r, c); }
+
+ private:
+  at::Tensor rounded_;
+  Operand<T> operand_;
+};
+
+// gemm on operands that may come rounded.
+void blas_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const Operand<float>& A,
+               const Operand<float>& B, float beta, float* C, int64_t ldc);
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const Operand<T>& A,
+                 const Operand<T>& B, T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    blas_gemm(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, ldc);
+  } else {
+    blas_gemm(trans_a, trans_b, M, N, K, alpha, A.data, A.ld, B.data, B.ld, beta, C, ldc);
+  }
 }
 
 // The weight operand of many row-major GEMMs C[M, N] = A[M, K] @ op(W) + beta * C that share W

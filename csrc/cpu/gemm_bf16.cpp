@@ -255,13 +255,38 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
     tiles_gemm(ta, M, N, K, A, lda, b, beta, C, ldc);
     return;
   }
+  gemm_rounded(ta, tb, M, N, K, alpha, A, lda, nullptr, 0, B, ldb, nullptr, 0, beta, C, ldc);
+}
+
+bool rounds_operands(int64_t M, int64_t N, int64_t K) {
+  return use(M, N, K) && !general_on_tiles() && cblas_gemm_bf16bf16f32 != nullptr;
+}
+
+at::Tensor round_matrix(const float* src, int64_t rows, int64_t cols, int64_t ld) {
+  at::Tensor out = cpu::empty({rows, cols}, at::TensorOptions().dtype(at::kBFloat16));
+  round_rows(src, rows, cols, ld, reinterpret_cast<uint16_t*>(out.data_ptr()), cols);
+  return out;
+}
+
+void gemm_rounded(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                  const uint16_t* a16, int64_t lda16, const float* B, int64_t ldb, const uint16_t* b16,
+                  int64_t ldb16, float beta, float* C, int64_t ldc) {
   // op(A) is M x K: A holds M x K rows, or K x M when transposed; likewise B.
-  const int64_t a_rows = ta ? K : M, a_cols = ta ? M : K, b_rows = tb ? N : K, b_cols = tb ? K : N;
-  uint16_t* a = scratch(0, a_rows * a_cols);
-  uint16_t* b = scratch(1, b_rows * b_cols);
-  round_rows(A, a_rows, a_cols, lda, a, a_cols);
-  round_rows(B, b_rows, b_cols, ldb, b, b_cols);
-  mkl_gemm(ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, beta, C, ldc);
+  if (a16 == nullptr) {
+    const int64_t a_rows = ta ? K : M, a_cols = ta ? M : K;
+    uint16_t* a = scratch(0, a_rows * a_cols);
+    round_rows(A, a_rows, a_cols, lda, a, a_cols);
+    a16 = a;
+    lda16 = a_cols;
+  }
+  if (b16 == nullptr) {
+    const int64_t b_rows = tb ? N : K, b_cols = tb ? K : N;
+    uint16_t* b = scratch(1, b_rows * b_cols);
+    round_rows(B, b_rows, b_cols, ldb, b, b_cols);
+    b16 = b;
+    ldb16 = b_cols;
+  }
+  mkl_gemm(ta, tb, M, N, K, alpha, a16, lda16, b16, ldb16, beta, C, ldc);
 }
 
 at::Tensor pack_weight(bool trans, int64_t N, int64_t K, const std::vector<const float*>& rows) {

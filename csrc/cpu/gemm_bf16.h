@@ -35,6 +35,16 @@ bool use_packed(int64_t M, int64_t N, int64_t K);
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// Whether gemm of these sizes rounds its operands for MKL now (not on a tile kernel): the rounding
+// that several GEMMs reading one operand can share (cpu::SharedOperand).
+bool rounds_operands(int64_t M, int64_t N, int64_t K);
+// `rows` x `cols` of `src` (row stride ld) rounded to bfloat16, rows `cols` apart.
+at::Tensor round_matrix(const float* src, int64_t rows, int64_t cols, int64_t ld);
+// gemm with an operand already rounded (a16 / b16, row strides lda16 / ldb16) or null (rounded here).
+void gemm_rounded(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                  int64_t lda, const uint16_t* a16, int64_t lda16, const float* B, int64_t ldb, const uint16_t* b16,
+                  int64_t ldb16, float beta, float* C, int64_t ldc);
+
 // The weight operand op(W) (K x N) of many GEMMs C[M, N] = A[M, K] @ op(W) + beta * C, rounded
 // to bfloat16 once, laid out for weight_gemm: `rows` are W's rows (N rows of K values when
 // trans, else K rows of N values).

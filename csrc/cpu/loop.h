@@ -168,18 +168,28 @@ HiddenRowsNrz<T> hidden_rows_nrz(const T* w_hh, int64_t H) {
   return {{w_hh + 2 * H * H, H, H}, {w_hh, 2 * H, H}};
 }
 
-// The gradients of W_hh (3H, H) and b_hh (3H) over `rows` rows of gate gradients g (row stride
-// ld) whose first 3H columns are d(gh) in (n, r, z) order (rows.h GatesBwd), h_prev (rows, H),
-// written or, with accumulate, added: two GEMMs, so that they come out in the weights' (r, z, n)
-// row order.
+// The gradients of W_hh (3H, H) and b_hh (3H) over `rows` rows of gate gradients g whose first 3H
+// columns are d(gh) in (n, r, z) order (rows.h GatesBwd), h_prev (rows, H), written or, with
+// accumulate, added: two GEMMs, so that they come out in the weights' (r, z, n) row order.
 template <typename T>
-void hidden_weight_grads(int64_t rows, int64_t H, const T* g, int64_t ld, const T* h_prev, bool accumulate,
+void hidden_weight_grads(int64_t rows, int64_t H, const Operand<T>& g, const Operand<T>& h_prev, bool accumulate,
                          T* d_w_hh, T* d_b_hh) {
   const T beta = accumulate ? T(1) : T(0);
-  gemm<T>(true, false, 2 * H, H, rows, T(1), g + H, ld, h_prev, H, beta, d_w_hh, H);
-  gemm<T>(true, false, H, H, rows, T(1), g, ld, h_prev, H, beta, d_w_hh + 2 * H * H, H);
-  column_sums<T>(g + H, rows, 2 * H, ld, d_b_hh, accumulate);
-  column_sums<T>(g, rows, H, ld, d_b_hh + 2 * H, accumulate);
+  gemm<T>(true, false, 2 * H, H, rows, T(1), g.at(0, H), h_prev, beta, d_w_hh, H);
+  gemm<T>(true, false, H, H, rows, T(1), g, h_prev, beta, d_w_hh + 2 * H * H, H);
+  column_sums<T>(g.data + H, rows, 2 * H, g.ld, d_b_hh, accumulate);
+  column_sums<T>(g.data, rows, H, g.ld, d_b_hh + 2 * H, accumulate);
+}
+
+// A layer's gate gradients (`rows` x `cols`, row stride ld) and previous states (rows x H) as
+// operands of its weight gradients' GEMMs (the smallest: H x H x rows), each rounded once.
+template <typename T>
+SharedOperand<T> gate_grads_operand(const T* g, int64_t rows, int64_t cols, int64_t ld, int64_t H) {
+  return SharedOperand<T>(g, rows, cols, ld, H, H, rows);
+}
+template <typename T>
+SharedOperand<T> states_operand(const T* h_prev, int64_t rows, int64_t H) {
+  return SharedOperand<T>(h_prev, rows, H, H, H, H, rows);
 }
 
 // Steps per block of a backward through time whose buffers take `step_bytes` a step: as many as
