@@ -271,21 +271,20 @@ at::Tensor round_matrix(const float* src, int64_t rows, int64_t cols, int64_t ld
 void gemm_rounded(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                   const uint16_t* a16, int64_t lda16, const float* B, int64_t ldb, const uint16_t* b16,
                   int64_t ldb16, float beta, float* C, int64_t ldc) {
+  // An operand not given rounded, rounded into scratch buffer `which`.
+  const auto rounded = [](int which, const uint16_t* given, const float* src, int64_t rows, int64_t cols,
+                          int64_t ld, int64_t* ld16) -> const uint16_t* {
+    if (given != nullptr) {
+      return given;
+    }
+    uint16_t* dst = scratch(which, rows * cols);
+    round_rows(src, rows, cols, ld, dst, cols);
+    *ld16 = cols;
+    return dst;
+  };
   // op(A) is M x K: A holds M x K rows, or K x M when transposed; likewise B.
-  if (a16 == nullptr) {
-    const int64_t a_rows = ta ? K : M, a_cols = ta ? M : K;
-    uint16_t* a = scratch(0, a_rows * a_cols);
-    round_rows(A, a_rows, a_cols, lda, a, a_cols);
-    a16 = a;
-    lda16 = a_cols;
-  }
-  if (b16 == nullptr) {
-    const int64_t b_rows = tb ? N : K, b_cols = tb ? K : N;
-    uint16_t* b = scratch(1, b_rows * b_cols);
-    round_rows(B, b_rows, b_cols, ldb, b, b_cols);
-    b16 = b;
-    ldb16 = b_cols;
-  }
+  a16 = rounded(0, a16, A, ta ? K : M, ta ? M : K, lda, &lda16);
+  b16 = rounded(1, b16, B, tb ? N : K, tb ? K : N, ldb, &ldb16);
   mkl_gemm(ta, tb, M, N, K, alpha, a16, lda16, b16, ldb16, beta, C, ldc);
 }
 
