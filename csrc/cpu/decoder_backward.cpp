@@ -84,7 +84,7 @@ BackwardResult decoder_backward(
     // Backward through time in blocks of steps, the last block first: each block's gate gradients
     // go into its weights' gradients (GEMMs over the block's steps) before the next block reuses
     // the buffers, so that they hold one block, not every step (a training step's peak memory).
-    const int64_t block = steps_per_block(S, B * 10 * H * static_cast<int64_t>(sizeof(T)));
+    const int64_t block = steps_per_block<T>(S, B * 10 * H * static_cast<int64_t>(sizeof(T)), B, H);
     // The block's queries (the scores' tanh is recomputed too) and gate gradients, rows
     // [d gh_n | d r | d z | d gi_n] (rows.h GatesBwd); the top layer's rows start with the
     // query's gradient, so that [d q | d gh] is one GEMM's operand against [W_q ; W_hn ; W_hr ; W_hz].

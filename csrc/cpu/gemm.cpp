@@ -206,12 +206,17 @@ SharedOperand<T>::SharedOperand(const T* data, int64_t rows, int64_t cols, int64
                                 int64_t min_n, int64_t min_k)
     : operand_{data, ld} {
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16::rounds_operands(min_m, min_n, min_k)) {
+    if (rounds(min_m, min_n, min_k)) {
       rounded_ = bf16::round_matrix(data, rows, cols, ld);
       operand_.rounded = reinterpret_cast<const uint16_t*>(rounded_.data_ptr());
       operand_.rounded_ld = cols;
     }
   }
+}
+
+template <typename T>
+bool SharedOperand<T>::rounds(int64_t min_m, int64_t min_n, int64_t min_k) {
+  return std::is_same_v<T, float> && bf16::rounds_operands(min_m, min_n, min_k);
 }
 
 template class SharedOperand<float>;

@@ -49,6 +49,8 @@ class SharedOperand {
  public:
   SharedOperand(const T* data, int64_t rows, int64_t cols, int64_t ld, int64_t min_m, int64_t min_n, int64_t min_k);
   Operand<T> operator()(int64_t r = 0, int64_t c = 0) const { return operand_.at(r, c); }
+  // Whether an operand of GEMMs of at least these sizes is rounded now.
+  static bool rounds(int64_t min_m, int64_t min_n, int64_t min_k);
 
  private:
   at::Tensor rounded_;

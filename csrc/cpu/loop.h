@@ -193,10 +193,16 @@ SharedOperand<T> states_operand(const T* h_prev, int64_t rows, int64_t H) {
 }
 
 // Steps per block of a backward through time whose buffers take `step_bytes` a step: as many as
-// keep them within kBlockBytes, at least one (all of them for d2l's small settings).
-constexpr int64_t kBlockBytes = int64_t(8) << 20;
-inline int64_t steps_per_block(int64_t steps, int64_t step_bytes) {
-  return std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(step_bytes, 1), 1, std::max<int64_t>(steps, 1));
+// keep them within a budget, at least one (all of them for d2l's small settings). The budget
+// bounds a training step's peak memory: 8 MB, but 64 MB where the blocks' weight-gradient GEMMs
+// (H x H and larger, over `rows_per_step` rows a step) run on rounded bfloat16 operands, which gain
+// from fewer, longer GEMMs: d2l's large training step under CPU autocast took 0.95x the time with
+// its 30 steps in one block (39 MB) instead of five (benchmarks/RESULTS.md, fifteenth session).
+template <typename T>
+int64_t steps_per_block(int64_t steps, int64_t step_bytes, int64_t rows_per_step, int64_t H) {
+  const bool rounded = SharedOperand<T>::rounds(H, H, rows_per_step * steps);
+  const int64_t budget = int64_t(rounded ? 64 : 8) << 20;
+  return std::clamp<int64_t>(budget / std::max<int64_t>(step_bytes, 1), 1, std::max<int64_t>(steps, 1));
 }
 
 template <typename T>
