@@ -196,7 +196,7 @@ SharedOperand<T> states_operand(const T* h_prev, int64_t rows, int64_t H) {
 // keep them within a budget, at least one (all of them for d2l's small settings). The budget
 // bounds a training step's peak memory: 8 MB, but 64 MB where the blocks' weight-gradient GEMMs
 // (H x H and larger, over `rows_per_step` rows a step) run on rounded bfloat16 operands, which gain
-// from fewer, longer GEMMs: d2l's large training step under CPU autocast took 0.95x the time with
+// from fewer, longer GEMMs: d2l's large training step under CPU autocast took about 0.98x the time with
 // its 30 steps in one block (39 MB) instead of five (benchmarks/RESULTS.md, fifteenth session).
 template <typename T>
 int64_t steps_per_block(int64_t steps, int64_t step_bytes, int64_t rows_per_step, int64_t H) {
