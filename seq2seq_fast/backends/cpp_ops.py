@@ -10,8 +10,6 @@ and ``opcheck`` passes), draws the dropout masks from torch's generator, and ada
 modules to the ops.
 """
 import contextlib
-import functools
-import operator
 
 import torch
 
@@ -69,19 +67,30 @@ def cpu_cache_bytes():
 def _gru_weights(rnn):
     """[w_ih_0.., w_hh_0.., b_ih_0.., b_hh_0..] of an ``nn.GRU``, as the ops' params list them
     (zero biases for a GRU built with bias=False)."""
-    # nn.GRU keeps its parameters in _flat_weights, layer by layer (w_ih, w_hh, b_ih, b_hh) and
-    # up to date through .to() and assignments: regrouped by one C call, without attribute lookups.
-    flat = rnn._flat_weights
+    # Read from _parameters by one C call, as nn.GRU's forward reads them: not its _flat_weights
+    # list, which torch.func.functional_call's swaps leave stale until the GRU's own forward.
+    try:
+        weights = list(map(rnn._parameters.__getitem__, gru_parameter_names(rnn.num_layers, rnn.bias)))
+    except KeyError:  # a weight that is no parameter now (e.g. pruned): nn.GRU's own lookup
+        rnn._update_flat_weights()
+        flat, per_layer = rnn._flat_weights, 4 if rnn.bias else 2
+        weights = [flat[i + kind] for kind in range(per_layer) for i in range(0, len(flat), per_layer)]
     if rnn.bias:
-        return _regroup(len(flat))(flat)
-    w_ih, w_hh = flat[0::2], flat[1::2]
+        return weights
+    w_ih, w_hh = weights[:rnn.num_layers], weights[rnn.num_layers:]
     return [*w_ih, *w_hh, *[w.new_zeros(w.shape[0]) for w in w_ih], *[w.new_zeros(w.shape[0]) for w in w_hh]]
 
 
-@functools.lru_cache(maxsize=None)
-def _regroup(count):
-    """An ``itemgetter`` taking a GRU's ``count`` flat weights (4 a layer) kind by kind."""
-    return operator.itemgetter(*(layer + kind for kind in range(4) for layer in range(0, count, 4)))
+def gru_parameter_names(layers, bias):
+    """The names of an ``nn.GRU``'s parameters in the ops' order: w_ih of every layer, w_hh, b_ih, b_hh."""
+    names = _GRU_NAMES.get((layers, bias))
+    if names is None:
+        kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+        names = _GRU_NAMES[layers, bias] = tuple(f"{kind}_l{layer}" for kind in kinds for layer in range(layers))
+    return names
+
+
+_GRU_NAMES = {}  # a dict, not functools.lru_cache: Dynamo traces through it under torch.compile
 
 
 def _keep_mask(shape, p, like):

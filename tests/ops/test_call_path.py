@@ -223,3 +223,18 @@ def test_token_range_checked_in_every_integer_dtype(dtype):
     if dtype != torch.uint8:
         with pytest.raises(IndexError, match="X holds token id -1, outside"):
             validation.check_tokens(torch.tensor([[-1, 5]], dtype=dtype), "X", 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_call_runs_the_parameters_it_is_given(backend):
+    # torch.func.functional_call writes the given tensors into each module's _parameters, which
+    # nn.GRU's _flat_weights list does not follow until the GRU's own forward: the backends read
+    # the GRU's weights from _parameters, as that forward does.
+    ref, fast = paired_decoders(11, 4, 6, 2, backend=backend)
+    X, enc, h0, lens = decoder_inputs(3, 5, 4, 6, 2, 11, torch.float64)
+    given = {name: torch.randn_like(p) for name, p in fast.named_parameters()}
+    with torch.no_grad():
+        Y, state = torch.func.functional_call(fast, given, (X, fast.init_state((enc, h0), lens)))
+        Y_ref, ref_state = torch.func.functional_call(ref, given, (X, ref.init_state((enc, h0), lens)))
+    assert_close(Y, Y_ref, "logits")
+    assert_close(state[1], ref_state[1], "state")
