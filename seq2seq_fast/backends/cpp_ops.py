@@ -201,6 +201,13 @@ def decoder_apply(X, enc_outputs, hidden, valid_lens, key_proj, params, *, atten
     return _ops().decoder_call(X, enc_outputs, hidden, valid_lens, key_proj, params, attn_mask, layer_mask)
 
 
+def decoder_call_op():
+    """The op ``decoder_apply`` calls (``decoder_call``, without dropout masks here) as the
+    dispatcher's own callable: no ``OpOverload.__call__`` frame in between."""
+    overload = _ops().decoder_call.default
+    return getattr(overload, "_op", overload)
+
+
 def decoder_top_states(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, params_dtype=None):
     """``decoder_forward`` without the output layer: (the top GRU layer's states (B, S, H) that
     ``decoder.dense`` reads, a view of step-major memory; final hidden (L, B, H); attention

@@ -6,7 +6,7 @@ from torch import nn
 from seq2seq_fast.modules.attention import AdditiveAttention
 from seq2seq_fast.modules.cuda_graph import graph_replay
 from seq2seq_fast.modules.loss import MaskedSoftmaxCELoss
-from seq2seq_fast.ops import functional, validation
+from seq2seq_fast.ops import call_plan, functional, validation
 from seq2seq_fast.ops.dispatch import check_backend_name
 from seq2seq_fast.ops.state import DecoderState
 
@@ -161,12 +161,18 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
         validation.check_floating(outputs, "enc_outputs[0]", ndim=3)
         return DecoderState([outputs.permute(1, 0, 2), hidden_state, enc_valid_lens])
 
+    # Step-by-step decoding repeats one kind of call: the last call's plan runs the next ones in
+    # one function, without nn.Module.__call__'s frames and the long path's (ops/call_plan.py).
+    __call__ = call_plan.planned_call
+    _call_plan = None  # the plan of the next calls like the last one, or None
+
     def forward(self, X, state):
         if self.capture_cuda_graph:
             replayed = graph_replay(self, X, state)
             if replayed is not None:
                 return replayed
-        return functional.decoder_forward(self, X, state)
+        own = type(self).forward is Seq2SeqAttentionDecoder.forward and type(self).__call__ is Seq2SeqAttentionDecoder.__call__
+        return functional.decoder_forward(self, X, state, plan=own)
 
     def forward_eager(self, X, state):
         """``forward`` without CUDA-graph replay (what a captured graph records)."""
@@ -184,4 +190,5 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
         # The last call's attention weights may belong to an autograd graph, which cannot be
         # copied or pickled; they are a by-product of a call, not part of the module.
         state = super().__getstate__()
-        return {**state, "_attention_weights": [], "_graphs": {}}  # graphs hold device memory
+        # Graphs hold device memory; a plan holds the submodules it was made for, not a copy's.
+        return {**state, "_attention_weights": [], "_graphs": {}, "_call_plan": None}

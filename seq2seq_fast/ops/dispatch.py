@@ -161,7 +161,7 @@ def backend_for(requested, entry, tensor, weight=None):
     # The memo's key: torch.device hashes as cheaply as its type string is made, and autocast
     # outside any autocast region (the usual case) is one call.
     device = tensor.device
-    autocast = _any_autocast() and torch.is_autocast_enabled(device.type)
+    autocast = any_autocast_enabled() and torch.is_autocast_enabled(device.type)
     dtype = tensor.dtype if weight is None else weight.dtype
     if autocast:
         return _backend_under_autocast(requested, entry, device, dtype)
@@ -202,12 +202,13 @@ def _backend_under_autocast(requested, entry, device, dtype):
     return module
 
 
-def _any_autocast():
-    # torch._C._is_any_autocast_enabled where this torch has it, else asked per device type.
+def any_autocast_enabled():
+    """False when autocast is off on every device type (one native call where this torch has
+    ``torch._C._is_any_autocast_enabled``; else True, and the caller asks per device type)."""
     return True
 
 
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast)
+any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", any_autocast_enabled)
 
 
 # backend_for's answers by its key (requested backend, entry, device, dtype, grad mode, autocast):

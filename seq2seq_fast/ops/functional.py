@@ -10,7 +10,7 @@ from torch.nn.modules import module as _module_hooks
 
 from seq2seq_fast.backends import cpp_ops, torch_ops
 from seq2seq_fast.backends.autocast import CastingBackend, as_dtype, autocast_disabled, loss_dtype
-from seq2seq_fast.ops import validation
+from seq2seq_fast.ops import call_plan, validation
 from seq2seq_fast.ops.dispatch import backend_for
 from seq2seq_fast.ops.state import DecoderState, projected_keys
 
@@ -96,9 +96,11 @@ def prepare_decoder_call(decoder, X, state):
     return backend, values, hidden, lens, key_proj, cache
 
 
-def decoder_forward(decoder, X, state):
+def decoder_forward(decoder, X, state, plan=False):
     """``Seq2SeqAttentionDecoder.forward``: (logits (B, S, V), the new state); the attention
-    weights (B, S, T) are left in ``decoder._attention_weights``."""
+    weights (B, S, T) are left in ``decoder._attention_weights``. ``plan``: leave in ``decoder``
+    the plan of its next calls like this one (``call_plan``; for a call through its own
+    ``__call__`` and ``forward``), or forget it."""
     backend, values, hidden, lens, key_proj, cache = prepare_decoder_call(decoder, X, state)
     Y, hidden_n, attention = backend.decoder_forward(decoder, X, values, hidden, lens, key_proj)
     # d2l's list of S views (B, 1, T) is built on first read of attention_weights (most calls
@@ -106,6 +108,8 @@ def decoder_forward(decoder, X, state):
     # call's grad mode. Written to __dict__: a plain attribute, no nn.Module.__setattr__ checks.
     decoder.__dict__["_attention_weights"] = (
         list(attention.unsqueeze(2).unbind(1)) if attention.requires_grad else attention)
+    if plan:
+        call_plan.plan_next_calls(decoder, backend, state, lens, cache)
     return Y, DecoderState([state[0], hidden_n, state[2]], cache)
 
 

@@ -36,6 +36,9 @@ class KeyCache:
     """Projected keys valid for one (enc_outputs, W_k weight) pair at given tensor versions, with
     ``values``: enc_outputs laid out contiguously (B, T, H), the tensor the backends read."""
 
+    # Read on every planned decoder call (ops/call_plan.py): slots, not a __dict__ to look in.
+    __slots__ = ("enc_outputs", "dtype", "enc_version", "weight", "weight_version", "key_proj", "values")
+
     def __init__(self, enc_outputs, weight, key_proj, values=None, dtype=None):
         self.enc_outputs = enc_outputs
         self.dtype = dtype  # projected_keys' dtype argument: what values were cast to

@@ -1,0 +1,141 @@
+"""A decoder's next inference calls, planned by its last one.
+
+Decoding step by step (d2l's ``predict_seq2seq`` pattern, beam search: one step per call, the
+state handed back) repeats one kind of call dozens of times. The long path
+(``functional.decoder_forward``) re-derives everything per call: the backend, the lengths, the
+cached keys, the parameter list, the dropout rates, through a dozen Python frames and native
+entry points. Right after the op's step loop each of those runs several times slower than warm,
+so a 10-step call through the module cost about 40 us more than the op alone
+(benchmarks/RESULTS.md, thirteenth and sixteenth sessions).
+
+So after a call that the ``cpp`` backend ran on CPU without gradient, autocast or dropout, the
+long path leaves a *plan* in the decoder: the parameter list it built, and every object it read
+to build it (the submodules, the parameters, where each was found), the requested backend and
+the hook dicts. The decoder's ``__call__`` (``planned_call``) runs the next call from the plan
+when it is of the same kind, checked in one function, mostly by identity in C: a state carrying
+a key projection that is still valid, int64 lengths or none, the same submodule and parameter
+objects in the same places (``torch.func.functional_call`` swaps included), eval mode, no grad
+mode, autocast, tracing or compiling, no hooks, no instance ``forward``. The op checks every
+argument itself (csrc/checks.h), as on the long path, so a bad argument raises the same error.
+Any other call takes the long path, which plans anew or drops the plan. (On CUDA a decoder's
+per-call cost goes with ``capture_cuda_graph``.)
+"""
+import operator
+
+import torch
+from torch.nn.modules import module as _hooks
+
+from seq2seq_fast.backends import cpp_ops
+from seq2seq_fast.ops.dispatch import any_autocast_enabled
+from seq2seq_fast.ops.state import DecoderState
+
+PLAN = "_call_plan"  # the decoder's attribute: its plan, the mark for one (a str), or None
+
+# What planned_call reads, bound once.
+_Module, _Tensor, _int64 = torch.nn.Module, torch.Tensor, torch.int64
+_is_grad_enabled = torch.is_grad_enabled
+_tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_dynamo_compiling  # constant True while Dynamo traces; one frame here
+_is_, _get = operator.is_, dict.get
+_new_list, _extend = list.__new__, list.extend
+
+
+def plan_next_calls(decoder, backend, state, lens, cache):
+    """After a long-path decoder call: mark ``decoder`` for a plan of its next calls like this
+    one, or drop its plan when this call was of another kind. ``backend``, ``lens`` and ``cache``
+    are what the call ran with (``prepare_decoder_call``); ``state`` is the one it was given.
+
+    The mark is the requested backend's name; the plan is made at the next call that could use
+    it (``planned_call``), from the module as it is then: a forward on a fresh state each time
+    (``EncoderDecoder`` under no_grad) never pays for one."""
+    if _plannable(decoder, backend, state, lens, cache):
+        decoder.__dict__[PLAN] = decoder.backend
+    elif decoder.__dict__.get(PLAN) is not None:
+        decoder.__dict__[PLAN] = None
+
+
+def _plannable(decoder, backend, state, lens, cache):
+    # Lengths that needed normalising (float, (B, 1)) would need it at every call: no plan.
+    if (backend is not cpp_ops or cache is None or cache.dtype is not None or lens is not state[2]
+            or _is_grad_enabled() or torch.compiler.is_compiling() or _tracing_state() is not None
+            or cache.values.device.type != "cpu"):
+        return False
+    modules = decoder._modules
+    return not (modules["rnn"].training or modules["attention"]._modules["dropout"].training)
+
+
+def _plan(decoder):
+    """What ``planned_call`` checks and runs with, as one tuple (unpacked in one step)."""
+    modules = decoder._modules
+    attention = modules["attention"]
+    inner = attention._modules
+    embedding, rnn, dense = modules["embedding"], modules["rnn"], modules["dense"]
+    W_q, w_v, W_k, dropout = inner["W_q"], inner["w_v"], inner["W_k"], inner["dropout"]
+    params = cpp_ops.decoder_params(decoder)
+    key_weight = W_k._parameters["weight"]
+    own = decoder.__dict__
+    hook_names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    global_hooks = tuple("_global" + name for name in hook_names)
+    # What the long path would read, where it reads it, and what it found there, all compared by
+    # identity in C on every planned call: the submodules, the parameters, eval mode.
+    places = ((modules, "embedding", embedding), (modules, "attention", attention), (modules, "rnn", rnn),
+              (modules, "dense", dense), (inner, "W_q", W_q), (inner, "w_v", w_v), (inner, "W_k", W_k),
+              (inner, "dropout", dropout), (rnn.__dict__, "training", False), (dropout.__dict__, "training", False),
+              (embedding._parameters, "weight", params[0]), (W_q._parameters, "weight", params[1]),
+              (w_v._parameters, "weight", params[2]), (W_k._parameters, "weight", key_weight),
+              (dense._parameters, "weight", params[-2]), (dense._parameters, "bias", params[-1]),
+              *((rnn._parameters, name, rnn._parameters[name])
+                for name in cpp_ops.gru_parameter_names(rnn.num_layers, rnn.bias)))
+    containers, names, found = zip(*places)
+    # The hook dicts themselves: registering a hook adds to them, nothing rebinds them (torch's
+    # global ones are bound once at import, a module's in its __init__).
+    hooks = tuple(own[name] for name in hook_names) + tuple(_hooks.__dict__[name] for name in global_hooks)
+    # The decoder's own attributes (None: absent), read from the __dict__ of the module called
+    # (the plan does not hold that dict: it lives in it): the backend request, no instance
+    # `forward`, no compiled call.
+    attributes = (("_modules", modules), ("backend", decoder.backend), ("forward", None), ("_compiled_call_impl", None))
+    own_names, own_found = zip(*attributes)
+    return (key_weight, key_weight.dtype, own_names, own_found, containers, names, found, hooks, params,
+            cpp_ops.decoder_call_op())
+
+
+def planned_call(self, *args, **kwargs):
+    """The decoder's ``__call__``: ``nn.Module.__call__``, except that a call its plan covers
+    runs here, in this one frame (every Python frame between two step loops costs several
+    times its warm time), its checks in a few C calls."""
+    plan = self._call_plan
+    if plan is None or len(args) != 2 or kwargs:
+        return _Module.__call__(self, *args, **kwargs)
+    X, state = args
+    if type(state) is not DecoderState or _is_grad_enabled() or _is_compiling():
+        return _Module.__call__(self, *args, **kwargs)
+    cache = state.key_cache
+    if cache is None:
+        return _Module.__call__(self, *args, **kwargs)
+    own = self.__dict__
+    if type(plan) is str:  # marked by the long path (plan_next_calls): made now, for this call on
+        try:
+            if own.get("backend") is not plan:
+                raise KeyError("backend")
+            plan = own[PLAN] = _plan(self)
+        except (KeyError, AttributeError):  # changed since: a submodule or parameter gone
+            own[PLAN] = None
+            return _Module.__call__(self, *args, **kwargs)
+    key_weight, dtype, own_names, own_found, containers, names, found, hooks, params, run = plan
+    enc_outputs, hidden, valid_lens = state
+    # The parameters' dtype is part of the backend choice (a bfloat16 model runs cast to float32).
+    if not (cache.enc_outputs is enc_outputs and key_weight.dtype is dtype
+            and cache.weight is key_weight and cache.dtype is None and cache.enc_version == enc_outputs._version
+            and cache.weight_version == key_weight._version
+            and isinstance(X, torch.Tensor) and not any_autocast_enabled() and _tracing_state() is None
+            and (valid_lens is None or type(valid_lens) is _Tensor and valid_lens.dtype is _int64
+                 and valid_lens.dim() == 1)
+            and all(map(_is_, map(own.get, own_names), own_found))
+            and all(map(_is_, map(_get, containers, names), found)) and not any(hooks)):
+        return _Module.__call__(self, *args, **kwargs)
+    Y, hidden_n, weights = run(X, cache.values, hidden, valid_lens, cache.key_proj, params, None, None)
+    own["_attention_weights"] = weights
+    new_state = _new_list(DecoderState)  # DecoderState(...) without its __init__ frame
+    _extend(new_state, (enc_outputs, hidden_n, valid_lens))
+    new_state.key_cache = cache
+    return Y, new_state

@@ -1,0 +1,407 @@
+"""The decoder's planned calls (seq2seq_fast/ops/call_plan.py): step-by-step decoding through
+the module answers as the long path and as d2l's decoder do, the plan runs only the calls it
+covers, and every change a caller can make between two calls sends the next call the long way."""
+import copy
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import seq2seq_fast as sf
+from seq2seq_fast.ops import functional
+from helpers import assert_close, decoder_inputs, paired_decoders
+
+pytestmark = pytest.mark.skipif("cpp" not in sf.available_backends("cpu"), reason="needs the cpp backend")
+
+V, E, H, L, B, T = 13, 5, 7, 2, 4, 6
+
+
+def decoders(dtype=torch.float64, dropout=0.0):
+    """(d2l's decoder, ours on cpp) in eval mode, identical weights; enc outputs, h0, ragged lens."""
+    ref, fast = paired_decoders(V, E, H, L, dropout=dropout, dtype=dtype, backend="cpp", seed=4)
+    _, enc, h0, lens = decoder_inputs(B, T, 1, H, L, V, dtype)
+    return ref.eval(), fast.eval(), enc, h0, lens
+
+
+class LongPathCalls:
+    """Counts the decoder calls that took the long path (``functional.decoder_forward``)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = functional.decoder_forward
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(functional, "decoder_forward", counted)
+
+
+def decode(decoder, enc, h0, lens, steps, first=None):
+    """d2l's predict loop, batched: one step per call, the argmax fed back. Returns the logits,
+    the last state and the attention weights of every step."""
+    state = decoder.init_state((enc, h0), lens)
+    X = torch.zeros(B, 1, dtype=torch.long) if first is None else first
+    outs = []
+    for _ in range(steps):
+        Y, state = decoder(X, state)
+        outs.append((Y, state[1], decoder.attention_weights[0]))
+        X = Y.argmax(dim=2)
+    return outs, state
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_planned_steps_equal_d2l_and_run_after_the_first(mode, dtype, monkeypatch):
+    ref, fast, enc, h0, lens = decoders(dtype)
+    calls = LongPathCalls(monkeypatch)
+    with mode():
+        expected, _ = decode(ref, enc, h0, lens, 7)
+        actual, state = decode(fast, enc, h0, lens, 7)
+    assert calls.count == 1  # the first step projects the keys and plans; the other six are planned
+    assert type(state) is sf.DecoderState and state.key_cache is not None
+    for step, ((Y, h, w), (Y_ref, h_ref, w_ref)) in enumerate(zip(actual, expected)):
+        assert_close(Y, Y_ref, f"logits of step {step}")
+        assert_close(h, h_ref, f"state of step {step}")
+        assert_close(w, w_ref, f"attention weights of step {step}")
+
+
+def test_a_planned_call_returns_what_the_long_path_returns():
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 3))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        assert fast._call_plan is not None
+        planned_Y, planned_state = fast(X, state)
+        planned_weights = fast.attention_weights
+        long_Y, long_state = nn.Module.__call__(fast, X, state)  # forward, the long path
+    torch.testing.assert_close(planned_Y, long_Y, rtol=0, atol=0)
+    assert planned_Y.shape == (B, 3, V) and planned_Y.stride() == long_Y.stride()
+    assert len(planned_state) == 3 and planned_state[0] is state[0] and planned_state[2] is state[2]
+    torch.testing.assert_close(planned_state[1], long_state[1], rtol=0, atol=0)
+    assert planned_state.key_cache is state.key_cache
+    assert [w.shape for w in planned_weights] == [(B, 1, T)] * 3
+    torch.testing.assert_close(torch.cat(planned_weights, 1), torch.cat(fast.attention_weights, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["grad", "train", "autocast", "torch backend", "float lens"])
+def test_no_plan_is_left_by_calls_it_does_not_cover(kind):
+    _, fast, enc, h0, lens = decoders(torch.float32, dropout=0.2)
+    X = torch.randint(0, V, (B, 2))
+    with torch.no_grad():
+        fast(X, fast.init_state((enc, h0), lens))
+    assert fast._call_plan is not None
+    if kind == "train":
+        fast.train()
+    if kind == "torch backend":
+        fast.backend = "torch"
+    if kind == "float lens":
+        lens = lens.double()
+    context = {"grad": torch.enable_grad,
+               "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}.get(kind, torch.no_grad)
+    with context():
+        state = fast.init_state((enc, h0), lens)
+        fast(X, state)
+    assert fast._call_plan is None
+
+
+@pytest.mark.parametrize("lens_kind", ["other lengths", "no lengths", "float lengths", "(B, 1) lengths"])
+def test_the_lengths_of_each_call_are_the_ones_it_is_given(lens_kind, monkeypatch):
+    # Beam search hands each call a state of its own (reindexed rows and lengths, the keys gathered).
+    ref, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 2))
+    other = {"other lengths": torch.tensor([1, T, 0, 3]), "no lengths": None,
+             "float lengths": torch.tensor([1.5, 6.0, 0.0, 2.2], dtype=torch.float64),
+             "(B, 1) lengths": torch.tensor([[2], [1], [T + 4], [0]])}[lens_kind]
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        calls = LongPathCalls(monkeypatch)
+        Y, new_state = fast(X, sf.DecoderState([state[0], h0, other], state.key_cache))
+        Y_ref, new_ref_state = ref(X, [enc.permute(1, 0, 2), h0, other])
+    assert calls.count == (0 if lens_kind in ("other lengths", "no lengths") else 1)
+    assert_close(Y, Y_ref, "logits")
+    assert_close(new_state[1], new_ref_state[1], "state")
+
+
+def test_a_call_needing_gradients_after_planned_ones_gives_every_gradient():
+    ref, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 2))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+    state = sf.DecoderState([state[0], h0, state[2]], state.key_cache)  # planned, but for the grad mode
+    Y, _ = fast(X, state)  # the keys projected anew, W_k in the graph
+    Y_ref, _ = ref(X, ref.init_state((enc, h0), lens))
+    grad_out = torch.randn_like(Y)
+    (Y * grad_out).sum().backward()
+    (Y_ref * grad_out).sum().backward()
+    assert isinstance(fast.attention_weights[0], torch.Tensor) and fast.attention_weights[0].requires_grad
+    for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        assert_close(p.grad, p_ref.grad, f"grad of {name}")
+
+
+def test_a_call_under_autocast_after_planned_ones_returns_autocast_dtypes():
+    ref, fast, enc, h0, lens = decoders(torch.float32)
+    X = torch.randint(0, V, (B, 2))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        state = sf.DecoderState([state[0], h0, state[2]], state.key_cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            Y, new_state = fast(X, state)
+            Y_ref, new_ref_state = ref(X, ref.init_state((enc, h0), lens))
+    assert Y.dtype == Y_ref.dtype == torch.bfloat16
+    assert new_state[1].dtype == new_ref_state[1].dtype
+    torch.testing.assert_close(Y.float(), Y_ref.float(), atol=0.05, rtol=0.05)
+
+
+def outcome(call):
+    """What ``call()`` gave: ("returned", its logits) or ("raised", the error's type and text)."""
+    try:
+        return "returned", call()[0]
+    except Exception as error:  # noqa: BLE001  (compared, whatever it is)
+        return "raised", (type(error), str(error))
+
+
+def test_a_model_cast_between_calls_answers_as_the_long_path():
+    # The parameters' dtype decides the backend (a bfloat16 model runs cast to float32): a state
+    # kept from before the cast must not reach the float32 plan.
+    _, fast, enc, h0, lens = decoders(torch.float32)
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        _, state = fast(X, state)
+        other = copy.deepcopy(fast).to(torch.bfloat16)
+        fast.to(torch.bfloat16)
+        planned, long_path = outcome(lambda: fast(X, state)), outcome(lambda: nn.Module.__call__(other, X, state))
+    assert planned[0] == long_path[0]
+    if planned[0] == "raised":
+        assert planned[1] == long_path[1]
+    else:
+        torch.testing.assert_close(planned[1], long_path[1], rtol=0, atol=0)
+
+
+def test_a_forward_on_a_fresh_state_each_call_makes_no_plan(monkeypatch):
+    from seq2seq_fast.ops import call_plan
+
+    made = []
+    monkeypatch.setattr(call_plan, "_plan", lambda decoder, made_=call_plan._plan: made.append(1) or made_(decoder))
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 3))
+    with torch.no_grad():
+        for _ in range(3):
+            fast(X, fast.init_state((enc, h0), lens))  # EncoderDecoder's pattern under no_grad
+        assert made == []
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        fast(X, state)
+        fast(X, state)
+    assert made == [1]
+
+
+@pytest.mark.parametrize("planned_before", [False, True])
+def test_a_backend_requested_between_calls_runs_the_next(planned_before, monkeypatch):
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        if planned_before:
+            _, state = fast(X, state)
+        fast.backend = "torch"
+        calls = LongPathCalls(monkeypatch)
+        fast(X, state)
+    assert calls.count == 1 and fast._call_plan is None
+
+
+def _replace_dense_weight(dec, ref):
+    dec.dense.weight = nn.Parameter(torch.randn_like(dec.dense.weight))
+    ref.dense.weight = nn.Parameter(dec.dense.weight.detach().clone())
+
+
+def _replace_dense(dec, ref):
+    dec.dense = nn.Linear(H, V).double()
+    ref.dense = copy.deepcopy(dec.dense)
+
+
+def _replace_rnn_weight(dec, ref):
+    dec.rnn.weight_hh_l1 = nn.Parameter(torch.randn_like(dec.rnn.weight_hh_l1))
+    ref.rnn.weight_hh_l1 = nn.Parameter(dec.rnn.weight_hh_l1.detach().clone())
+
+
+def _replace_attention_query(dec, ref):
+    dec.attention.W_q = nn.Linear(H, H, bias=False).double()
+    ref.attention.W_q = copy.deepcopy(dec.attention.W_q)
+
+
+def _change_key_weight_in_place(dec, ref):
+    with torch.no_grad():
+        dec.attention.W_k.weight.mul_(-1.5)
+        ref.attention.W_k.weight.mul_(-1.5)
+
+
+def _swap_parameter_in_its_dict(dec, ref):
+    # What torch.func.functional_call does: a direct write into _parameters, which no hook sees.
+    dec.attention.w_v._parameters["weight"] = torch.randn_like(dec.attention.w_v.weight)
+    ref.attention.w_v._parameters["weight"] = dec.attention.w_v.weight.clone()
+
+
+# Changes between two calls that must reach the next call: each still answers as d2l's decoder.
+CHANGES = {"dense weight replaced": _replace_dense_weight, "dense layer replaced": _replace_dense,
+           "GRU weight replaced": _replace_rnn_weight, "attention's W_q replaced": _replace_attention_query,
+           "W_k changed in place": _change_key_weight_in_place,
+           "parameter swapped in its dict": _swap_parameter_in_its_dict}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_between_calls_reaches_the_next_call(change, monkeypatch):
+    ref, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 2))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        fast(X, state)  # planned: the plan is made
+        assert not isinstance(fast._call_plan, str)
+        _, ref_state = ref(X, ref.init_state((enc, h0), lens))
+        CHANGES[change](fast, ref)
+        calls = LongPathCalls(monkeypatch)
+        Y, new_state = fast(X, state)
+        Y_ref, new_ref_state = ref(X, ref_state)
+    assert calls.count == 1
+    assert_close(Y, Y_ref, "logits")
+    assert_close(new_state[1], new_ref_state[1], "state")
+
+
+def test_functional_call_runs_the_parameters_it_is_given():
+    ref, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    other = {name: torch.randn_like(p) for name, p in fast.named_parameters()}
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        _, ref_state = ref(X, ref.init_state((enc, h0), lens))
+        state = sf.DecoderState([state[0], ref_state[1], state[2]], state.key_cache)
+        Y, _ = torch.func.functional_call(fast, other, (X, state))
+        Y_ref, _ = torch.func.functional_call(ref, other, (X, ref_state))
+        Y_own, _ = fast(X, state)  # the module's own parameters again afterwards
+        Y_ref_own, _ = ref(X, ref_state)
+    assert_close(Y, Y_ref, "logits with the given parameters")
+    assert_close(Y_own, Y_ref_own, "logits with the module's parameters")
+
+
+def _hooks_run(dec, monkeypatch):
+    seen = []
+    dec.register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    dec.register_forward_hook(lambda module, args, out: seen.append("post"))
+    return seen, ["pre", "post"]
+
+
+def _global_hook_runs(dec, monkeypatch):
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    monkeypatch.setattr(handle, "__del__", None, raising=False)
+    return seen, handle
+
+
+def test_hooks_registered_after_a_plan_are_called(monkeypatch):
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        seen, expected = _hooks_run(fast, monkeypatch)
+        _, state = fast(X, state)
+        assert seen == expected
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+        try:
+            fast(X, state)
+        finally:
+            handle.remove()
+    assert fast in seen
+
+
+def test_an_instance_forward_and_a_compiled_call_are_honoured():
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        fast.forward = lambda X, state: "instance forward"
+        assert fast(X, state) == "instance forward"
+        del fast.forward
+        _, state = fast(X, state)
+        fast._compiled_call_impl = lambda X, state: "compiled call"  # what Module.compile() sets
+        assert fast(X, state) == "compiled call"
+
+
+def test_a_deleted_parameter_fails_as_on_the_long_path():
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        other = copy.deepcopy(fast)
+        _, other_state = other(X, other.init_state((enc, h0), lens))
+        other.__dict__["_call_plan"] = None
+        del fast.dense._parameters["bias"], other.dense._parameters["bias"]
+        with pytest.raises(Exception) as long_path:
+            other(X, other_state)
+        with pytest.raises(type(long_path.value)) as planned:
+            fast(X, state)
+    assert str(planned.value) == str(long_path.value)
+
+
+@pytest.mark.parametrize("bad", ["ids out of range", "batch size", "float ids", "not a tensor"])
+def test_bad_input_to_a_planned_call_raises_as_the_long_path(bad):
+    _, fast, enc, h0, lens = decoders()
+    with torch.no_grad():
+        _, state = fast(torch.zeros(B, 1, dtype=torch.long), fast.init_state((enc, h0), lens))
+        X = {"ids out of range": torch.full((B, 1), V), "batch size": torch.zeros(B + 1, 1, dtype=torch.long),
+             "float ids": torch.zeros(B, 1), "not a tensor": [[0]] * B}[bad]
+        assert fast._call_plan is not None
+        with pytest.raises((TypeError, ValueError, IndexError)) as planned:
+            fast(X, state)
+        with pytest.raises(type(planned.value)) as long_path:
+            nn.Module.__call__(fast, X, state)
+    assert str(planned.value) == str(long_path.value)
+
+
+def test_copies_and_pickles_carry_no_plan():
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        Y, state = fast(X, fast.init_state((enc, h0), lens))
+        for copied in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast)), copy.copy(fast)):
+            assert copied._call_plan is None
+            Y_copy, _ = copied(X, copied.init_state((enc, h0), lens))
+            torch.testing.assert_close(Y_copy, Y, rtol=0, atol=0)
+
+
+def test_a_planned_decoder_is_freed_without_the_garbage_collector():
+    # The plan lives in the decoder: it must not hold the decoder (a cycle would keep the model
+    # and what hangs off its weights alive until a collection).
+    _, fast, enc, h0, lens = decoders()
+    with torch.no_grad():
+        _, state = fast(torch.zeros(B, 1, dtype=torch.long), fast.init_state((enc, h0), lens))
+        fast(torch.zeros(B, 1, dtype=torch.long), state)
+    assert fast._call_plan is not None
+    alive = weakref.ref(fast)
+    gc.disable()
+    try:
+        del fast, state
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_torch_compile_of_a_step_after_planned_eager_calls():
+    ref, fast, enc, h0, lens = decoders(torch.float32)
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        _, ref_state = ref(X, ref.init_state((enc, h0), lens))
+        assert fast._call_plan is not None
+
+        def step(X, state):
+            Y, new_state = fast(X, state)
+            return Y, new_state[1]
+
+        with torch._dynamo.config.patch(allow_rnn=True):
+            Y, h = torch.compile(step, fullgraph=True)(X, state)
+        Y_ref, ref_state = ref(X, ref_state)
+    assert_close(Y, Y_ref, "compiled logits", torch.float32)
+    assert_close(h, ref_state[1], "compiled state", torch.float32)
