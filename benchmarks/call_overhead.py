@@ -14,9 +14,14 @@ interleaved pairs (the two sides alternate call by call, so a drifting machine t
 * ``decode``: S one-step calls ``Y, state = decoder(X, state); X = Y.argmax(2)`` through the
   module against the same loop through d2l's reference decoder.
 
+Each also through the module's long path (``nn.Module.__call__`` and ``forward``: a decoder
+whose calls are never planned, seq2seq_fast/ops/call_plan.py), against the op or the planned
+module in the same way: what the plan saves.
+
     python benchmarks/call_overhead.py [--pairs 2000] [--threads N] [--json out.json]
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configs import CONFIGS  # noqa: E402
 from workloads import fast_model, inputs, reference_model  # noqa: E402
 
+from seq2seq_fast import Seq2SeqAttentionDecoder  # noqa: E402
 from seq2seq_fast.backends import cpp_ops  # noqa: E402
 
 
@@ -70,6 +76,15 @@ def raw_op_call(decoder, X, state):
     return call
 
 
+def module_call(decoder, X, state):
+    """A closure calling ``decoder(X, state)`` and holding what it returns until its next call."""
+    held = [None]
+
+    def call():
+        held[0] = decoder(X, state)
+    return call
+
+
 class _SavedOps:
     """Stands in for ``torch.ops.seq2seq_fast`` and answers ``decoder_call`` (the op a module
     call reaches: ``decoder_forward`` and its output views, csrc/autograd.cpp) at once with
@@ -87,8 +102,15 @@ def python_path_seconds(decoder, X, state, calls=2000):
     stub = _SavedOps(torch.ops.seq2seq_fast.decoder_call(
         X, state.key_cache.values, state[1], state[2], state.key_cache.key_proj, cpp_ops.decoder_params(decoder),
         None, None))
-    with mock.patch.object(cpp_ops, "_ops", lambda: stub):
-        return median_seconds(lambda: decoder(X, state), calls)
+    # The decoder's plan of its next calls (seq2seq_fast/ops/call_plan.py) holds the op it was
+    # made with: made anew under the stub, and dropped after.
+    decoder.__dict__["_call_plan"] = None
+    try:
+        with mock.patch.object(cpp_ops, "_ops", lambda: stub), \
+                mock.patch.object(cpp_ops, "decoder_call_op", lambda: stub.decoder_call):
+            return median_seconds(lambda: decoder(X, state), calls)
+    finally:
+        decoder.__dict__["_call_plan"] = None
 
 
 def median_seconds(call, calls, warmup=50):
@@ -103,11 +125,26 @@ def median_seconds(call, calls, warmup=50):
     return statistics.median(times)
 
 
+class _Unplanned(Seq2SeqAttentionDecoder):
+    """The decoder with ``nn.Module.__call__``: every call takes the long path."""
+
+    __call__ = torch.nn.Module.__call__
+
+
+def unplanned(decoder):
+    """``decoder`` (a shallow copy: its submodules and weights, which the extension's weight
+    cache keeps packed once) with calls that are never planned."""
+    copied = copy.copy(decoder)
+    copied.__class__ = _Unplanned
+    return copied
+
+
 def measure(pairs, steps_decode):
     cfg = CONFIGS["zh"]
     torch.manual_seed(0)
     ref = reference_model(cfg, "cpu").eval()
     fast = fast_model(ref, cfg, "cpp").eval()
+    long_path = unplanned(fast.decoder)
     data = inputs(cfg, "cpu")
     enc = (data["enc_outputs"], data["hidden"])
     lens = data["src_len"]
@@ -118,10 +155,13 @@ def measure(pairs, steps_decode):
             state = fast.decoder.init_state(enc, lens)
             _, state = fast.decoder(X, state)  # fills the key cache the next calls reuse
             state = type(state)([state[0], enc[1], state[2]], state.key_cache)
-            module_s, op_s = interleaved_pairs(lambda: fast.decoder(X, state), raw_op_call(fast.decoder, X, state), pairs)
+            module_s, op_s = interleaved_pairs(module_call(fast.decoder, X, state), raw_op_call(fast.decoder, X, state),
+                                               pairs)
             python_s = python_path_seconds(fast.decoder, X, state, pairs)
+            long_s, long_op_s = interleaved_pairs(module_call(long_path, X, state),
+                                                  raw_op_call(fast.decoder, X, state), pairs)
             out[name] = {"module_us": module_s * 1e6, "op_us": op_s * 1e6, "overhead_us": (module_s - op_s) * 1e6,
-                         "python_path_us": python_s * 1e6}
+                         "python_path_us": python_s * 1e6, "long_path_overhead_us": (long_s - long_op_s) * 1e6}
 
         bos = data["tgt"][:, :1].contiguous()
 
@@ -134,10 +174,12 @@ def measure(pairs, steps_decode):
                     X = Y.argmax(dim=2)
             return run
 
-        ref_s, fast_s = interleaved_pairs(decode(ref.decoder), decode(fast.decoder), max(20, pairs // 50), warmup=5)
+        rounds = max(20, pairs // 50)
+        ref_s, fast_s = interleaved_pairs(decode(ref.decoder), decode(fast.decoder), rounds, warmup=5)
+        long_s, planned_s = interleaved_pairs(decode(long_path), decode(fast.decoder), rounds, warmup=5)
         out["decode"] = {"reference_us_per_step": ref_s / steps_decode * 1e6,
                          "module_us_per_step": fast_s / steps_decode * 1e6, "speedup": ref_s / fast_s,
-                         "steps": steps_decode}
+                         "long_path_over_planned": long_s / planned_s, "steps": steps_decode}
     return out
 
 
@@ -154,10 +196,12 @@ def main(argv=None):
     for name in ("forward", "step"):
         r = result[name]
         print(f"{name:8s} module {r['module_us']:8.1f} us   op {r['op_us']:8.1f} us   overhead {r['overhead_us']:6.1f} us"
-              f"   (Python path alone {r['python_path_us']:5.1f} us)")
+              f"   (Python path alone {r['python_path_us']:5.1f} us; long path's overhead"
+              f" {r['long_path_overhead_us']:5.1f} us)")
     d = result["decode"]
     print(f"decode   reference {d['reference_us_per_step']:8.1f} us/step   module {d['module_us_per_step']:8.1f} us/step"
-          f"   speedup {d['speedup']:.2f}x  ({d['steps']} one-step calls, batch {CONFIGS['zh'].batch})")
+          f"   speedup {d['speedup']:.2f}x  ({d['steps']} one-step calls, batch {CONFIGS['zh'].batch};"
+          f" the long path takes {d['long_path_over_planned']:.3f}x the planned calls' time)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
