@@ -46,22 +46,16 @@ def plan_next_calls(decoder, backend, state, lens, cache):
     are what the call ran with (``prepare_decoder_call``); ``state`` is the one it was given.
 
     The mark is the requested backend's name; the plan is made at the next call that could use
-    it (``planned_call``), from the module as it is then: a forward on a fresh state each time
-    (``EncoderDecoder`` under no_grad) never pays for one."""
-    if _plannable(decoder, backend, state, lens, cache):
-        decoder.__dict__[PLAN] = decoder.backend
-    elif decoder.__dict__.get(PLAN) is not None:
-        decoder.__dict__[PLAN] = None
-
-
-def _plannable(decoder, backend, state, lens, cache):
-    # Lengths that needed normalising (float, (B, 1)) would need it at every call: no plan.
-    if (backend is not cpp_ops or cache is None or cache.dtype is not None or lens is not state[2]
-            or _is_grad_enabled() or torch.compiler.is_compiling() or _tracing_state() is not None
-            or cache.values.device.type != "cpu"):
-        return False
-    modules = decoder._modules
-    return not (modules["rnn"].training or modules["attention"]._modules["dropout"].training)
+    it (``planned_call``), from the module as it is then, and checked there on every call
+    (submodules in eval mode, tracing...): a forward on a fresh state each time
+    (``EncoderDecoder`` under no_grad) pays for this one frame only. Lengths that needed normalising (float, (B, 1)) would need it
+    at every call: no plan for those."""
+    own = decoder.__dict__
+    if (backend is cpp_ops and cache is not None and cache.dtype is None and lens is state[2]
+            and not own["training"] and not _is_grad_enabled() and not _is_compiling() and cache.values.is_cpu):
+        own[PLAN] = own.get("backend")
+    elif own.get(PLAN) is not None:
+        own[PLAN] = None
 
 
 def _plan(decoder):

@@ -86,15 +86,13 @@ def test_a_planned_call_returns_what_the_long_path_returns():
     torch.testing.assert_close(torch.cat(planned_weights, 1), torch.cat(fast.attention_weights, 1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["grad", "train", "autocast", "torch backend", "float lens"])
+@pytest.mark.parametrize("kind", ["grad", "autocast", "torch backend", "float lens"])
 def test_no_plan_is_left_by_calls_it_does_not_cover(kind):
     _, fast, enc, h0, lens = decoders(torch.float32, dropout=0.2)
     X = torch.randint(0, V, (B, 2))
     with torch.no_grad():
         fast(X, fast.init_state((enc, h0), lens))
     assert fast._call_plan is not None
-    if kind == "train":
-        fast.train()
     if kind == "torch backend":
         fast.backend = "torch"
     if kind == "float lens":
@@ -123,6 +121,21 @@ def test_the_lengths_of_each_call_are_the_ones_it_is_given(lens_kind, monkeypatc
     assert calls.count == (0 if lens_kind in ("other lengths", "no lengths") else 1)
     assert_close(Y, Y_ref, "logits")
     assert_close(new_state[1], new_ref_state[1], "state")
+
+
+@pytest.mark.parametrize("planned_before", [False, True])
+def test_calls_in_training_mode_take_the_long_path_and_its_dropout(planned_before, monkeypatch):
+    _, fast, enc, h0, lens = decoders(dropout=0.5)
+    X = torch.randint(0, V, (B, 3))
+    with torch.no_grad():
+        Y_eval, state = fast(X, fast.init_state((enc, h0), lens))
+        if planned_before:
+            fast(X, state)
+        fast.train()
+        calls = LongPathCalls(monkeypatch)
+        first, second = fast(X, state)[0], fast(X, state)[0]
+    assert calls.count == 2
+    assert not torch.equal(first, second)  # dropout masks drawn anew
 
 
 def test_a_call_needing_gradients_after_planned_ones_gives_every_gradient():
