@@ -171,8 +171,10 @@ class Seq2SeqAttentionDecoder(AttentionDecoder):
             replayed = graph_replay(self, X, state)
             if replayed is not None:
                 return replayed
-        own = type(self).forward is Seq2SeqAttentionDecoder.forward and type(self).__call__ is Seq2SeqAttentionDecoder.__call__
-        return functional.decoder_forward(self, X, state, plan=own)
+        # A plan skips forward: only for a class that keeps this forward and the planned __call__.
+        cls = type(self)
+        plannable = cls.forward is Seq2SeqAttentionDecoder.forward and cls.__call__ is call_plan.planned_call
+        return functional.decoder_forward(self, X, state, plan=plannable)
 
     def forward_eager(self, X, state):
         """``forward`` without CUDA-graph replay (what a captured graph records)."""

@@ -48,8 +48,8 @@ def plan_next_calls(decoder, backend, state, lens, cache):
     The mark is the requested backend's name; the plan is made at the next call that could use
     it (``planned_call``), from the module as it is then, and checked there on every call
     (submodules in eval mode, tracing...): a forward on a fresh state each time
-    (``EncoderDecoder`` under no_grad) pays for this one frame only. Lengths that needed normalising (float, (B, 1)) would need it
-    at every call: no plan for those."""
+    (``EncoderDecoder`` under no_grad) pays for this one frame only. Lengths that needed
+    normalising (float, (B, 1)) would need it at every call: no plan for those."""
     own = decoder.__dict__
     if (backend is cpp_ops and cache is not None and cache.dtype is None and lens is state[2]
             and not own["training"] and not _is_grad_enabled() and not _is_compiling() and cache.values.is_cpu):
