@@ -58,6 +58,21 @@ def plan_next_calls(decoder, backend, state, lens, cache):
         own[PLAN] = None
 
 
+def _plan_marked(decoder, requested):
+    """The plan of a decoder marked for one after a call on backend ``requested``, kept in it;
+    None (and no mark) when the module changed since: another backend requested, a submodule
+    or parameter gone."""
+    own = decoder.__dict__
+    plan = None
+    if own.get("backend") is requested:
+        try:
+            plan = _plan(decoder)
+        except (KeyError, AttributeError):
+            pass
+    own[PLAN] = plan
+    return plan
+
+
 def _plan(decoder):
     """What ``planned_call`` checks and runs with, as one tuple (unpacked in one step)."""
     modules = decoder._modules
@@ -108,12 +123,8 @@ def planned_call(self, *args, **kwargs):
         return _Module.__call__(self, *args, **kwargs)
     own = self.__dict__
     if type(plan) is str:  # marked by the long path (plan_next_calls): made now, for this call on
-        try:
-            if own.get("backend") is not plan:
-                raise KeyError("backend")
-            plan = own[PLAN] = _plan(self)
-        except (KeyError, AttributeError):  # changed since: a submodule or parameter gone
-            own[PLAN] = None
+        plan = _plan_marked(self, plan)
+        if plan is None:
             return _Module.__call__(self, *args, **kwargs)
     key_weight, dtype, own_names, own_found, containers, names, found, hooks, params, run = plan
     enc_outputs, hidden, valid_lens = state
@@ -121,7 +132,7 @@ def planned_call(self, *args, **kwargs):
     if not (cache.enc_outputs is enc_outputs and key_weight.dtype is dtype
             and cache.weight is key_weight and cache.dtype is None and cache.enc_version == enc_outputs._version
             and cache.weight_version == key_weight._version
-            and isinstance(X, torch.Tensor) and not any_autocast_enabled() and _tracing_state() is None
+            and isinstance(X, _Tensor) and not any_autocast_enabled() and _tracing_state() is None
             and (valid_lens is None or type(valid_lens) is _Tensor and valid_lens.dtype is _int64
                  and valid_lens.dim() == 1)
             and all(map(_is_, map(own.get, own_names), own_found))
