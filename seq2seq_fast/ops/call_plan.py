@@ -129,6 +129,7 @@ def planned_call(self, *args, **kwargs):
     key_weight, dtype, own_names, own_found, containers, names, found, hooks, params, run = plan
     enc_outputs, hidden, valid_lens = state
     # The parameters' dtype is part of the backend choice (a bfloat16 model runs cast to float32).
+    # The cache's test is KeyCache.matches(enc_outputs, key_weight) written out: no frame for it.
     if not (cache.enc_outputs is enc_outputs and key_weight.dtype is dtype
             and cache.weight is key_weight and cache.dtype is None and cache.enc_version == enc_outputs._version
             and cache.weight_version == key_weight._version
