@@ -68,9 +68,9 @@ TORCH_LIBRARY(seq2seq_fast, m) {
   //
   // Teacher-forced forward over S steps. Returns logits (S, B, V), attention (S, B, T) (softmax
   // weights before dropout), states (L, S + 1, B, H) (states[:, 0] = hidden), and the
-  // activations the backward reads: inputs (S, B, H + E) (layer 0's input per step),
-  // layer_inputs (L - 1, S, B, H) or (0,) without layer_mask, gates (S, L, B, 4H) or (0,) when
-  // keep_activations is false.
+  // activations the backward reads: inputs (S, B, H + E) (layer 0's input per step) and
+  // gates (S, L, B, 4H), both (0,) when keep_activations is false, and layer_inputs
+  // (L - 1, S, B, H) or (0,) without layer_mask.
   m.def(
       "decoder_forward(Tensor X, Tensor enc_outputs, Tensor hidden, Tensor? valid_lens, Tensor key_proj, "
       "Tensor[] params, Tensor? attn_mask, Tensor? layer_mask, bool keep_activations) "

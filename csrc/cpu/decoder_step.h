@@ -2,7 +2,7 @@
 // decoder step for a chunk of rows, its GEMM weights packed once per call, and its cost model.
 // Layouts (all row-major, contiguous):
 //   logits (S, B, V), attention (S, B, T), states (L, S + 1, B, H) with states[:, 0] = hidden,
-//   inputs (S, B, H + E) = layer 0's input [context ; embedding] per step,
+//   inputs (S, B, H + E) = layer 0's input [context ; embedding] per step (with a backward),
 //   layer_inputs (L - 1, S, B, H) = dropped-out inputs of layers 1.. (training with dropout),
 //   gates (S, L, B, 4H) = [r | z | n | W_hn h + b_hn] per step and layer (kept for backward).
 // Every buffer is allocated before the loop; the loop calls BLAS and the fused row kernels only.

@@ -162,7 +162,8 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   at::Tensor logit_rows = logits.view({S * B, V});
   at::addmm_out(logit_rows, w.dense_b, states.select(0, L - 1).narrow(0, 1, S).reshape({S * B, H}),
                 w.dense_w.t());
-  if (!keep_activations) {
+  if (!keep_activations) {  // the schema's shapes without a backward (csrc/ops.cpp)
+    inputs = at::empty({0}, opts);
     gates = at::empty({0}, opts);
   }
   return {logits, attention, states, inputs, layer_inputs, gates};

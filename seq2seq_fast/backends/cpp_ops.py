@@ -502,8 +502,9 @@ def _decoder_forward_fake(X, enc_outputs, hidden, valid_lens, key_proj, params, 
     E, V = params[0].shape[1], params[-2].shape[0]
     new = enc_outputs.new_empty
     layer_inputs = new((L - 1, S, B, H)) if layer_mask is not None else new((0,))
+    inputs = new((S, B, H + E)) if keep_activations else new((0,))
     gates = new((S, L, B, 4 * H)) if keep_activations else new((0,))
-    return new((S, B, V)), new((S, B, T)), new((L, S + 1, B, H)), new((S, B, H + E)), layer_inputs, gates
+    return new((S, B, V)), new((S, B, T)), new((L, S + 1, B, H)), inputs, layer_inputs, gates
 
 
 def _contiguous_like(t):

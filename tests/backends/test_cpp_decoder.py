@@ -36,10 +36,10 @@ def backend():
     return backend_cpp
 
 
-def paired(H, L, dtype, dropout=0.0, seed=0):
+def paired(H, L, dtype, dropout=0.0, seed=0, vocab=VOCAB):
     torch.manual_seed(seed)
-    ref = R.Seq2SeqAttentionDecoder(VOCAB, EMBED, H, L, dropout).to(dtype)
-    fast = R.Seq2SeqAttentionDecoder(VOCAB, EMBED, H, L, dropout).to(dtype)
+    ref = R.Seq2SeqAttentionDecoder(vocab, EMBED, H, L, dropout).to(dtype)
+    fast = R.Seq2SeqAttentionDecoder(vocab, EMBED, H, L, dropout).to(dtype)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -51,11 +51,11 @@ def ragged(B, T, generator):
     return lens
 
 
-def inputs(B, T, S, H, L, dtype, valid, seed=1):
+def inputs(B, T, S, H, L, dtype, valid, seed=1, vocab=VOCAB):
     g = torch.Generator().manual_seed(seed)
     enc = torch.randn(B, T, H, generator=g, dtype=dtype)
     hidden = torch.randn(L, B, H, generator=g, dtype=dtype)
-    X = torch.randint(0, VOCAB, (B, S), generator=g)
+    X = torch.randint(0, vocab, (B, S), generator=g)
     lens = ragged(B, T, g) if valid == "ragged" else None
     return X, enc, hidden, lens
 
@@ -112,15 +112,31 @@ def test_forward_and_every_gradient_match_reference(shape, valid, dtype):
         assert_close(actual_grads[name], grad, f"grad {name}", dtype)
 
 
-def test_eval_mode_no_grad_matches_reference():
-    ref, fast = paired(33, 2, torch.float32, dropout=0.3)
+# Layer 0's embedding gates come from a (V, 3H) table kept across calls when it is small, else
+# from a GEMM over the call's gathered embeddings (csrc/cpu/loop.h EmbeddingGates): 2731 x 99
+# values pass the table's limit of 2^18.
+@pytest.mark.parametrize("vocab", [VOCAB, 2731], ids=["table", "gemm"])
+@pytest.mark.parametrize("S", [1, 5])
+def test_eval_mode_no_grad_matches_reference(vocab, S):
+    ref, fast = paired(33, 2, torch.float32, dropout=0.3, vocab=vocab)
     ref.eval(), fast.eval()
-    X, enc, hidden, lens = inputs(8, 7, 5, 33, 2, torch.float32, "ragged")
+    X, enc, hidden, lens = inputs(8, 7, S, 33, 2, torch.float32, "ragged", vocab=vocab)
     with torch.no_grad():
         expected = run_reference(ref, X, enc, hidden, lens)
         actual = run_cpp(fast, X, enc, hidden, lens)
     for name, a, e in zip(("logits", "final hidden state", "attention weights"), actual, expected):
         assert_close(a, e, name, torch.float32)
+
+
+def test_activations_for_the_backward_only_when_kept():
+    X, enc, hidden, lens, kp, params, am, lm, _ = tiny_op_args(dropout=False, requires_grad=False)
+    B, S = X.shape
+    L, _, H = hidden.shape
+    E = params[0].shape[1]
+    for keep, inputs_shape, gates_shape in ((True, (S, B, H + E), (S, L, B, 4 * H)), (False, (0,), (0,))):
+        *_, x_in, layer_inputs, gates = torch.ops.seq2seq_fast.decoder_forward(
+            X, enc, hidden, lens, kp, params, am, lm, keep)
+        assert (tuple(x_in.shape), tuple(gates.shape)) == (inputs_shape, gates_shape), f"keep={keep}"
 
 
 # ---- dropout ----------------------------------------------------------------------------------
