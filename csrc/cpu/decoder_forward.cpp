@@ -93,6 +93,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
       T* x0_step = x0 ? nullptr : slab.take(n * (H + E));  // (n, H + E) layer 0's input, reused each step
       for (int64_t t = 0; t < S; ++t) {
         const int64_t row = t * B + b0;  // first row of the chunk in (S, B, ...) buffers
+        T* x0_rows = x0 ? x0 + row * (H + E) : x0_step;
         T* gi0 = gi0_table;
         if (emb_gates.tabled()) {
           emb_gates.lookup(ptr<int64_t>(X) + b0 * S + t, n, S, gi0);
@@ -103,7 +104,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
                         lens ? ptr<int64_t>(*lens) + b0 : nullptr,
                         attn_mask ? ptr<T>(*attn_mask) + row * T_ : nullptr,
                         layer_mask ? ptr<T>(*layer_mask) + row * H : nullptr, S * B * H, st + row * H,
-                        st + (row + B) * H, state_ld, x0 ? x0 + row * (H + E) : x0_step, gi0, attention.data_ptr<T>() + row * T_,
+                        st + (row + B) * H, state_ld, x0_rows, gi0, attention.data_ptr<T>() + row * T_,
                         gates.data_ptr<T>() + (keep_activations ? t * L * B * 4 * H : 0) + b0 * 4 * H, B * 4 * H,
                         layer_mask ? layer_inputs.data_ptr<T>() + row * H : nullptr, S * B * H, buf);
         if (dense_per_step) {
