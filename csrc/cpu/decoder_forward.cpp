@@ -30,7 +30,7 @@ ForwardResult decoder_forward(const at::Tensor& X_in, const at::Tensor& enc_in, 
   at::Tensor states = cpu::empty({L, S + 1, B, H}, opts);
   // Layer 0's inputs of every step only for the backward; without one each chunk reuses one
   // step's rows. Memory a call writes evicts what the caller's Python reads next: d2l's zh
-  // 10-step call writes 164 KB less, and its module call costs 4-5 us less over the op
+  // 10-step call writes 164 KB less, and its module call costs about 5 us less over the op
   // (benchmarks/call_overhead.py).
   at::Tensor inputs = keep_activations ? cpu::empty({S, B, H + E}, opts) : cpu::empty({0}, opts);
   at::Tensor layer_inputs = layer_mask.has_value() ? cpu::empty({L - 1, S, B, H}, opts) : cpu::empty({0}, opts);
