@@ -134,7 +134,7 @@ def test_activations_for_the_backward_only_when_kept():
     L, _, H = hidden.shape
     E = params[0].shape[1]
     for keep, inputs_shape, gates_shape in ((True, (S, B, H + E), (S, L, B, 4 * H)), (False, (0,), (0,))):
-        *_, x_in, layer_inputs, gates = torch.ops.seq2seq_fast.decoder_forward(
+        *_, x_in, _layer_inputs, gates = torch.ops.seq2seq_fast.decoder_forward(
             X, enc, hidden, lens, kp, params, am, lm, keep)
         assert (tuple(x_in.shape), tuple(gates.shape)) == (inputs_shape, gates_shape), f"keep={keep}"
 
