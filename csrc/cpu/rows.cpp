@@ -71,32 +71,26 @@ SEQ2SEQ_FAST_INLINE void gates_backward_rows(const GatesBwd& p, int64_t b0, int6
   }
 }
 
-// Sums of short rows (a row of H values, a row's keys) in kLanes lanes, halved in a tree at the
-// end: GCC ends an `omp simd` reduction with kLanes scalar additions in a chain, and runs a loop
-// of fewer than kLanes iterations in its scalar remainder. Both took about half the attention's
-// time at d2l's zh setting (H = 32, 10 keys; perf annotate).
+// Reductions of short rows (a row of H values, a row's keys, a vocabulary) in kLanes lanes,
+// combined in a tree at the end, the last block masked: GCC ends an `omp simd` reduction with
+// kLanes scalar additions in a chain and runs a loop of fewer than kLanes iterations in its scalar
+// remainder. On d2l's zh setting (H = 32, 10 keys) both took about half the attention's time
+// (perf annotate). One running value instead of lanes would also bind a loop to the latency of
+// one dependent operation per element (the compiler does not reorder std::max's comparisons).
 constexpr int64_t kLanes = 16;
 
-template <typename T>
-SEQ2SEQ_FAST_INLINE T sum_lanes(T* lanes) {
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-#pragma omp simd
-    for (int64_t l = 0; l < width; ++l) {
-      lanes[l] += lanes[l + width];
-    }
+// combine(...combine(identity, term(0))..., term(n - 1)) in lanes; term may also write index i.
+template <typename T, typename Combine, typename Term>
+SEQ2SEQ_FAST_INLINE T reduce_over(int64_t n, T identity, const Combine& combine, const Term& term) {
+  T lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    lanes[l] = identity;
   }
-  return lanes[0];
-}
-
-// sum of term(i) over i in [0, n), the last block of kLanes masked; term may also write index i.
-template <typename T, typename Term>
-SEQ2SEQ_FAST_INLINE T sum_over(int64_t n, const Term& term) {
-  T lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
-      lanes[l] += term(i + l);
+      lanes[l] = combine(lanes[l], term(i + l));
     }
   }
   const int64_t rest = n - i;
@@ -104,11 +98,22 @@ SEQ2SEQ_FAST_INLINE T sum_over(int64_t n, const Term& term) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       if (l < rest) {
-        lanes[l] += term(i + l);
+        lanes[l] = combine(lanes[l], term(i + l));
       }
     }
   }
-  return sum_lanes(lanes);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+#pragma omp simd
+    for (int64_t l = 0; l < width; ++l) {
+      lanes[l] = combine(lanes[l], lanes[l + width]);
+    }
+  }
+  return lanes[0];
+}
+
+template <typename T, typename Term>
+SEQ2SEQ_FAST_INLINE T sum_over(int64_t n, const Term& term) {
+  return reduce_over<T>(n, T(0), [](T a, T b) { return a + b; }, term);
 }
 
 // Number of keys that take part in the softmax of a row: 0 means "uniform over all T".
@@ -244,30 +249,11 @@ SEQ2SEQ_FAST_INLINE void attention_backward_rows(const AttnBwd& p, int64_t b0, i
   }
 }
 
-// The largest of x[0, n) (NaNs skipped, as std::max(m, x) skips them), in sixteen running maxima:
-// a single one binds the loop to the latency of one dependent max per element (the compiler does
-// not reorder std::max's comparisons), four times slower than the exp pass beside it.
+// The largest of x[0, n) (NaNs skipped, as std::max(m, x) skips them).
 template <typename T>
 SEQ2SEQ_FAST_INLINE T row_max(const T* x, int64_t n) {
-  T lanes[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) {
-    lanes[k] = -std::numeric_limits<T>::infinity();
-  }
-  int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes) {
-#pragma omp simd
-    for (int64_t k = 0; k < kLanes; ++k) {
-      lanes[k] = x[v + k] > lanes[k] ? x[v + k] : lanes[k];
-    }
-  }
-  T m = -std::numeric_limits<T>::infinity();
-  for (; v < n; ++v) {
-    m = x[v] > m ? x[v] : m;
-  }
-  for (int64_t k = 0; k < kLanes; ++k) {
-    m = lanes[k] > m ? lanes[k] : m;
-  }
-  return m;
+  return reduce_over<T>(n, -std::numeric_limits<T>::infinity(), [](T m, T v) { return v > m ? v : m; },
+                        [&](int64_t i) { return x[i]; });
 }
 
 template <typename T>
