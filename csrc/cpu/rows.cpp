@@ -79,7 +79,8 @@ SEQ2SEQ_FAST_INLINE void gates_backward_rows(const GatesBwd& p, int64_t b0, int6
 // one dependent operation per element (the compiler does not reorder std::max's comparisons).
 constexpr int64_t kLanes = 16;
 
-// combine(...combine(identity, term(0))..., term(n - 1)) in lanes; term may also write index i.
+// term(0), ..., term(n - 1) combined by `combine` (associative and commutative, `identity` its
+// neutral value), in lanes; term may also write index i.
 template <typename T, typename Combine, typename Term>
 SEQ2SEQ_FAST_INLINE T reduce_over(int64_t n, T identity, const Combine& combine, const Term& term) {
   T lanes[kLanes];
