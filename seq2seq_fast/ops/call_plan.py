@@ -13,12 +13,15 @@ long path leaves a *plan* in the decoder: the parameter list it built, and every
 to build it (the submodules, the parameters, where each was found), the requested backend and
 the hook dicts. The decoder's ``__call__`` (``planned_call``) runs the next call from the plan
 when it is of the same kind, checked in one function, mostly by identity in C: a state carrying
-a key projection that is still valid, int64 lengths or none, the same submodule and parameter
-objects in the same places (``torch.func.functional_call`` swaps included), eval mode, no grad
-mode, autocast, tracing or compiling, no hooks, no instance ``forward``. The op checks every
-argument itself (csrc/checks.h), as on the long path, so a bad argument raises the same error.
-Any other call takes the long path, which plans anew or drops the plan. (On CUDA a decoder's
-per-call cost goes with ``capture_cuda_graph``.)
+a key projection that is still valid (or none yet: a fresh state from ``init_state``, or d2l's
+plain tuple or list, whose keys it projects as the long path would), int64 lengths or none, the
+same submodule and parameter objects in the same places (``torch.func.functional_call`` swaps
+included), eval mode, no grad mode, autocast, tracing or compiling, no hooks, no instance
+``forward``. The op checks every argument itself (csrc/checks.h), as on the long path, so a bad
+argument raises the same error. Any other call takes the long path. A plan outlives such calls
+(decoding sentence after sentence, each from a fresh state, plans once) and is dropped when the
+module it was made from changed; the long path then plans anew. (On CUDA a decoder's per-call
+cost goes with ``capture_cuda_graph``.)
 """
 import operator
 
@@ -27,7 +30,7 @@ from torch.nn.modules import module as _hooks
 
 from seq2seq_fast.backends import cpp_ops
 from seq2seq_fast.ops.dispatch import any_autocast_enabled
-from seq2seq_fast.ops.state import DecoderState
+from seq2seq_fast.ops.state import DecoderState, KeyCache
 
 PLAN = "_call_plan"  # the decoder's attribute: its plan, the mark for one (a str), or None
 
@@ -38,6 +41,7 @@ _tracing_state = torch._C._get_tracing_state
 _is_compiling = torch.compiler.is_dynamo_compiling  # constant True while Dynamo traces; one frame here
 _is_, _get = operator.is_, dict.get
 _new_list, _extend = list.__new__, list.extend
+_PLAIN_STATES = (list, tuple)  # d2l's init_state returns a tuple, its decoder a list
 
 
 def plan_next_calls(decoder, backend, state, lens, cache):
@@ -47,13 +51,13 @@ def plan_next_calls(decoder, backend, state, lens, cache):
 
     The mark is the requested backend's name; the plan is made at the next call that could use
     it (``planned_call``), from the module as it is then, and checked there on every call
-    (submodules in eval mode, tracing...): a forward on a fresh state each time
-    (``EncoderDecoder`` under no_grad) pays for this one frame only. Lengths that needed
-    normalising (float, (B, 1)) would need it at every call: no plan for those."""
+    (submodules in eval mode, tracing...). Lengths that needed normalising (float, (B, 1))
+    would need it at every call: no plan for those."""
     own = decoder.__dict__
     if (backend is cpp_ops and cache is not None and cache.dtype is None and lens is state[2]
             and not own["training"] and not _is_grad_enabled() and not _is_compiling() and cache.values.is_cpu):
-        own[PLAN] = own.get("backend")
+        if type(own.get(PLAN)) is not tuple:  # a plan made already stays: planned_call checks it
+            own[PLAN] = own.get("backend")
     elif own.get(PLAN) is not None:
         own[PLAN] = None
 
@@ -104,7 +108,7 @@ def _plan(decoder):
     # `forward`, no compiled call.
     attributes = (("_modules", modules), ("backend", decoder.backend), ("forward", None), ("_compiled_call_impl", None))
     own_names, own_found = zip(*attributes)
-    return (key_weight, key_weight.dtype, own_names, own_found, containers, names, found, hooks, params,
+    return (key_weight, key_weight.dtype, W_k, own_names, own_found, containers, names, found, hooks, params,
             cpp_ops.decoder_call_op())
 
 
@@ -116,28 +120,40 @@ def planned_call(self, *args, **kwargs):
     if plan is None or len(args) != 2 or kwargs:
         return _Module.__call__(self, *args, **kwargs)
     X, state = args
-    if type(state) is not DecoderState or _is_grad_enabled() or _is_compiling():
+    if _is_grad_enabled() or _is_compiling():
         return _Module.__call__(self, *args, **kwargs)
-    cache = state.key_cache
-    if cache is None:
+    if type(state) is DecoderState:
+        cache = state.key_cache
+    elif type(state) in _PLAIN_STATES and len(state) == 3:  # d2l's own: its keys are projected here
+        cache = None
+    else:
         return _Module.__call__(self, *args, **kwargs)
     own = self.__dict__
     if type(plan) is str:  # marked by the long path (plan_next_calls): made now, for this call on
         plan = _plan_marked(self, plan)
         if plan is None:
             return _Module.__call__(self, *args, **kwargs)
-    key_weight, dtype, own_names, own_found, containers, names, found, hooks, params, run = plan
-    enc_outputs, hidden, valid_lens = state
+    key_weight, dtype, key_module, own_names, own_found, containers, names, found, hooks, params, run = plan
+    # The module as the plan found it; else the plan is stale: dropped, and the long path plans anew.
     # The parameters' dtype is part of the backend choice (a bfloat16 model runs cast to float32).
-    # The cache's test is KeyCache.matches(enc_outputs, key_weight) written out: no frame for it.
-    if not (cache.enc_outputs is enc_outputs and key_weight.dtype is dtype
-            and cache.weight is key_weight and cache.dtype is None and cache.enc_version == enc_outputs._version
-            and cache.weight_version == key_weight._version
-            and isinstance(X, _Tensor) and not any_autocast_enabled() and _tracing_state() is None
+    if not (key_weight.dtype is dtype and all(map(_is_, map(own.get, own_names), own_found))
+            and all(map(_is_, map(_get, containers, names), found))):
+        own[PLAN] = None
+        return _Module.__call__(self, *args, **kwargs)
+    # This call of the kind the plan covers; else the long path runs it and the plan stays.
+    enc_outputs, hidden, valid_lens = state
+    if not (isinstance(X, _Tensor) and not any_autocast_enabled() and _tracing_state() is None
             and (valid_lens is None or type(valid_lens) is _Tensor and valid_lens.dtype is _int64
                  and valid_lens.dim() == 1)
-            and all(map(_is_, map(own.get, own_names), own_found))
-            and all(map(_is_, map(_get, containers, names), found)) and not any(hooks)):
+            and not any(hooks)):
+        return _Module.__call__(self, *args, **kwargs)
+    if cache is None:  # a fresh state: its keys projected here, as the long path would
+        cache = _new_key_cache(key_module, key_weight, enc_outputs)
+        if cache is None:
+            return _Module.__call__(self, *args, **kwargs)
+    # KeyCache.matches(enc_outputs, key_weight) written out: no frame for it.
+    elif not (cache.enc_outputs is enc_outputs and cache.weight is key_weight and cache.dtype is None
+              and cache.enc_version == enc_outputs._version and cache.weight_version == key_weight._version):
         return _Module.__call__(self, *args, **kwargs)
     Y, hidden_n, weights = run(X, cache.values, hidden, valid_lens, cache.key_proj, params, None, None)
     own["_attention_weights"] = weights
@@ -145,3 +161,13 @@ def planned_call(self, *args, **kwargs):
     _extend(new_state, (enc_outputs, hidden_n, valid_lens))
     new_state.key_cache = cache
     return Y, new_state
+
+
+def _new_key_cache(W_k, weight, enc_outputs):
+    """The key cache the long path would make for ``enc_outputs`` on the ``cpp`` backend, or None
+    where the long path must decide: W_k hooked (its hooks expect a call), or ``enc_outputs`` not
+    a CPU tensor of the weight's dtype and shape (the backend choice or an error would differ)."""
+    if W_k._forward_hooks or W_k._forward_pre_hooks or not isinstance(enc_outputs, _Tensor):
+        return None
+    projected = cpp_ops.project_keys(enc_outputs, weight)
+    return None if projected is None else KeyCache(enc_outputs, weight, projected[1], projected[0])

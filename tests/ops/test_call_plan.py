@@ -203,21 +203,83 @@ def test_a_model_cast_between_calls_answers_as_the_long_path():
         torch.testing.assert_close(planned[1], long_path[1], rtol=0, atol=0)
 
 
-def test_a_forward_on_a_fresh_state_each_call_makes_no_plan(monkeypatch):
-    from seq2seq_fast.ops import call_plan
+class PlansMade:
+    """Counts the plans made (``call_plan._plan``)."""
 
-    made = []
-    monkeypatch.setattr(call_plan, "_plan", lambda decoder, made_=call_plan._plan: made.append(1) or made_(decoder))
-    _, fast, enc, h0, lens = decoders()
-    X = torch.randint(0, V, (B, 3))
+    def __init__(self, monkeypatch):
+        from seq2seq_fast.ops import call_plan
+
+        self.count = 0
+        original = call_plan._plan
+
+        def counted(decoder):
+            self.count += 1
+            return original(decoder)
+        monkeypatch.setattr(call_plan, "_plan", counted)
+
+
+def fresh_state(decoder, kind, enc, h0, lens):
+    """A decoder state no call has seen: init_state's, or d2l's own tuple or list."""
+    state = decoder.init_state((enc, h0), lens)
+    return {"init_state": state, "d2l's tuple": tuple(state), "list": list(state)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["init_state", "d2l's tuple", "list"])
+def test_sentence_after_sentence_from_fresh_states_is_planned_once(kind, monkeypatch):
+    # predict_seq2seq's pattern, and EncoderDecoder's forward under no_grad: every sentence starts
+    # from a fresh state, whose keys the planned call projects.
+    ref, fast, *_ = decoders()
+    calls, plans = LongPathCalls(monkeypatch), PlansMade(monkeypatch)
     with torch.no_grad():
-        for _ in range(3):
-            fast(X, fast.init_state((enc, h0), lens))  # EncoderDecoder's pattern under no_grad
-        assert made == []
+        for sentence in range(3):
+            _, enc, h0, lens = decoder_inputs(B, T + sentence, 1, H, L, V, torch.float64)
+            state, ref_state = fresh_state(fast, kind, enc, h0, lens), ref.init_state((enc, h0), lens)
+            X = torch.randint(0, V, (B, 2))
+            for step in range(3):
+                Y, state = fast(X, state)
+                Y_ref, ref_state = ref(X, ref_state)
+                assert type(state) is sf.DecoderState and state.key_cache is not None
+                assert_close(Y, Y_ref, f"logits of sentence {sentence}, step {step}")
+                assert_close(state[1], ref_state[1], f"state of sentence {sentence}, step {step}")
+                assert_close(torch.cat(fast.attention_weights, 1), torch.cat(ref.attention_weights, 1),
+                             f"attention weights of sentence {sentence}, step {step}")
+                X = Y[:, -1:].argmax(dim=2)
+    assert calls.count == 1 and plans.count == 1
+
+
+def test_a_hooked_key_projection_is_called_for_each_fresh_state(monkeypatch):
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    plans = PlansMade(monkeypatch)
+    with torch.no_grad():
         _, state = fast(X, fast.init_state((enc, h0), lens))
-        fast(X, state)
-        fast(X, state)
-    assert made == [1]
+        fast(X, state)  # planned: the plan is made
+        seen = []
+        fast.attention.W_k.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        calls = LongPathCalls(monkeypatch)
+        Y, state = fast(X, fast.init_state((enc, h0), lens))
+        fast(X, state)  # its keys cached: no projection, no hook
+        Y_long, _ = nn.Module.__call__(fast, X, fast.init_state((enc, h0), lens))
+    assert seen == [(B, T, H), (B, T, H)] and calls.count == 2
+    assert plans.count == 1  # the long-path calls left the plan as it was
+    torch.testing.assert_close(Y, Y_long, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["encoder width", "encoder dtype", "not a tensor", "no source steps"])
+def test_a_bad_fresh_state_raises_as_the_long_path(bad):
+    _, fast, enc, h0, lens = decoders()
+    X = torch.randint(0, V, (B, 1))
+    with torch.no_grad():
+        _, state = fast(X, fast.init_state((enc, h0), lens))
+        fast(X, state)  # planned: the plan is made
+        enc_outputs = {"encoder width": torch.randn(B, T, H + 1, dtype=torch.float64),
+                       "encoder dtype": enc.permute(1, 0, 2).float(), "not a tensor": [[0.0]] * B,
+                       "no source steps": torch.randn(B, 0, H, dtype=torch.float64)}[bad]
+        bad_state = [enc_outputs, h0, lens]
+        planned = outcome(lambda: fast(X, bad_state))
+        long_path = outcome(lambda: nn.Module.__call__(fast, X, bad_state))
+    assert planned[0] == long_path[0] == "raised"
+    assert planned[1] == long_path[1]
 
 
 @pytest.mark.parametrize("planned_before", [False, True])
@@ -282,11 +344,12 @@ def test_a_change_between_calls_reaches_the_next_call(change, monkeypatch):
         _, ref_state = ref(X, ref.init_state((enc, h0), lens))
         CHANGES[change](fast, ref)
         calls = LongPathCalls(monkeypatch)
-        Y, new_state = fast(X, state)
-        Y_ref, new_ref_state = ref(X, ref_state)
-    assert calls.count == 1
-    assert_close(Y, Y_ref, "logits")
-    assert_close(new_state[1], new_ref_state[1], "state")
+        for call in ("first", "second"):  # the first takes the long path, which plans the second
+            Y, state = fast(X, state)
+            Y_ref, ref_state = ref(X, ref_state)
+            assert_close(Y, Y_ref, f"logits of the {call} call after the change")
+            assert_close(state[1], ref_state[1], f"state after the {call} call")
+    assert calls.count == 1 and type(fast._call_plan) is tuple
 
 
 def test_functional_call_runs_the_parameters_it_is_given():
