@@ -30,7 +30,7 @@ from torch.nn.modules import module as _hooks
 
 from seq2seq_fast.backends import cpp_ops
 from seq2seq_fast.ops.dispatch import any_autocast_enabled
-from seq2seq_fast.ops.state import DecoderState, KeyCache
+from seq2seq_fast.ops.state import DecoderState, projected_key_cache
 
 PLAN = "_call_plan"  # the decoder's attribute: its plan, the mark for one (a str), or None
 
@@ -147,8 +147,10 @@ def planned_call(self, *args, **kwargs):
                  and valid_lens.dim() == 1)
             and not any(hooks)):
         return _Module.__call__(self, *args, **kwargs)
-    if cache is None:  # a fresh state: its keys projected here, as the long path would
-        cache = _new_key_cache(key_module, key_weight, enc_outputs)
+    if cache is None:  # a fresh state: its keys projected here as the long path would, else by it
+        if type(enc_outputs) is not _Tensor:
+            return _Module.__call__(self, *args, **kwargs)
+        cache = projected_key_cache(enc_outputs, key_module, cpp_ops.project_keys)
         if cache is None:
             return _Module.__call__(self, *args, **kwargs)
     # KeyCache.matches(enc_outputs, key_weight) written out: no frame for it.
@@ -162,12 +164,3 @@ def planned_call(self, *args, **kwargs):
     new_state.key_cache = cache
     return Y, new_state
 
-
-def _new_key_cache(W_k, weight, enc_outputs):
-    """The key cache the long path would make for ``enc_outputs`` on the ``cpp`` backend, or None
-    where the long path must decide: W_k hooked (its hooks expect a call), or ``enc_outputs`` not
-    a CPU tensor of the weight's dtype and shape (the backend choice or an error would differ)."""
-    if W_k._forward_hooks or W_k._forward_pre_hooks or not isinstance(enc_outputs, _Tensor):
-        return None
-    projected = cpp_ops.project_keys(enc_outputs, weight)
-    return None if projected is None else KeyCache(enc_outputs, weight, projected[1], projected[0])

@@ -78,15 +78,23 @@ def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
         cache = state.key_cache
         if cache is not None and cache.matches(enc_outputs, weight, dtype):
             return cache.values, cache.key_proj, cache
-    projected = None
-    if not (needs_grad or project is None or dtype not in (None, enc_outputs.dtype) or _hooked(W_k)):
-        projected = project(enc_outputs, weight)
-    if projected is not None:
-        values, key_proj = projected
-    else:
-        values = _laid_out(enc_outputs, dtype)
-        key_proj = _project(W_k, weight, values, dtype)
+    if not (needs_grad or project is None or dtype not in (None, enc_outputs.dtype)):
+        cache = projected_key_cache(enc_outputs, W_k, project, dtype)
+        if cache is not None:
+            return cache.values, cache.key_proj, cache
+    values = _laid_out(enc_outputs, dtype)
+    key_proj = _project(W_k, weight, values, dtype)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
+
+
+def projected_key_cache(enc_outputs, W_k, project, dtype=None):
+    """The cache of ``enc_outputs``' keys made by ``project`` (a backend's ``project_keys``,
+    without a gradient), or None where it does not apply (it returned None) or W_k is hooked."""
+    if _hooked(W_k):
+        return None
+    weight = W_k._parameters["weight"]
+    projected = project(enc_outputs, weight)
+    return None if projected is None else KeyCache(enc_outputs, weight, projected[1], projected[0], dtype)
 
 
 def _hooked(module):
