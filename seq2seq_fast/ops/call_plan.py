@@ -163,4 +163,3 @@ def planned_call(self, *args, **kwargs):
     _extend(new_state, (enc_outputs, hidden_n, valid_lens))
     new_state.key_cache = cache
     return Y, new_state
-
