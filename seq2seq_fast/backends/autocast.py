@@ -15,9 +15,10 @@ casts are differentiable: gradients reach the parameters in their own dtype.
 
 Low-precision compute: on CPU under bfloat16 autocast (float32 models) and for bfloat16 models,
 the ``cpp`` ops run their GEMMs on bfloat16 operands with float32 accumulation, where the
-CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``); gates, softmax,
-scores, loss and the recurrent state stay float32, so the result is at least as accurate as the
-reference's under autocast.
+CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``), and so does a
+large output layer run outside the ops with a gradient (``bf16_linear``, as d2l's ``nn.Linear``
+under autocast); gates, softmax, scores, loss and the recurrent state stay float32, so the
+result is at least as accurate as the reference's under autocast.
 """
 import functools
 import os
@@ -27,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from seq2seq_fast.backends.bf16_linear import bf16_linear
 
 _HALVES = (torch.float16, torch.bfloat16)
 # The op runs an output layer of up to this many weights inside its step loop (csrc/cpu:
@@ -222,8 +225,7 @@ class CastingBackend:
         weight, bias = dense["weight"], dense["bias"]
         steps = top.transpose(0, 1)  # the step-major (S, B, H) memory the states are in: contiguous
         if torch.is_grad_enabled() and (top.requires_grad or weight.requires_grad or bias.requires_grad):
-            with torch.autocast(self.device_type, dtype=torch.bfloat16):
-                logits = F.linear(steps, weight, bias)  # one addmm, the bias fused
+            logits = bf16_linear(steps, weight, bias)
         else:
             # Inference: one GEMM on the weight kept in bfloat16 as (H + 1, V) with the bias as
             # its last row, the states given a column of ones. oneDNN runs it about 1.5x as fast
