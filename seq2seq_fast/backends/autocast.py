@@ -18,7 +18,8 @@ the ``cpp`` ops run their GEMMs on bfloat16 operands with float32 accumulation, 
 CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``), and so does a
 large output layer run outside the ops with a gradient (``bf16_linear``, as d2l's ``nn.Linear``
 under autocast); gates, softmax, scores, loss and the recurrent state stay float32, so the
-result is at least as accurate as the reference's under autocast.
+result is at least as accurate as the reference's under autocast. A float64 model stays float64
+under autocast, as d2l's does.
 """
 import functools
 import os
@@ -144,12 +145,15 @@ class CastingBackend:
         self.out = out
         self.autocast = autocast  # whether autocast's float16 / bfloat16 inputs are accepted
         self._kwargs = {} if dtype == param_dtype else {"params_dtype": dtype}
+        # Only float32 work: autocast leaves float64 tensors alone, so d2l's float64 model runs
+        # in float64 under it (the extension's float64 GEMMs never round).
+        bf16_gemm = bf16_gemm and dtype == torch.float32
         # bfloat16 GEMMs (float32 accumulation) where the inner backend offers them and they are
         # faster here (the extension times them once, now, outside any parallel region): its
         # setter, switched on around each call, else None.
         fast_bf16 = bf16_gemm and hasattr(inner, "set_bf16_gemm") and inner.bf16_gemm_available()
         self._set_bf16_gemm = inner.set_bf16_gemm if fast_bf16 else None
-        # A large output layer runs as torch's own bfloat16 linear wherever the CPU has bfloat16
+        # A large output layer runs in bfloat16 (bf16_linear, oneDNN) wherever the CPU has bfloat16
         # units, whichever kernel the inner backend's GEMMs got (see dense_outside).
         self._dense_in_bf16 = bf16_gemm and device_type == "cpu" and _cpu_has_bf16_units()
         if hasattr(inner, "greedy_loop"):

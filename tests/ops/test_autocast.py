@@ -431,3 +431,18 @@ def test_training_loss_under_autocast_matches_reference(sizes, step):
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     assert_autocast_accuracy(run(fast, autocast), run(ref, autocast), run(ref64, torch.autocast("cpu", enabled=False)))
+
+
+@CPP
+@pytest.mark.parametrize("sizes", [pytest.param(Sizes(600, 64, 160, 2, 96, 9, 7), id="dense-in-op"),
+                                   pytest.param(DENSE_AFTER_OP, id="dense-after-op")])
+def test_float64_model_stays_float64_under_autocast(sizes):
+    # Autocast casts no float64 tensor: d2l's float64 model runs in float64 under it, and so must
+    # ours, with no GEMM on bfloat16 operands (the sizes where a float32 model's would be).
+    ref, fast = paired_models(*sizes[:4], dtype=torch.float64, backend="cpp")
+    inputs = _inputs("cpu", sizes=sizes)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    actual, expected = _run(fast, inputs, autocast), _run(ref, inputs, autocast)
+    for name, want in expected.items():
+        assert actual[name].dtype == want.dtype == torch.float64, name
+        torch.testing.assert_close(actual[name], want, rtol=1e-9, atol=1e-9 * (1 + want.abs().max().item()), msg=name)
