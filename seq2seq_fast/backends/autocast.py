@@ -15,11 +15,12 @@ casts are differentiable: gradients reach the parameters in their own dtype.
 
 Low-precision compute: on CPU under bfloat16 autocast (float32 models) and for bfloat16 models,
 the ``cpp`` ops run their GEMMs on bfloat16 operands with float32 accumulation, where the
-CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``), and so does a
-large output layer run outside the ops with a gradient (``bf16_linear``, as d2l's ``nn.Linear``
-under autocast); gates, softmax, scores, loss and the recurrent state stay float32, so the
-result is at least as accurate as the reference's under autocast. A float64 model stays float64
-under autocast, as d2l's does.
+CPU has bfloat16 units and the GEMM gains by it (``cpp_ops.set_bf16_gemm``), and so do the
+layers run outside the ops with a gradient: a large output layer (``bf16_linear``, as d2l's
+``nn.Linear`` under autocast) and the key projection (``cpp_ops.bf16_key_projection``); gates,
+softmax, scores, loss and the recurrent state stay float32, so the result is at least as
+accurate as the reference's under autocast. A float64 model stays float64 under autocast, as
+d2l's does.
 """
 import functools
 import os
@@ -240,6 +241,17 @@ class CastingBackend:
             rows[:, H].fill_(1)
             logits = torch.mm(rows, _weight_with_bias(weight, bias)).view(S, B, -1)
         return logits.transpose(0, 1)  # the (B, S, V) view the op's logits are too
+
+    def linear_keys(self, values, weight):
+        """The attention's W_k of ``values`` (B, T, H) for a call with gradient, in the working
+        dtype: on bfloat16 operands (float32 keys and gradients, as the inner ops' own GEMMs)
+        where the inner backend's GEMMs run so here and the product is large enough to gain by
+        it (bf16::use's sizes in csrc/cpu/gemm_bf16.cpp); else None."""
+        B, T, K = values.shape
+        N = weight.shape[0]
+        if self._set_bf16_gemm is None or K < 64 or N < 64 or B * T * K * N < 1 << 22:
+            return None
+        return self.inner.bf16_key_projection(values, weight)
 
     def _project_keys(self, enc_outputs, weight):
         """The inner backend's ``project_keys`` (a call without gradient; None where it does not

@@ -173,6 +173,38 @@ def decoder_forward(decoder, X, enc_outputs, hidden, valid_lens, key_proj, *, pa
                          layer_dropout=layer_dropout)
 
 
+def bf16_key_projection(values, weight):
+    """``values @ weight.T`` (values (B, T, H) float32, W_k's weight (H, H) float32) with a
+    gradient, every GEMM forward and backward on bfloat16-rounded operands with float32
+    accumulation and output (``cpu_bf16_matmul``: the rounding autocast asks for, the keys and
+    gradients left in float32 as the ops' own GEMMs leave them). Needs ``bf16_gemm_available()``."""
+    return _BF16KeyProjection.apply(values, weight)
+
+
+def _bf16_matmul(a, b):
+    return _ops().cpu_bf16_matmul(a, b, False)
+
+
+class _BF16KeyProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, weight):
+        ctx.save_for_backward(values, weight)
+        rows = values.reshape(-1, values.shape[-1])
+        return _bf16_matmul(rows, weight.t()).view(*values.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        values, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
+        d_values = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_values = _bf16_matmul(grad_rows, weight).view(values.shape)
+        if ctx.needs_input_grad[1]:
+            d_weight = _bf16_matmul(grad_rows.t(), values.reshape(-1, values.shape[-1]))
+        return d_values, d_weight
+
+
 def project_keys(enc_outputs, weight):
     """``(values, key_proj)`` of a call without gradient on CPU: ``enc_outputs`` (B, T, H) laid
     out contiguously and ``values @ weight.T`` (the attention's W_k), made by the compiled op in

@@ -86,7 +86,7 @@ def prepare_decoder_call(decoder, X, state):
         hidden = as_dtype(hidden, backend.dtype)
         with backend.autocast_off():
             values, key_proj, cache = projected_keys(state, enc_outputs, W_k, backend.dtype,
-                                                     getattr(backend, "project_keys", None))
+                                                     getattr(backend, "project_keys", None), backend.linear_keys)
         if not backend.CHECKS_INPUTS:
             check_decoder_inputs(decoder, X, values, hidden, lens)
         return backend, values, hidden, lens, key_proj, cache

@@ -59,7 +59,7 @@ class KeyCache:
         )
 
 
-def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
+def projected_keys(state, enc_outputs, W_k, dtype=None, project=None, linear=None):
     """``(values, key_proj, cache)``: ``enc_outputs`` (B, T, H) laid out contiguously (the
     encoder's outputs arrive as a permuted view of (T, B, H), which the compiled ops would
     otherwise copy on every call, forward and backward), ``W_k(values)``, both taken from
@@ -68,7 +68,9 @@ def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
     weight are cast to first (a ``CastingBackend``'s dtype; the caller checked their dtypes).
     ``project``: the backend's ``project_keys(enc_outputs, weight)``, which makes both without
     a gradient where it can (else None; with ``dtype``, where ``enc_outputs`` is in it already);
-    torch makes them otherwise, and whenever W_k has forward hooks (a hook expects its call)."""
+    torch makes them otherwise, and whenever W_k has forward hooks (a hook expects its call).
+    ``linear``: the backend's ``linear_keys(values, weight)``, which projects them with a
+    gradient in its GEMM precision where it can (else None)."""
     weight = W_k._parameters["weight"]  # without nn.Module.__getattr__
     if torch.compiler.is_compiling():  # a compiled graph recomputes; versions are not traceable
         values = _laid_out(enc_outputs, dtype)
@@ -83,7 +85,7 @@ def projected_keys(state, enc_outputs, W_k, dtype=None, project=None):
         if cache is not None:
             return cache.values, cache.key_proj, cache
     values = _laid_out(enc_outputs, dtype)
-    key_proj = _project(W_k, weight, values, dtype)
+    key_proj = _project(W_k, weight, values, dtype, linear if needs_grad else None)
     return values, key_proj, None if needs_grad else KeyCache(enc_outputs, weight, key_proj, values, dtype)
 
 
@@ -109,16 +111,18 @@ def _laid_out(enc_outputs, dtype):
     return values if dtype is None else as_dtype(values, dtype)
 
 
-def _project(W_k, weight, values, dtype):
+def _project(W_k, weight, values, dtype, linear=None):
     """``W_k(values)``, with W_k's ``weight`` cast to ``dtype`` first when it differs (a float16 /
-    bfloat16 model run in float32). It runs before any backend's checks: its operand must fit
-    W_k first."""
-    if dtype is not None and weight.dtype != dtype:
+    bfloat16 model run in float32), by ``linear`` (see projected_keys) where it applies and no
+    hook expects W_k's call. It runs before any backend's checks: its operand must fit W_k first."""
+    cast = dtype is not None and weight.dtype != dtype
+    if cast:
         weight = weight.to(dtype)
-        check_projectable(values, "enc_outputs (state[0])", weight)
-        return F.linear(values, weight)
     check_projectable(values, "enc_outputs (state[0])", weight)
-    return W_k(values)
+    projected = None if linear is None or _hooked(W_k) else linear(values, weight)
+    if projected is not None:
+        return projected
+    return F.linear(values, weight) if cast else W_k(values)
 
 
 def reindex_state(state, index):

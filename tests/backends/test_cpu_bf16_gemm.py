@@ -138,3 +138,22 @@ def test_bf16_matmul_rejects_bad_arguments(a, b, error, match):
         return
     with pytest.raises(error, match=match):
         torch.ops.seq2seq_fast.cpu_bf16_matmul(a, b, False)
+
+
+# ---- the key projection with a gradient: cpp_ops.bf16_key_projection ----
+
+
+@BF16
+@pytest.mark.parametrize("B, T, H", [(3, 7, 33), (64, 30, 160), (1, 1, 1)])
+def test_bf16_key_projection_and_its_gradients_are_products_of_rounded_operands(B, T, H):
+    g = torch.Generator().manual_seed(B + T + H)
+    values = torch.randn(B, T, H, generator=g).requires_grad_()
+    weight = torch.randn(H, H, generator=g).requires_grad_()
+    grad = torch.randn(B, T, H, generator=g)
+    keys = cpp_ops.bf16_key_projection(values, weight)
+    keys.backward(grad)
+    rows, grad_rows = values.detach().reshape(-1, H), grad.reshape(-1, H)
+    _check_product(keys.detach().reshape(-1, H), rows, weight.detach().t())
+    _check_product(values.grad.reshape(-1, H), grad_rows, weight.detach())
+    _check_product(weight.grad, grad_rows.t(), rows)
+    assert keys.shape == values.shape and values.grad.shape == values.shape
