@@ -475,3 +475,97 @@ def test_torch_compile_of_a_step_after_planned_eager_calls():
         Y_ref, ref_state = ref(X, ref_state)
     assert_close(Y, Y_ref, "compiled logits", torch.float32)
     assert_close(h, ref_state[1], "compiled state", torch.float32)
+
+
+# ---- calls under CPU autocast ----
+
+BF16_AUTOCAST = {"bfloat16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+CONTEXTS = {**BF16_AUTOCAST, "float16 autocast": lambda: torch.autocast("cpu", dtype=torch.float16),
+            "no autocast": lambda: torch.autocast("cpu", enabled=False)}
+
+
+def long_path_steps(decoder, X, state, steps):
+    """What ``steps`` calls through ``forward`` (the long path) return: logits, state, weights."""
+    outs = []
+    for _ in range(steps):
+        Y, state = nn.Module.__call__(decoder, X, state)
+        outs.append((Y, state[1], torch.cat(decoder.attention_weights, 1)))
+    return outs
+
+
+@pytest.mark.parametrize("sizes", [(V, E, H, L), (201, 32, 32, 2)], ids=["tiny", "zh: bfloat16 GEMMs"])
+def test_steps_under_autocast_are_planned_and_return_what_the_long_path_returns(sizes, monkeypatch):
+    # At zh's sizes the op's GEMMs take bfloat16 operands where the CPU has bfloat16 units: the
+    # planned call must run the op in the backend's GEMM precision too.
+    vocab, _, hidden, layers = sizes
+    ref, fast = paired_decoders(*sizes, dtype=torch.float32, backend="cpp", seed=4)
+    ref.eval(), fast.eval()
+    _, enc, h0, lens = decoder_inputs(B, T, 1, hidden, layers, vocab, torch.float32)
+    X = torch.randint(0, vocab, (B, 2))
+    calls, plans = LongPathCalls(monkeypatch), PlansMade(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = long_path_steps(fast, X, fast.init_state((enc, h0), lens), 3)
+        assert calls.count == 3 and fast._call_plan == "cpp"  # marked for a plan
+        for sentence in range(2):  # each from a fresh state: its keys projected as the long path does
+            state = fast.init_state((enc, h0), lens)
+            for step in range(3):
+                Y, state = fast(X, state)
+                for got, want in zip((Y, state[1], torch.cat(fast.attention_weights, 1)), expected[step]):
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        Y_ref, ref_state = ref(X, ref.init_state((enc, h0), lens))
+    assert calls.count == 3 and plans.count == 1  # one plan serves every call after the long path's
+    assert (Y.dtype, state[1].dtype) == (Y_ref.dtype, ref_state[1].dtype) == (torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("planned_in, then", [("bfloat16 autocast", "no autocast"), ("no autocast", "bfloat16 autocast"),
+                                              ("bfloat16 autocast", "float16 autocast")])
+def test_a_call_in_another_autocast_state_takes_the_long_path_and_the_plan_stays(planned_in, then, monkeypatch):
+    _, fast, enc, h0, lens = decoders(torch.float32)
+    X = torch.randint(0, V, (B, 2))
+    with torch.no_grad():
+        with CONTEXTS[planned_in]():
+            state = state_after(fast, X, enc, h0, lens, 2)
+        plan = fast._call_plan
+        assert type(plan) is tuple
+        calls = LongPathCalls(monkeypatch)
+        with CONTEXTS[then]():
+            Y, new_state = fast(X, state)
+            expected = long_path_steps(fast, X, state, 1)[0]
+        assert calls.count == 1 + 1 and fast._call_plan is plan
+    for got, want in zip((Y, new_state[1], torch.cat(fast.attention_weights, 1)), expected):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hidden_dtype, error", [(torch.bfloat16, None), (torch.float64, TypeError)])
+def test_an_autocast_plan_leaves_other_hidden_dtypes_to_the_long_path(hidden_dtype, error, monkeypatch):
+    # The long path casts a bfloat16 hidden state (autocast's) up and rejects a float64 one.
+    _, fast, enc, h0, lens = decoders(torch.float32)
+    X = torch.randint(0, V, (B, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state = state_after(fast, X, enc, h0, lens, 2)
+        odd = sf.DecoderState([state[0], state[1].to(hidden_dtype), state[2]], state.key_cache)
+        calls = LongPathCalls(monkeypatch)
+        if error is not None:
+            with pytest.raises(error, match="hidden_state"):
+                fast(X, odd)
+            return
+        Y, _ = fast(X, odd)
+        expected = long_path_steps(fast, X, odd, 1)[0][0]
+    assert calls.count == 2
+    torch.testing.assert_close(Y, expected, rtol=0, atol=0)
+
+
+def test_an_output_layer_run_after_the_op_is_not_planned_under_autocast(monkeypatch):
+    # Where autocast runs the output layer as a bfloat16 GEMM after the op, no plan covers it.
+    from seq2seq_fast.backends import autocast
+
+    if not autocast._cpu_has_bf16_units():
+        pytest.skip("no bfloat16 units: the output layer runs in the op")
+    ref, fast = paired_decoders(2100, 5, 130, 1, dtype=torch.float32, backend="cpp", seed=4)
+    _, enc, h0, _ = decoder_inputs(B, T, 1, 130, 1, 2100, torch.float32)
+    calls = LongPathCalls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state_after(fast.eval(), torch.randint(0, 2100, (B, 1)), enc, h0, None, 3)
+    assert calls.count == 3 and fast._call_plan is None
