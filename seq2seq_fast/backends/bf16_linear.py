@@ -4,8 +4,8 @@ it outside the compiled ops with a gradient.
 
 The forward adds the bias inside oneDNN's GEMM (``mkldnn._linear_pointwise``, the op torch's
 own compiler lowers CPU linears to): torch's bfloat16 ``addmm`` first copies the bias into its
-whole output, 4 of the 11 ms of the large setting's output layer (benchmarks/RESULTS.md,
-nineteenth session). The backward runs the GEMMs autograd runs for ``F.linear`` under autocast,
+whole output, 5 of the 16 ms of the large setting's output layer in the training step's profile
+(benchmarks/RESULTS.md, nineteenth session). The backward runs the GEMMs autograd runs for ``F.linear`` under autocast,
 on the operands rounded once in the forward.
 """
 import torch
