@@ -178,14 +178,14 @@ def bf16_key_projection(values, weight):
     gradient, every GEMM forward and backward on bfloat16-rounded operands with float32
     accumulation and output (``cpu_bf16_matmul``: the rounding autocast asks for, the keys and
     gradients left in float32 as the ops' own GEMMs leave them). Needs ``bf16_gemm_available()``."""
-    return _BF16KeyProjection.apply(values, weight)
+    return _Bf16KeyProjection.apply(values, weight)
 
 
 def _bf16_matmul(a, b):
     return _ops().cpu_bf16_matmul(a, b, False)
 
 
-class _BF16KeyProjection(torch.autograd.Function):
+class _Bf16KeyProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, weight):
         ctx.save_for_backward(values, weight)
