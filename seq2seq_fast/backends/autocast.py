@@ -186,6 +186,13 @@ class CastingBackend:
                     as_dtype(key_proj, dtype), **self._kwargs)
         return as_dtype(Y, out.linear), as_dtype(hidden_n, out.rnn), as_dtype(attention, out.softmax)
 
+    def runs_in_op(self, inner, decoder):
+        """Whether this backend runs ``inner`` (a backend module) for ``decoder`` as ``inner`` runs
+        it: in the parameters' own dtype (under autocast; no cast of a half-precision model), the
+        output layer inside the op. Then a caller may call ``inner``'s ops in this backend's scope
+        (``_running``) and cast their results to ``out``'s dtypes itself."""
+        return self.inner is inner and self.dtype == self.param_dtype and not self.dense_outside(decoder)
+
     def dense_outside(self, decoder):
         """Whether the output layer runs as torch's own bfloat16 linear after the op: in
         bfloat16 compute on a CPU with bfloat16 units, for a weight too large for the op's

@@ -72,10 +72,8 @@ def _runs_planned(backend, decoder):
     """Whether a plan can run the calls ``backend`` runs for ``decoder``: ``cpp_ops``, or under CPU
     autocast its ``CastingBackend`` in the parameters' own dtype with the output layer in the op
     (the op, run in the backend's scope, and its results cast to the reference's dtypes)."""
-    return backend is cpp_ops or (
-        type(backend) is CastingBackend and backend.inner is cpp_ops and backend.autocast
-        and backend.device_type == "cpu" and backend.dtype == backend.param_dtype
-        and not backend.dense_outside(decoder))
+    return backend is cpp_ops or (type(backend) is CastingBackend and backend.autocast and backend.device_type == "cpu"
+                                  and backend.runs_in_op(cpp_ops, decoder))
 
 
 def _cache_dtype(backend):
@@ -114,6 +112,7 @@ def _plan(decoder):
         return None
     casting = None if backend is cpp_ops else backend
     autocast_dtype = None if casting is None else _get_autocast_dtype("cpu")
+    project = backend.project_keys  # a fresh state's keys, as the long path projects them
     own = decoder.__dict__
     hook_names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     global_hooks = tuple("_global" + name for name in hook_names)
@@ -137,7 +136,7 @@ def _plan(decoder):
     attributes = (("_modules", modules), ("backend", decoder.backend), ("forward", None), ("_compiled_call_impl", None))
     own_names, own_found = zip(*attributes)
     return (key_weight, key_weight.dtype, W_k, own_names, own_found, containers, names, found, hooks, params,
-            cpp_ops.decoder_call_op(), casting, autocast_dtype, _cache_dtype(backend))
+            cpp_ops.decoder_call_op(), casting, autocast_dtype, _cache_dtype(backend), project)
 
 
 def planned_call(self, *args, **kwargs):
@@ -162,7 +161,7 @@ def planned_call(self, *args, **kwargs):
         if plan is None:
             return _Module.__call__(self, *args, **kwargs)
     (key_weight, dtype, key_module, own_names, own_found, containers, names, found, hooks, params, run,
-     casting, autocast_dtype, cache_dtype) = plan
+     casting, autocast_dtype, cache_dtype, project) = plan
     # The module as the plan found it; else the plan is stale: dropped, and the long path plans anew.
     # The parameters' dtype is part of the backend choice (a bfloat16 model runs cast to float32).
     if not (key_weight.dtype is dtype and all(map(_is_, map(own.get, own_names), own_found))
@@ -184,10 +183,7 @@ def planned_call(self, *args, **kwargs):
     if cache is None:  # a fresh state: its keys projected here as the long path would, else by it
         if type(enc_outputs) is not _Tensor:
             return _Module.__call__(self, *args, **kwargs)
-        if casting is None:
-            cache = projected_key_cache(enc_outputs, key_module, cpp_ops.project_keys)
-        else:
-            cache = projected_key_cache(enc_outputs, key_module, casting.project_keys, cache_dtype)
+        cache = projected_key_cache(enc_outputs, key_module, project, cache_dtype)
         if cache is None:
             return _Module.__call__(self, *args, **kwargs)
     # KeyCache.matches(enc_outputs, key_weight, cache_dtype) written out: no frame for it.

@@ -299,8 +299,7 @@ def _own_step_backend(encoder, decoder, embedding, W_k):
     encoder_backend = backend_for(encoder.backend, "encoder_forward", embedding)
     if backend is cpp_ops:
         return backend if encoder_backend is cpp_ops else None
-    casting = (type(backend) is CastingBackend and backend.inner is cpp_ops and backend.dtype == backend.param_dtype
-               and not backend.dense_outside(decoder))
+    casting = type(backend) is CastingBackend and backend.runs_in_op(cpp_ops, decoder)
     if casting and type(encoder_backend) is CastingBackend and encoder_backend.inner is cpp_ops:
         return backend
     return None
